@@ -1,0 +1,339 @@
+"""Configuration: the model (`TruthGPTConfig`), the training run (`TrainConfig`) and the flat
+`TruthGPTOptimizationCoreConfig` that users of the original design construct.
+
+Configs are plain dataclasses, validated on construction so that a bad value fails at once with
+the name of the field, and they round-trip through JSON so a checkpoint is all one needs to
+rebuild a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Self
+
+DISTANCE_TYPES: tuple[str, ...] = ("dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+# The original design spelled some kinds differently; accept those spellings.
+_DISTANCE_ALIASES = {
+    "manhattan": "l1",
+    "euclidean": "l2",
+    "squared_l2": "sql2",
+    "sq_l2": "sql2",
+    "dot_product": "dot",
+    "linf": "chebyshev",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+class _JsonConfig:
+    """JSON round-trip shared by every config class."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build from a dict, rejecting unknown keys so a typo never passes silently."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
+                f"valid fields: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _normalise_distance(value: str) -> str:
+    name = str(value).lower()
+    return _DISTANCE_ALIASES.get(name, name)
+
+
+@dataclasses.dataclass(kw_only=True)
+class TruthGPTConfig(_JsonConfig):
+    """Everything needed to build a `TruthGPTModel`, with the original design's field names."""
+
+    vocab_size: int
+    hidden_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    intermediate_size: int | None = None  # None: 4 × hidden_size
+    max_position_embeddings: int = 1024
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    distance_type: str = "l1"
+    lambda_param: float | None = None  # initial λ; None: the kind's default
+    use_learnable_lambda: bool = True
+    p_norm: float | None = None  # exponent for distance_type="lp"; None: 3.0
+    tie_word_embeddings: bool = True
+    layer_norm_eps: float = 1e-5
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        self.distance_type = _normalise_distance(self.distance_type)
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size if _is_int(self.hidden_size) else None
+        if self.distance_type == "lp" and self.p_norm is None:
+            self.p_norm = 3.0
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first invalid field."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            _check(_is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"must divide hidden_size ({self.hidden_size}), got {self.num_attention_heads}",
+        )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            _check(
+                _is_number(value) and 0.0 <= value < 1.0, name, f"must be in [0, 1), got {value!r}"
+            )
+        _check(
+            self.distance_type in DISTANCE_TYPES,
+            "distance_type",
+            f"unknown distance {self.distance_type!r}; choose one of {', '.join(DISTANCE_TYPES)}",
+        )
+        if self.lambda_param is not None:
+            _check(
+                _is_number(self.lambda_param) and math.isfinite(self.lambda_param)
+                and self.lambda_param > 0,
+                "lambda_param",
+                f"must be a positive number or null, got {self.lambda_param!r}",
+            )
+        if self.p_norm is not None:
+            _check(
+                _is_number(self.p_norm) and math.isfinite(self.p_norm) and self.p_norm > 0,
+                "p_norm",
+                f"must be a positive number, got {self.p_norm!r}",
+            )
+        _check(
+            _is_number(self.layer_norm_eps) and self.layer_norm_eps > 0,
+            "layer_norm_eps",
+            f"must be positive, got {self.layer_norm_eps!r}",
+        )
+        for name in ("use_learnable_lambda", "tie_word_embeddings", "bias"):
+            _check(isinstance(getattr(self, name), bool), name, "must be true or false")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(_JsonConfig):
+    """How a model is trained: optimiser, schedule, batch shape, precision, logging."""
+
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    lr_decay_steps: int | None = None  # None: decay over max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    batch_size: int = 12
+    block_size: int = 64
+    gradient_accumulation_steps: int = 1
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 1337
+    eval_interval: int = 250
+    eval_batches: int | None = 200  # None: the whole validation split
+    log_interval: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    peak_flops: float | None = None  # device peak for MFU; None: measured once
+
+    def __post_init__(self) -> None:
+        self.precision = str(self.precision).lower()
+        self.device = str(self.device).lower()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first invalid field."""
+        for name in ("learning_rate",):
+            value = getattr(self, name)
+            _check(_is_number(value) and value > 0, name, f"must be positive, got {value!r}")
+        _check(
+            _is_number(self.min_lr) and 0 <= self.min_lr <= self.learning_rate,
+            "min_lr",
+            f"must be in [0, learning_rate={self.learning_rate}], got {self.min_lr!r}",
+        )
+        for name in (
+            "max_steps",
+            "batch_size",
+            "block_size",
+            "gradient_accumulation_steps",
+            "eval_interval",
+            "log_interval",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_bad_steps",
+        ):
+            value = getattr(self, name)
+            _check(_is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 0, name, f"must be an integer ≥ 0, got {value!r}")
+        for name in ("lr_decay_steps", "eval_batches"):
+            value = getattr(self, name)
+            _check(
+                value is None or (_is_int(value) and value > 0),
+                name,
+                f"must be a positive integer or null, got {value!r}",
+            )
+        _check(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            f"must be ≥ 0, got {self.weight_decay!r}",
+        )
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check(_is_number(value) and 0 <= value < 1, name, f"must be in [0, 1), got {value!r}")
+        _check(
+            _is_number(self.grad_clip) and self.grad_clip >= 0,
+            "grad_clip",
+            f"must be ≥ 0 (0 disables clipping), got {self.grad_clip!r}",
+        )
+        _check(
+            self.precision in PRECISIONS,
+            "precision",
+            f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
+        )
+        _check(
+            self.device in DEVICES or self.device.startswith("cuda:"),
+            "device",
+            f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N",
+        )
+        _check(
+            self.peak_flops is None or (_is_number(self.peak_flops) and self.peak_flops > 0),
+            "peak_flops",
+            f"must be positive or null, got {self.peak_flops!r}",
+        )
+
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(TruthGPTConfig))
+_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+@dataclasses.dataclass(kw_only=True)
+class TruthGPTOptimizationCoreConfig(TrainConfig, TruthGPTConfig):
+    """The original design's flat config: model fields and training settings side by side."""
+
+    def __post_init__(self) -> None:
+        TruthGPTConfig.__post_init__(self)
+        TrainConfig.__post_init__(self)
+
+    def validate(self) -> None:
+        TruthGPTConfig.validate(self)
+        TrainConfig.validate(self)
+
+    @property
+    def model_config(self) -> TruthGPTConfig:
+        return TruthGPTConfig(**{name: getattr(self, name) for name in _MODEL_FIELDS})
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**{name: getattr(self, name) for name in _TRAIN_FIELDS})
+
+    @classmethod
+    def from_parts(cls, model: TruthGPTConfig, train: TrainConfig) -> TruthGPTOptimizationCoreConfig:
+        return cls(**model.to_dict(), **train.to_dict())
+
+
+# Named starting points. `char-small` is nanoGPT's CPU Shakespeare config; `seed` is the
+# original design's demo model.
+PRESETS: dict[str, dict[str, Any]] = {
+    "char-small": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        block_size=64,
+        batch_size=12,
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        warmup_steps=100,
+        max_steps=2000,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ),
+    "seed": dict(
+        hidden_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        max_position_embeddings=64,
+        block_size=64,
+        batch_size=4,
+        learning_rate=3e-4,
+        min_lr=3e-5,
+        warmup_steps=100,
+        max_steps=2000,
+    ),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The fields of a named preset (a copy), or a clear error listing the valid names."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

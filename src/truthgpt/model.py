@@ -1,0 +1,310 @@
+"""The TruthGPT language model, readable top to bottom: MLP, block, model.
+
+A GPT-2 style decoder (learned positions, pre-LayerNorm blocks, GELU MLP, tied LM head) whose
+attention is `DistanceAttention`: scores are −λ_h · d(q, k) for the configured distance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from truthgpt.attention import DistanceAttention
+from truthgpt.config import TruthGPTConfig
+
+# One (k, v) pair per layer, each (B, H, T_past, head_dim).
+PastKeyValues = tuple[tuple[Tensor, Tensor], ...]
+
+
+@dataclass
+class CausalLMOutput:
+    """Named outputs, so callers never depend on the order of a tuple."""
+
+    logits: Tensor  # (B, T, vocab)
+    loss: Tensor | None = None  # mean next-token cross-entropy, when labels were given
+    attentions: tuple[Tensor, ...] | None = None  # per layer (B, H, T, T_total)
+    past_key_values: PastKeyValues | None = None
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TruthGPTConfig) -> None:
+        super().__init__()
+        assert config.intermediate_size is not None
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: TruthGPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = DistanceAttention(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.distance_type,
+            lambda_init=config.lambda_param,
+            learnable_lambda=config.use_learnable_lambda,
+            p=config.p_norm,
+            dropout=config.attention_probs_dropout_prob,
+            bias=config.bias,
+        )
+        self.resid_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        past_key_value: tuple[Tensor, Tensor] | None = None,
+        use_cache: bool = False,
+        attn_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None]:
+        attn = self.attn(
+            self.ln_1(x),
+            past_key_value=past_key_value,
+            use_cache=use_cache,
+            attn_mask=attn_mask,
+            need_weights=need_weights,
+        )
+        x = x + self.resid_dropout(attn.output)
+        x = x + self.mlp(self.ln_2(x))
+        return x, attn.past_key_value, attn.weights
+
+
+class TruthGPTModel(nn.Module):
+    """Decoder-only language model with distance attention."""
+
+    def __init__(self, config: TruthGPTConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.drop = nn.Dropout(config.hidden_dropout_prob)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/√(2·layers) so the residual
+        # stream's variance does not grow with depth. λ keeps the attention module's own init.
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * config.num_hidden_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        output_attentions: bool = False,
+        past_key_values: PastKeyValues | None = None,
+        use_cache: bool = False,
+    ) -> CausalLMOutput:
+        """Logits for every position, and the shifted next-token loss when `labels` are given.
+
+        `labels` follow the Hugging Face convention: equal to the inputs (the model shifts
+        them), with −100 marking positions to ignore. `attention_mask` (B, T_past + T) marks
+        real tokens with 1 and padding with 0.
+        """
+        batch, length = self._check_input_ids(input_ids)
+        past_length = past_key_values[0][0].shape[-2] if past_key_values else 0
+        if past_key_values is not None and len(past_key_values) != len(self.blocks):
+            raise ValueError(
+                f"past_key_values: expected {len(self.blocks)} layers, got {len(past_key_values)}"
+            )
+        total = past_length + length
+        if total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids: sequence of {total} positions (past {past_length} + new {length}) "
+                f"exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        attn_mask = self._padding_mask(attention_mask, batch, total)
+
+        positions = torch.arange(past_length, total, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
+        presents: list[tuple[Tensor, Tensor]] = []
+        attentions: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x, present, weights = block(
+                x,
+                past_key_value=past_key_values[i] if past_key_values else None,
+                use_cache=use_cache,
+                attn_mask=attn_mask,
+                need_weights=output_attentions,
+            )
+            if use_cache:
+                assert present is not None
+                presents.append(present)
+            if output_attentions:
+                assert weights is not None
+                attentions.append(weights)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss(logits, labels)
+        return CausalLMOutput(
+            logits=logits,
+            loss=loss,
+            attentions=tuple(attentions) if output_attentions else None,
+            past_key_values=tuple(presents) if use_cache else None,
+        )
+
+    @staticmethod
+    def loss(logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy of position t's logits against label t+1 (−100 ignored)."""
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(
+                f"labels: expected shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
+            )
+        shifted_logits = logits[:, :-1, :].float()
+        shifted_labels = labels[:, 1:].long()
+        return F.cross_entropy(
+            shifted_logits.reshape(-1, shifted_logits.size(-1)),
+            shifted_labels.reshape(-1),
+            ignore_index=-100,
+        )
+
+    def _check_input_ids(self, input_ids: Tensor) -> tuple[int, int]:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
+            raise ValueError(f"input_ids: expected a (batch, length) tensor, got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids: expected integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids: empty input")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
+        return input_ids.shape[0], input_ids.shape[1]
+
+    @staticmethod
+    def _padding_mask(attention_mask: Tensor | None, batch: int, total: int) -> Tensor | None:
+        """(B, T_total) keep-mask of 1/0 → boolean (B, 1, 1, T_total) over keys."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != (batch, total):
+            raise ValueError(
+                f"attention_mask: expected shape ({batch}, {total}) covering past and new "
+                f"tokens, got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.bool()[:, None, None, :]
+
+    # ------------------------------------------------------------------ utilities
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, tied weights counted once."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            total -= self.wpe.weight.numel() + self.wte.weight.numel()
+        return total
+
+    def lambdas(self) -> Tensor:
+        """Effective λ of every head, shape (layers, heads)."""
+        return torch.stack([block.attn.lambda_.detach() for block in self.blocks])
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups for AdamW: decay only ≥2-D weights (never λ, norms or biases)."""
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def flops_per_token(self, sequence_length: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·C·T.
+
+        Counted as for dot-product attention, so MFU compares kinds on the same footing.
+        """
+        n = self.num_parameters(exclude_embeddings=True)
+        cfg = self.config
+        return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * sequence_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor | Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        do_sample: bool = True,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+        streamer: object | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Continue `input_ids` (B, T) by up to `max_new_tokens`; see `truthgpt.generation`."""
+        from truthgpt.generation import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            do_sample=do_sample,
+            eos_token_id=eos_token_id,
+            seed=seed,
+            streamer=streamer,
+            use_cache=use_cache,
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` (atomically); see `truthgpt.checkpoint`."""
+        from truthgpt.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> TruthGPTModel:
+        """Rebuild a model from a folder written by `save_pretrained` (no config needed)."""
+        from truthgpt.checkpoint import load_pretrained
+
+        return load_pretrained(directory, map_location=map_location)

@@ -1,0 +1,435 @@
+"""`TruthGPTOptimizationCore`: one object that owns a model, its optimiser and schedule, and the
+measurements of a run, with the method names users of the original design know.
+
+It does one optimiser update per `train_step`, measures what that step cost (time, tokens/s,
+MFU, memory), refuses to apply non-finite updates, and evaluates deterministically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from truthgpt.config import TrainConfig, TruthGPTConfig, TruthGPTOptimizationCoreConfig
+from truthgpt.model import TruthGPTModel
+from truthgpt.training.hardware import measure_peak_flops, memory_mb, resolve_device
+
+Batch = Mapping[str, Tensor] | tuple[Tensor, Tensor] | list[Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `learning_rate`, then cosine decay to `min_lr` (nanoGPT's schedule)."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+class TruthGPTOptimizationCore:
+    """Trains and evaluates a `TruthGPTModel`.
+
+    `TruthGPTOptimizationCore(config)` builds the model from the flat config; pass `model=` to
+    wrap an existing one (its config must match) and `chars_per_token=` to get bits per char.
+    """
+
+    def __init__(
+        self,
+        config: TruthGPTOptimizationCoreConfig,
+        model: TruthGPTModel | None = None,
+        *,
+        chars_per_token: float | None = None,
+    ) -> None:
+        if not isinstance(config, TruthGPTOptimizationCoreConfig):
+            raise TypeError(
+                "config: expected a TruthGPTOptimizationCoreConfig, got "
+                f"{type(config).__name__}"
+            )
+        self.config = config
+        self.model_config: TruthGPTConfig = config.model_config
+        self.train_config: TrainConfig = config.train_config
+        self.device = resolve_device(config.device)
+        self.chars_per_token = chars_per_token
+
+        start = time.perf_counter()
+        torch.manual_seed(config.seed)
+        self.model = model if model is not None else TruthGPTModel(self.model_config)
+        self.model.to(self.device)
+        self.init_time_s = time.perf_counter() - start
+
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.step = 0  # optimiser updates applied so far
+        self.tokens_seen = 0
+        self.best_val_loss: float | None = None
+        self.bad_steps_total = 0
+        self.bad_steps_in_a_row = 0
+        self.history: list[dict[str, float]] = []  # one entry per train_step
+        self.eval_history: list[dict[str, float]] = []
+        self._peak_flops: float | None = config.peak_flops
+        self._check_precision()
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_precision(self) -> None:
+        precision = self.config.precision
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(
+                "precision: fp16 needs a CUDA device (it relies on a GradScaler); "
+                "use bf16 or fp32 on CPU"
+            )
+        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision: this CUDA device does not support bf16; use fp16 or fp32")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward passes: bf16/fp16 autocast, or nothing for fp32."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def setup_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters; weight decay only on ≥2-D weights."""
+        cfg = self.train_config
+        groups = self.model.optimizer_groups(cfg.weight_decay)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            groups,
+            lr=lr_at(self.step, cfg),
+            betas=(cfg.beta1, cfg.beta2),
+            fused=fused or None,
+            foreach=None if fused else True,
+        )
+        if self.config.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ batches
+
+    def _split_batch(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        """(input_ids, labels, attention_mask, labels_already_shifted) on the right device."""
+        if isinstance(batch, Mapping):
+            if "input_ids" not in batch:
+                raise ValueError("batch: a dict batch needs an 'input_ids' tensor")
+            input_ids = batch["input_ids"]
+            labels = batch.get("labels", input_ids)
+            mask = batch.get("attention_mask")
+            shifted = False
+        elif isinstance(batch, tuple | list) and len(batch) == 2:
+            input_ids, labels = batch
+            mask, shifted = None, True
+        else:
+            raise ValueError(
+                "batch: expected a dict with 'input_ids' (and 'labels') or an (x, y) tuple, "
+                f"got {type(batch).__name__}"
+            )
+        for name, t in (("input_ids", input_ids), ("labels", labels)):
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                raise ValueError(f"batch: {name} must be a (batch, length) tensor")
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"batch: labels shape {tuple(labels.shape)} differs from input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        dev = self.device
+        mask = mask.to(dev, non_blocking=True) if mask is not None else None
+        return input_ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), mask, shifted
+
+    def compute_loss(self, batch: Batch) -> tuple[Tensor, int]:
+        """Mean next-token loss of one batch and the number of tokens it was averaged over."""
+        input_ids, labels, mask, shifted = self._split_batch(batch)
+        with self.autocast():
+            if shifted:
+                logits = self.model(input_ids, attention_mask=mask).logits
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)),
+                    labels.reshape(-1),
+                    ignore_index=-100,
+                )
+                counted = int((labels != -100).sum())
+            else:
+                loss = self.model(input_ids, labels=labels, attention_mask=mask).loss
+                counted = int((labels[:, 1:] != -100).sum())
+        return loss, counted
+
+    def _micro_batches(self, batch: Batch | Sequence[Batch]) -> list[Batch]:
+        """A list of micro-batches as given, or one batch cut into `gradient_accumulation_steps`."""
+        if isinstance(batch, list) and batch and not isinstance(batch[0], Tensor):
+            return batch
+        accum = self.train_config.gradient_accumulation_steps
+        if accum == 1:
+            return [batch]  # type: ignore[list-item]
+        input_ids, labels, mask, shifted = self._split_batch(batch)  # type: ignore[arg-type]
+        if input_ids.size(0) % accum:
+            raise ValueError(
+                f"batch: batch size {input_ids.size(0)} is not divisible by "
+                f"gradient_accumulation_steps={accum}"
+            )
+        parts = []
+        for ids, lab, m in zip(
+            input_ids.chunk(accum),
+            labels.chunk(accum),
+            mask.chunk(accum) if mask is not None else [None] * accum,
+            strict=True,
+        ):
+            if shifted:
+                parts.append((ids, lab))
+            else:
+                parts.append({"input_ids": ids, "labels": lab, "attention_mask": m})
+        return parts
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: Batch | Sequence[Batch]) -> dict[str, float]:
+        """One optimiser update from `batch` (or a list of micro-batches); returns its metrics.
+
+        A non-finite loss or gradient skips the update (parameters untouched) and is counted;
+        `max_bad_steps` of them in a row raise `TrainingDiverged`.
+        """
+        if self.optimizer is None:
+            self.setup_optimizer()
+        assert self.optimizer is not None
+        cfg = self.train_config
+        self.model.train()
+        start = time.perf_counter()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        micro = self._micro_batches(batch)
+        tokens = 0
+        loss_sum = 0.0
+        finite = True
+        for i, mb in enumerate(micro):
+            # Backward runs even on a non-finite loss: under DDP every rank must join the
+            # gradient all-reduce, and the NaN it spreads makes every rank skip together.
+            with self._no_sync(last=i == len(micro) - 1):
+                loss, _ = self.compute_loss(mb)
+                scaled = loss / len(micro)
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            loss_value = float(loss.detach())
+            finite = finite and math.isfinite(loss_value)
+            loss_sum += loss_value
+            tokens += self._batch_tokens(mb)
+
+        grad_norm = float("nan")
+        if finite:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            finite = math.isfinite(grad_norm)
+
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.bad_steps_in_a_row = 0
+        else:
+            if self.scaler is not None:
+                self.scaler.update()  # lowers the scale after an overflow
+            self.bad_steps_total += 1
+            self.bad_steps_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+        self._sync_device()
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        self.tokens_seen += tokens
+        tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
+        metrics = {
+            "step": self.step,
+            "loss": loss_sum / len(micro) if finite else float("nan"),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.mfu(tokens_per_s, self._sequence_length(micro[0])),
+            "memory_mb": memory_mb(self.device),
+            "skipped": 0.0 if finite else 1.0,
+        }
+        self.history.append(metrics)
+        if self.bad_steps_in_a_row >= cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.bad_steps_in_a_row} consecutive steps had a non-finite loss or gradient "
+                f"(last at step {self.step}); parameters were left as they were before them. "
+                "Lower learning_rate, raise warmup_steps or use fp32."
+            )
+        return metrics
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, skip the gradient all-reduce on all but the last micro-batch."""
+        no_sync = getattr(self.model, "no_sync", None)
+        if no_sync is None or last:
+            return contextlib.nullcontext()
+        return no_sync()
+
+    def _batch_tokens(self, batch: Batch) -> int:
+        input_ids, _, _, _ = self._split_batch(batch)
+        return input_ids.numel()
+
+    def _sequence_length(self, batch: Batch) -> int:
+        input_ids, _, _, _ = self._split_batch(batch)
+        return input_ids.size(1)
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mfu(self, tokens_per_s: float, sequence_length: int) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        if self._peak_flops is None:
+            self._peak_flops = measure_peak_flops(self.device, self.config.precision)
+        return self.raw_model.flops_per_token(sequence_length) * tokens_per_s / self._peak_flops
+
+    @property
+    def raw_model(self) -> TruthGPTModel:
+        """The model without any DDP/FSDP wrapper."""
+        return getattr(self.model, "module", self.model)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, data: Any, max_batches: int | None = None) -> dict[str, float]:
+        """Loss, perplexity and bits per token (and per char when known) over `data`.
+
+        `data` is an iterable of batches, or a token split (anything with `.tokens`), which is
+        then read sequentially, whole or for `max_batches` batches. Deterministic: no dropout,
+        no sampling.
+        """
+        batches = self._eval_batches(data, max_batches)
+        was_training = self.model.training
+        self.model.eval()
+        total_loss = 0.0
+        total_tokens = 0
+        try:
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                loss, counted = self.compute_loss(batch)
+                total_loss += float(loss) * counted
+                total_tokens += counted
+        finally:
+            self.model.train(was_training)
+        if total_tokens == 0:
+            raise ValueError("data: evaluation saw no tokens")
+        loss = total_loss / total_tokens
+        result = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_token": loss / math.log(2),
+            "tokens": float(total_tokens),
+        }
+        chars_per_token = getattr(data, "chars_per_token", None) or self.chars_per_token
+        if chars_per_token:
+            result["bits_per_char"] = result["bits_per_token"] / chars_per_token
+        return result
+
+    def _eval_batches(self, data: Any, max_batches: int | None) -> Iterable[Batch]:
+        if hasattr(data, "tokens"):
+            from truthgpt.data import sequential_batches
+
+            return sequential_batches(
+                data, self.train_config.block_size, self.train_config.batch_size, max_batches
+            )
+        if isinstance(data, Iterable):
+            return data
+        raise ValueError(
+            f"data: expected a token split or an iterable of batches, got {type(data).__name__}"
+        )
+
+    def record_eval(self, metrics: dict[str, float]) -> bool:
+        """Remember an evaluation; True when it is the best validation loss so far."""
+        self.eval_history.append({"step": float(self.step), **metrics})
+        best = self.best_val_loss is None or metrics["loss"] < self.best_val_loss
+        if best:
+            self.best_val_loss = metrics["loss"]
+        return best
+
+    # ------------------------------------------------------------------ reporting
+
+    def get_performance_report(self) -> dict[str, Any]:
+        """Averages and totals over every `train_step` so far, plus model facts."""
+        model = self.raw_model
+        n_params = model.num_parameters()
+        ran = [m for m in self.history if not m["skipped"]]
+        # The first steps include one-off costs (allocation, kernel compilation).
+        steady = ran[1:] if len(ran) > 1 else ran
+
+        def mean(key: str, rows: list[dict[str, float]]) -> float | None:
+            values = [r[key] for r in rows if math.isfinite(r[key])]
+            return sum(values) / len(values) if values else None
+
+        return {
+            "distance_type": self.model_config.distance_type,
+            "num_parameters": n_params,
+            "model_size_mb": sum(
+                p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+            )
+            / 2**20,
+            "init_time_s": self.init_time_s,
+            "steps": self.step,
+            "skipped_steps": self.bad_steps_total,
+            "tokens_seen": self.tokens_seen,
+            "total_train_time_s": sum(m["step_time_s"] for m in self.history),
+            "avg_step_time_s": mean("step_time_s", steady),
+            "avg_tokens_per_s": mean("tokens_per_s", steady),
+            "avg_mfu": mean("mfu", steady),
+            "avg_memory_mb": mean("memory_mb", self.history),
+            "peak_memory_mb": max((m["memory_mb"] for m in self.history), default=None),
+            "first_loss": ran[0]["loss"] if ran else None,
+            "last_loss": ran[-1]["loss"] if ran else None,
+            "avg_loss_last_50": mean("loss", ran[-50:]),
+            "best_val_loss": self.best_val_loss,
+            "last_eval": self.eval_history[-1] if self.eval_history else None,
+            "device": str(self.device),
+            "precision": self.config.precision,
+        }
+
+    # ------------------------------------------------------------------ other workflows
+
+    def analyze_attention_patterns(self, data: Any, num_samples: int = 100) -> dict[str, Any]:
+        """Per-layer and per-head attention statistics on real text; see `truthgpt.analysis`."""
+        from truthgpt.analysis import analyze_attention
+
+        return analyze_attention(
+            self.raw_model, data, num_samples=num_samples, block_size=self.train_config.block_size
+        )
+
+    def optimize_attention_parameters(self, data: Any, num_epochs: int = 5, **kwargs: Any) -> dict:
+        """Tune only the per-head λ on `data`; see `truthgpt.analysis.tune_lambda`."""
+        from truthgpt.analysis import tune_lambda
+
+        return tune_lambda(self, data, num_epochs=num_epochs, **kwargs)
+
+    def save_checkpoint(self, directory: str | Path, **extra_state: Any) -> Path:
+        """Write a complete, resumable checkpoint folder; see `truthgpt.checkpoint`."""
+        from truthgpt.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, **extra_state)
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Restore model, optimiser, schedule and counters from a checkpoint folder."""
+        from truthgpt.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, directory)
