@@ -44,7 +44,8 @@ class TruthGPTOptimizationCore:
     """Trains and evaluates a `TruthGPTModel`.
 
     `TruthGPTOptimizationCore(config)` builds the model from the flat config; pass `model=` to
-    wrap an existing one (its config must match) and `chars_per_token=` to get bits per char.
+    wrap an existing one (its config must match), `chars_per_token=` to get bits per char and
+    `tokenizer=` so checkpoints carry it.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class TruthGPTOptimizationCore:
         model: TruthGPTModel | None = None,
         *,
         chars_per_token: float | None = None,
+        tokenizer: Any = None,
     ) -> None:
         if not isinstance(config, TruthGPTOptimizationCoreConfig):
             raise TypeError(
@@ -64,6 +66,7 @@ class TruthGPTOptimizationCore:
         self.train_config: TrainConfig = config.train_config
         self.device = resolve_device(config.device)
         self.chars_per_token = chars_per_token
+        self.tokenizer = tokenizer  # saved with checkpoints so a run can be sampled later
 
         start = time.perf_counter()
         torch.manual_seed(config.seed)
