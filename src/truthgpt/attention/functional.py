@@ -1,0 +1,325 @@
+"""Distance attention as a function: scores from distances between queries and keys.
+
+    score(i, j) = -scale_h · d(q_i, k_j)      (l1, l2, sql2, chebyshev, lp)
+    score(i, j) = +scale_h · sim(q_i, k_j)    (dot, cosine)
+
+then the causal mask, an optional user mask, softmax over keys, dropout and weights @ v.
+
+Two paths compute the same thing:
+
+* the plain path (`_plain_attention`) materialises the (B, H, Tq, Tk) score matrix. It is the
+  readable definition and the one used when the caller asks for the attention weights.
+* the fast paths never hold the weights: dot, cosine and squared L2 become one call to
+  `F.scaled_dot_product_attention`, L1 runs a blocked kernel with an online softmax
+  (`truthgpt.attention.kernels`), and l2, chebyshev and lp use `torch.cdist`, whose backward
+  holds O(Tq·Tk) per head and never O(Tq·Tk·D).
+
+Fully masked query rows (possible only with a user mask, never with the causal mask alone
+since key i is always visible to query i) give a zero output row, zero weights and zero
+gradients instead of NaN, on every path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DISTANCE_KINDS: tuple[str, ...] = ("dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp")
+
+# Kinds whose score is -scale · distance (the others are +scale · similarity).
+_DISTANCE_BASED = frozenset({"l1", "l2", "sql2", "chebyshev", "lp"})
+
+# Cosine normalises q and k; a zero vector is divided by this instead of by 0.
+COSINE_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_args(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kind: str,
+    scale: float | Tensor,
+    causal: bool,
+    attn_mask: Tensor | None,
+    p: float | None,
+    dropout_p: float,
+) -> None:
+    """Raise ValueError naming the offending argument and what would be valid."""
+    if kind not in DISTANCE_KINDS:
+        raise ValueError(f"kind must be one of {DISTANCE_KINDS}, got {kind!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, T, D), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
+    B, H, Tq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(
+            f"k must have shape (B={B}, H={H}, Tk, D={D}) to match q, got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    Tk = k.shape[2]
+    if causal and Tk < Tq:
+        raise ValueError(
+            f"with causal=True the keys must include every query position (Tk >= Tq), "
+            f"got Tq={Tq}, Tk={Tk}"
+        )
+    if isinstance(scale, Tensor):
+        if scale.shape != (H,):
+            raise ValueError(
+                f"scale must be a positive float or a tensor of shape (H,)=({H},), "
+                f"got a tensor of shape {tuple(scale.shape)}"
+            )
+        if scale.device != q.device:
+            raise ValueError(f"scale must be on the device of q ({q.device}), got {scale.device}")
+        if not scale.is_floating_point():
+            raise ValueError(f"scale must be a floating point tensor, got dtype {scale.dtype}")
+        if not torch.compiler.is_compiling() and not bool((scale > 0).all()):
+            raise ValueError(f"scale must be positive in every head, got {scale.tolist()}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(
+            f"scale must be a positive float or a tensor of shape (H,), got {type(scale).__name__}"
+        )
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    if kind == "lp":
+        if p is None:
+            raise ValueError("p is required for kind='lp' (a finite number > 0)")
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise ValueError(f"p must be a finite number > 0, got {type(p).__name__}")
+        if not (math.isfinite(p) and p > 0):
+            raise ValueError(
+                f"p must be a finite number > 0 (use kind='chebyshev' for p=inf), got {p}"
+            )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise ValueError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(
+                "attn_mask must be boolean (True = attend) or floating (added to the scores), "
+                f"got dtype {attn_mask.dtype}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(
+                f"attn_mask must be on the device of q ({q.device}), got {attn_mask.device}"
+            )
+        try:
+            shape = torch.broadcast_shapes(attn_mask.shape, (B, H, Tq, Tk))
+        except RuntimeError:
+            shape = None
+        if shape != (B, H, Tq, Tk):
+            raise ValueError(
+                f"attn_mask must broadcast to (B, H, Tq, Tk)=({B}, {H}, {Tq}, {Tk}), "
+                f"got shape {tuple(attn_mask.shape)}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# masks
+
+
+def causal_keep_mask(Tq: int, Tk: int, device: torch.device | str | None = None) -> Tensor:
+    """(Tq, Tk) boolean mask, True where key j is visible to query i: j <= i + Tk - Tq.
+
+    The queries are the last Tq of the Tk positions (a KV cache holds the first Tk - Tq), so
+    the mask is aligned bottom-right; SDPA's is_causal aligns it top-left and is only used
+    when Tq == Tk.
+    """
+    i = torch.arange(Tq, device=device).unsqueeze(1)
+    j = torch.arange(Tk, device=device).unsqueeze(0)
+    return j <= i + (Tk - Tq)
+
+
+def _additive_mask(
+    Tq: int, Tk: int, causal: bool, attn_mask: Tensor | None, dtype: torch.dtype, device
+) -> Tensor | None:
+    """Causal rule and user mask as one additive float mask (0 or -inf, plus user values)."""
+    bias = None
+    if causal:
+        keep = causal_keep_mask(Tq, Tk, device)
+        bias = torch.zeros(Tq, Tk, dtype=dtype, device=device).masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            user = torch.zeros(attn_mask.shape, dtype=dtype, device=device)
+            user = user.masked_fill(~attn_mask, -math.inf)
+        else:
+            user = attn_mask.to(dtype)
+        bias = user if bias is None else bias + user
+    return bias
+
+
+def _dead_rows(bias: Tensor | None) -> Tensor | None:
+    """Boolean (..., Tq, 1) marking query rows where every key is masked, or None if none."""
+    if bias is None:
+        return None
+    dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
+    return dead if bool(dead.any()) else None
+
+
+# --------------------------------------------------------------------------------------------
+# scores
+
+
+def _head_scale(scale: float | Tensor) -> float | Tensor:
+    """Scale as a float or a (1, H, 1, 1) tensor that broadcasts over (B, H, Tq, Tk)."""
+    return scale.view(1, -1, 1, 1) if isinstance(scale, Tensor) else scale
+
+
+def _cdist_p(kind: str, p: float | None) -> float:
+    return {"l1": 1.0, "l2": 2.0, "chebyshev": math.inf}.get(kind, p)  # type: ignore[arg-type]
+
+
+def pairwise_scores(q: Tensor, k: Tensor, kind: str, scale: float | Tensor, p: float | None = None):
+    """Scores (B, H, Tq, Tk) before masking; the definition every fast path must match.
+
+    Distances come from `torch.cdist` without the matmul expansion (exact at small distances;
+    at zero distance its gradient is 0, the subgradient of |x| at 0, and finite for l2).
+    """
+    s = _head_scale(scale)
+    if kind == "dot":
+        return s * (q @ k.transpose(-2, -1))
+    if kind == "cosine":
+        qn = F.normalize(q, dim=-1, eps=COSINE_EPS)
+        kn = F.normalize(k, dim=-1, eps=COSINE_EPS)
+        return s * (qn @ kn.transpose(-2, -1))
+    if kind == "sql2":
+        d = torch.cdist(q, k, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+        return -s * d.square()
+    d = torch.cdist(q, k, p=_cdist_p(kind, p), compute_mode="donot_use_mm_for_euclid_dist")
+    return -s * d
+
+
+def _masked_softmax(scores: Tensor, bias: Tensor | None) -> Tensor:
+    """Softmax over keys; rows with every key masked become zeros instead of NaN."""
+    if bias is None:
+        return torch.softmax(scores, dim=-1)
+    scores = scores + bias
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1)
+    return weights.masked_fill(dead, 0.0)
+
+
+def _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p):
+    """Materialising path: returns (output, weights); weights are after dropout."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    scores = pairwise_scores(q, k, kind, scale, p)  # (B, H, Tq, Tk)
+    bias = _additive_mask(Tq, Tk, causal, attn_mask, scores.dtype, q.device)
+    weights = _masked_softmax(scores, bias)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p, training=True)
+    return weights @ v, weights  # (B, H, Tq, D)
+
+
+# --------------------------------------------------------------------------------------------
+# fast paths
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, causal, attn_mask, dropout_p):
+    """SDPA with our causal rule (bottom-right), per-head scale and NaN-free dead rows."""
+    if isinstance(scale, Tensor):
+        q = q * scale.view(1, -1, 1, 1).to(q.dtype)  # fold the per-head scale into q
+        scale = 1.0
+    Tq, Tk = q.shape[2], k.shape[2]
+    if attn_mask is None and (not causal or Tq == Tk):
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale
+        )
+    if attn_mask is None and Tq == 1:  # one new token sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    bias = _additive_mask(Tq, Tk, causal, attn_mask, q.dtype, q.device)
+    dead = _dead_rows(bias)
+    if dead is not None:  # let dead rows see every key, then zero their output
+        bias = bias.masked_fill(dead, 0.0)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
+    )
+    return out if dead is None else out.masked_fill(dead, 0.0)
+
+
+def _sql2_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p):
+    """Squared L2 as exact dot-product attention on augmented vectors.
+
+    -s‖q−k‖² = -s‖q‖² + s(2 q·k − ‖k‖²); the first term is constant along a query row and
+    cancels in the softmax, so q' = [q, 1], k' = [k, −‖k‖²/2] and scale 2s give the same
+    weights. ‖k‖² is computed in fp32 at least.
+    """
+    wide = torch.promote_types(k.dtype, torch.float32)
+    k_sq = k.to(wide).square().sum(-1, keepdim=True).to(k.dtype)  # (B, H, Tk, 1)
+    q_aug = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)  # (B, H, Tq, D+1)
+    k_aug = torch.cat([k, -0.5 * k_sq], dim=-1)  # (B, H, Tk, D+1)
+    s = scale * 2.0
+    return _sdpa(q_aug, k_aug, v, s, causal, attn_mask, dropout_p)
+
+
+def _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p):
+    qn = F.normalize(q, dim=-1, eps=COSINE_EPS)
+    kn = F.normalize(k, dim=-1, eps=COSINE_EPS)
+    return _sdpa(qn, kn, v, scale, causal, attn_mask, dropout_p)
+
+
+# --------------------------------------------------------------------------------------------
+# public entry point
+
+
+def distance_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kind: str,
+    scale: float | Tensor,
+    *,
+    causal: bool = True,
+    attn_mask: Tensor | None = None,
+    p: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention whose scores are (negated, scaled) distances between queries and keys.
+
+    Args:
+        q: (B, H, Tq, D) queries. k, v: (B, H, Tk, D), Tk >= Tq when causal; the queries are
+            the last Tq positions, so key j is visible to query i iff j <= i + Tk - Tq.
+        kind: one of DISTANCE_KINDS.
+        scale: λ > 0, a float or a (H,) tensor (one per head; gradients flow to it).
+        causal: apply the causal rule above.
+        attn_mask: boolean keep-mask (True = attend) or additive float mask, broadcastable
+            to (B, H, Tq, Tk). Rows with every key masked give zeros, not NaN.
+        p: the exponent for kind='lp' (finite, > 0); ignored by the other kinds.
+        dropout_p: dropout on the attention weights (applied whenever > 0; pass 0 in eval).
+        need_weights: also return the (B, H, Tq, Tk) weights (materialising path).
+
+    Returns:
+        output (B, H, Tq, D), or (output, weights) when need_weights.
+    """
+    _check_args(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
+    if kind == "lp" and p in (1, 2):  # same math, faster paths
+        kind, p = ("l1" if p == 1 else "l2"), None
+    if need_weights:
+        return _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
+    if kind == "dot":
+        return _sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
+    if kind == "sql2":
+        return _sql2_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
+    if kind == "cosine":
+        return _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
+    out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
+    return out

@@ -1,0 +1,220 @@
+"""DistanceAttention: the multi-head self-attention layer with a learnable λ per head."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from truthgpt.attention.functional import DISTANCE_KINDS, distance_attention
+
+# λ lives in log space and is clamped to this range when used: wide enough for every kind's
+# default (cosine at √D for D up to 10^6, l1 at 2/√D for D up to 4·10^6), narrow enough that a
+# runaway head cannot give fully one-hot (λ huge) or uniform (λ tiny) attention.
+LAMBDA_MIN = 1e-3
+LAMBDA_MAX = 1e3
+
+
+def default_lambda(kind: str, head_dim: int, *, p: float | None = None) -> float:
+    """Initial λ for a kind, chosen so the score spread at initialisation is sensible.
+
+    "Spread" is the standard deviation of the scores of one query across keys, for unit-normal
+    q and k (the softmax only sees differences along a row). dot at 1/√D has spread ≈ 1.
+    The initial λ matters: log λ moves only 0.2–0.4 in a 2000-step run.
+
+    | kind      | λ                         | why                                                |
+    |-----------|---------------------------|----------------------------------------------------|
+    | dot       | 1/√D                      | the standard transformer scale; spread ≈ 1         |
+    | sql2      | 1/(2√D)                   | −λ‖q−k‖² = 2λ·q·k + (row constant): same as dot    |
+    | cosine    | √D                        | √D·cos(q,k) is dot attention at 1/√D on q, k       |
+    |           |                           | RMS-normalised (norm √D); spread ≈ 1              |
+    | l1        | 2/√D                      | best measured on char-level Shakespeare (1/√D and  |
+    |           |                           | 4/√D worse, 1/D far too soft); spread ≈ 1.5        |
+    | l2        | 2                         | spread of ‖q−k‖ is ≈ 0.86 for any D; gives ≈ 1.7   |
+    | chebyshev | 3                         | spread of max|q−k| is 0.53–0.63 (D 16–128); ≈ 1.7  |
+    | lp        | 2·D^(1/2−1/p) if p ≤ 2,   | equals l1 at p=1, l2 at p=2 and tends to chebyshev |
+    |           | 3 − 2/p if p > 2          | as p→∞; spread 1.0–1.9 for p in [0.5, ∞), D ≤ 128 |
+
+    The spreads come from `benchmarks/attention.py --spread`.
+    """
+    if kind not in DISTANCE_KINDS:
+        raise ValueError(f"kind must be one of {DISTANCE_KINDS}, got {kind!r}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    D = head_dim
+    if kind == "dot":
+        return 1.0 / math.sqrt(D)
+    if kind == "sql2":
+        return 0.5 / math.sqrt(D)
+    if kind == "cosine":
+        return math.sqrt(D)
+    if kind == "l1":
+        return 2.0 / math.sqrt(D)
+    if kind == "l2":
+        return 2.0
+    if kind == "chebyshev":
+        return 3.0
+    _check_p(p)
+    return 2.0 * D ** (0.5 - 1.0 / p) if p <= 2 else 3.0 - 2.0 / p
+
+
+def _check_p(p: float | None) -> None:
+    if p is None or isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise ValueError(f"p is required for distance_type='lp' (a finite number > 0), got {p!r}")
+    if not (math.isfinite(p) and p > 0):
+        raise ValueError(f"p must be a finite number > 0 (use 'chebyshev' for p=inf), got {p}")
+
+
+class AttentionOutput(NamedTuple):
+    """What DistanceAttention.forward returns."""
+
+    output: Tensor  # (B, T, C)
+    past_key_value: tuple[Tensor, Tensor] | None  # (k, v), each (B, H, Tk, D), when use_cache
+    weights: Tensor | None  # (B, H, T, Tk), when need_weights
+
+
+class DistanceAttention(nn.Module):
+    """Causal multi-head self-attention with scores -λ_h·d(q_i, k_j) (or +λ_h·sim).
+
+    Args:
+        hidden_size: C, the model width; must divide by num_heads.
+        num_heads: H; each head has D = C / H dimensions.
+        distance_type: one of DISTANCE_KINDS.
+        lambda_init: initial λ for every head; None takes `default_lambda`.
+        learnable_lambda: whether λ is trained (it is a Parameter either way, so checkpoints
+            of both settings have the same layout).
+        p: the exponent for distance_type='lp'.
+        dropout: dropout on the attention weights, in training only.
+        bias: biases in the q/k/v and output projections.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        distance_type: str,
+        lambda_init: float | None = None,
+        learnable_lambda: bool = True,
+        p: float | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if hidden_size % num_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+            )
+        if distance_type not in DISTANCE_KINDS:
+            raise ValueError(
+                f"distance_type must be one of {DISTANCE_KINDS}, got {distance_type!r}"
+            )
+        if distance_type == "lp":
+            _check_p(p)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.distance_type = distance_type
+        self.p = float(p) if distance_type == "lp" else None
+        self.dropout = float(dropout)
+
+        if lambda_init is None:
+            lambda_init = default_lambda(distance_type, self.head_dim, p=self.p)
+        if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
+            raise ValueError(f"lambda_init must be a positive float or None, got {lambda_init!r}")
+        if not LAMBDA_MIN <= lambda_init <= LAMBDA_MAX:
+            raise ValueError(
+                f"lambda_init must be in [{LAMBDA_MIN}, {LAMBDA_MAX}], got {lambda_init}"
+            )
+
+        self.c_attn = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.log_lambda = nn.Parameter(
+            torch.full((num_heads,), math.log(lambda_init)), requires_grad=learnable_lambda
+        )
+
+    @property
+    def lambda_(self) -> Tensor:
+        """Effective λ per head, (H,): exp(log_lambda) clamped to [LAMBDA_MIN, LAMBDA_MAX]."""
+        return self.log_lambda.exp().clamp(LAMBDA_MIN, LAMBDA_MAX)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        past_key_value: tuple[Tensor, Tensor] | None = None,
+        use_cache: bool = False,
+        attn_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> AttentionOutput:
+        """x: (B, T, C). With past_key_value the T new positions follow the cached ones."""
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}"
+            )
+        B, T, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, H, D).transpose(1, 2)
+        v = v.view(B, T, H, D).transpose(1, 2)
+        if past_key_value is not None:
+            past_k, past_v = _check_past(past_key_value, B, H, D, x)
+            k = torch.cat([past_k, k], dim=2)  # (B, H, Tk, D)
+            v = torch.cat([past_v, v], dim=2)
+        result = distance_attention(
+            q,
+            k,
+            v,
+            self.distance_type,
+            self.lambda_.to(q.dtype),
+            causal=True,
+            attn_mask=attn_mask,
+            p=self.p,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )
+        y, weights = result if need_weights else (result, None)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
+        return AttentionOutput(
+            output=self.c_proj(y),
+            past_key_value=(k, v) if use_cache else None,
+            weights=weights,
+        )
+
+    def extra_repr(self) -> str:
+        p = f", p={self.p}" if self.p is not None else ""
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
+            f"distance_type={self.distance_type!r}{p}, dropout={self.dropout}"
+        )
+
+
+def _check_past(past: tuple[Tensor, Tensor], B: int, H: int, D: int, x: Tensor):
+    if not (isinstance(past, (tuple, list)) and len(past) == 2):
+        raise ValueError("past_key_value must be a (k, v) tuple of tensors (B, H, T_past, D)")
+    past_k, past_v = past
+    for name, t in (("past_key_value[0]", past_k), ("past_key_value[1]", past_v)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or (
+            t.shape[3] != D
+        ):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have shape (B={B}, H={H}, T_past, D={D}), got {shape}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(
+                f"{name} must have dtype {x.dtype} on {x.device}, got {t.dtype} on {t.device}"
+            )
+    if past_k.shape != past_v.shape:
+        raise ValueError(
+            f"past_key_value k and v must have the same shape, got {tuple(past_k.shape)} "
+            f"and {tuple(past_v.shape)}"
+        )
+    return past_k, past_v
