@@ -249,9 +249,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, causal, attn_m
     dead = _dead_rows(bias)
     if dead is not None:  # let dead rows see every key, then zero their output
         bias = bias.masked_fill(dead, 0.0)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
-    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     return out if dead is None else out.masked_fill(dead, 0.0)
 
 

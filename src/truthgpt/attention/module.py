@@ -157,9 +157,7 @@ class DistanceAttention(nn.Module):
     ) -> AttentionOutput:
         """x: (B, T, C). With past_key_value the T new positions follow the cached ones."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
         B, T, C = x.shape
         H, D = self.num_heads, self.head_dim
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -203,8 +201,12 @@ def _check_past(past: tuple[Tensor, Tensor], B: int, H: int, D: int, x: Tensor):
         raise ValueError("past_key_value must be a (k, v) tuple of tensors (B, H, T_past, D)")
     past_k, past_v = past
     for name, t in (("past_key_value[0]", past_k), ("past_key_value[1]", past_v)):
-        if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or (
-            t.shape[3] != D
+        if (
+            not isinstance(t, Tensor)
+            or t.dim() != 4
+            or t.shape[0] != B
+            or t.shape[1] != H
+            or (t.shape[3] != D)
         ):
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name} must have shape (B={B}, H={H}, T_past, D={D}), got {shape}")
