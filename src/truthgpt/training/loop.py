@@ -1,0 +1,210 @@
+"""The training loop behind `truthgpt train`: batches in, updates out, evaluation, checkpoints.
+
+It is a plain loop over `TruthGPTOptimizationCore.train_step`. Training batches are a
+deterministic function of (seed, rank, step), so a resumed run draws exactly the batches the
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from truthgpt.config import (
+    ConfigError,
+    TrainConfig,
+    TruthGPTConfig,
+    TruthGPTOptimizationCoreConfig,
+    preset,
+)
+from truthgpt.training.core import TrainingDiverged, TruthGPTOptimizationCore
+from truthgpt.training.monitoring import Monitor
+
+
+@dataclass
+class World:
+    """Where this process stands in a (possibly distributed) run."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def build_config(
+    *,
+    vocab_size: int,
+    preset_name: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TruthGPTOptimizationCoreConfig:
+    """Merge, in order: preset, config file (TOML or JSON, flat), overrides; then validate.
+
+    `vocab_size` comes from the prepared data; `max_position_embeddings` grows to the block size
+    when a preset or file leaves it smaller.
+    """
+    fields: dict[str, Any] = {}
+    if preset_name:
+        fields.update(preset(preset_name))
+    if config_file:
+        fields.update(read_config_file(config_file))
+    fields.update(overrides or {})
+    if "vocab_size" in fields and fields["vocab_size"] != vocab_size:
+        raise ConfigError(
+            f"vocab_size: the data's tokenizer has {vocab_size} tokens, the config says "
+            f"{fields['vocab_size']}"
+        )
+    fields["vocab_size"] = vocab_size
+    block = fields.get("block_size", TrainConfig.block_size)
+    if fields.get("max_position_embeddings", TruthGPTConfig.max_position_embeddings) < block:
+        fields["max_position_embeddings"] = block
+    return TruthGPTOptimizationCoreConfig.from_dict(fields)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping of config fields from a .toml or .json file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ConfigError(f"{path}: config files must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot parse ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table/object of config fields")
+    # Accept [model] / [train] sections as well as a flat file.
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("model", "train", "training") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` strings → dict; values parse as JSON (numbers, true, null), else strings."""
+    result: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set: expected key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        result[key.strip()] = value
+    return result
+
+
+def train(
+    core: TruthGPTOptimizationCore,
+    data: Any,
+    run_dir: str | Path,
+    *,
+    world: World | None = None,
+    monitor: Monitor | None = None,
+) -> dict[str, Any]:
+    """Train `core` on prepared `data` up to `max_steps`, evaluating and checkpointing.
+
+    Returns the performance report plus the final validation metrics. Only the main rank
+    logs, evaluates and writes checkpoints.
+    """
+    from truthgpt.checkpoint import CheckpointManager
+    from truthgpt.data import RandomBatches
+
+    world = world or World()
+    cfg = core.train_config
+    run_dir = Path(run_dir)
+    sampler = RandomBatches(
+        data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed, rank=world.rank
+    )
+    # Fail now, not after the first training interval, if the val split is too short.
+    if world.is_main:
+        _check_val_split(data, cfg.block_size)
+    manager = CheckpointManager(run_dir, keep_last=cfg.keep_checkpoints) if world.is_main else None
+    own_monitor = monitor is None
+    if monitor is None:
+        monitor = Monitor(
+            run_dir,
+            cfg.max_steps,
+            start_step=core.step,
+            enabled=world.is_main,
+            log_interval=cfg.log_interval,
+        )
+    if core.optimizer is None:
+        core.setup_optimizer()
+
+    accum = cfg.gradient_accumulation_steps
+    last_eval: dict[str, float] | None = None
+    try:
+        while core.step < cfg.max_steps:
+            step = core.step
+            micro = [sampler.batch(step * accum + i) for i in range(accum)]
+            metrics = core.train_step(micro)
+            monitor.log_train(metrics)
+            if metrics["skipped"]:
+                monitor.log_event("skipped_step", step=core.step, reason="non-finite loss/grad")
+            done = core.step >= cfg.max_steps
+            if world.is_main and (core.step % cfg.eval_interval == 0 or done):
+                last_eval = core.evaluate(data.val, max_batches=cfg.eval_batches)
+                core.record_eval(last_eval)
+                monitor.log_eval(core.step, last_eval)
+            if manager is not None and (core.step % cfg.checkpoint_every == 0 or done):
+                val_loss = last_eval["loss"] if last_eval and last_eval_step(core) else None
+                path = manager.save(core, val_loss=val_loss)
+                monitor.log_event("checkpoint", step=core.step, path=str(path))
+    except TrainingDiverged as err:
+        monitor.log_event("diverged", step=core.step, message=str(err))
+        monitor.print(f"stopped: {err}")
+        raise
+    except KeyboardInterrupt:
+        if manager is not None:
+            path = manager.save(core)
+            monitor.print(f"interrupted at step {core.step}; checkpoint saved to {path}")
+        raise
+    finally:
+        if own_monitor:
+            monitor.close()
+
+    report = core.get_performance_report()
+    report["final_eval"] = last_eval
+    if world.is_main:
+        (run_dir / "report.json").write_text(
+            json.dumps(json_safe(report), indent=2) + "\n", encoding="utf-8"
+        )
+    return report
+
+
+def last_eval_step(core: TruthGPTOptimizationCore) -> bool:
+    """True when the newest evaluation was made at the current step."""
+    return bool(core.eval_history) and int(core.eval_history[-1]["step"]) == core.step
+
+
+def _check_val_split(data: Any, block_size: int) -> None:
+    if len(data.val) < block_size + 1:
+        raise ValueError(
+            f"val split: {len(data.val)} tokens is shorter than block_size + 1 = {block_size + 1}"
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/inf by None (strict JSON has neither), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
