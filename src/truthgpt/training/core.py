@@ -343,7 +343,9 @@ class TruthGPTOptimizationCore:
             "bits_per_token": loss / math.log(2),
             "tokens": float(total_tokens),
         }
-        chars_per_token = getattr(data, "chars_per_token", None) or self.chars_per_token
+        chars_per_token = self.chars_per_token
+        if getattr(data, "num_chars", None) and hasattr(data, "tokens"):
+            chars_per_token = data.num_chars / len(data)  # the split's own ratio
         if chars_per_token:
             result["bits_per_char"] = result["bits_per_token"] / chars_per_token
         return result

@@ -1,0 +1,28 @@
+"""Small pieces several commands share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def data_for_run(run: str | Path, data_dir: str | Path | None = None) -> Any:
+    """The prepared data of a run: `data_dir` if given, else the folder the run was trained on."""
+    from truthgpt.data import load_prepared
+
+    if data_dir is None:
+        info = _find_run_info(Path(run))
+        if info is None:
+            raise ValueError(f"--data: {run} does not record its data folder; pass --data DATA_DIR")
+        data_dir = info["data"]
+    return load_prepared(data_dir)
+
+
+def _find_run_info(path: Path) -> dict | None:
+    """run.json of a run folder, also found from a checkpoint inside it."""
+    for folder in (path, *path.resolve().parents[:3]):
+        candidate = folder / "run.json"
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    return None
