@@ -143,7 +143,8 @@ class TruthGPTConfig(_JsonConfig):
         )
         if self.lambda_param is not None:
             _check(
-                _is_number(self.lambda_param) and math.isfinite(self.lambda_param)
+                _is_number(self.lambda_param)
+                and math.isfinite(self.lambda_param)
                 and self.lambda_param > 0,
                 "lambda_param",
                 f"must be a positive number or null, got {self.lambda_param!r}",
@@ -287,7 +288,9 @@ class TruthGPTOptimizationCoreConfig(TrainConfig, TruthGPTConfig):
         return TrainConfig(**{name: getattr(self, name) for name in _TRAIN_FIELDS})
 
     @classmethod
-    def from_parts(cls, model: TruthGPTConfig, train: TrainConfig) -> TruthGPTOptimizationCoreConfig:
+    def from_parts(
+        cls, model: TruthGPTConfig, train: TrainConfig
+    ) -> TruthGPTOptimizationCoreConfig:
         return cls(**model.to_dict(), **train.to_dict())
 
 

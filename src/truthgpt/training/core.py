@@ -37,7 +37,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if step >= decay_steps:
         return cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (
+        cfg.learning_rate - cfg.min_lr
+    )
 
 
 class TruthGPTOptimizationCore:
@@ -58,8 +60,7 @@ class TruthGPTOptimizationCore:
     ) -> None:
         if not isinstance(config, TruthGPTOptimizationCoreConfig):
             raise TypeError(
-                "config: expected a TruthGPTOptimizationCoreConfig, got "
-                f"{type(config).__name__}"
+                f"config: expected a TruthGPTOptimizationCoreConfig, got {type(config).__name__}"
             )
         self.config = config
         self.model_config: TruthGPTConfig = config.model_config
@@ -95,7 +96,11 @@ class TruthGPTOptimizationCore:
                 "precision: fp16 needs a CUDA device (it relies on a GradScaler); "
                 "use bf16 or fp32 on CPU"
             )
-        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if (
+            precision == "bf16"
+            and self.device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()
+        ):
             raise ValueError("precision: this CUDA device does not support bf16; use fp16 or fp32")
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -150,7 +155,12 @@ class TruthGPTOptimizationCore:
             )
         dev = self.device
         mask = mask.to(dev, non_blocking=True) if mask is not None else None
-        return input_ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), mask, shifted
+        return (
+            input_ids.to(dev, non_blocking=True),
+            labels.to(dev, non_blocking=True),
+            mask,
+            shifted,
+        )
 
     def compute_loss(self, batch: Batch) -> tuple[Tensor, int]:
         """Mean next-token loss of one batch and the number of tokens it was averaged over."""
@@ -389,7 +399,8 @@ class TruthGPTOptimizationCore:
             "distance_type": self.model_config.distance_type,
             "num_parameters": n_params,
             "model_size_mb": sum(
-                p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                p.numel() * p.element_size()
+                for p in {id(p): p for p in model.parameters()}.values()
             )
             / 2**20,
             "init_time_s": self.init_time_s,

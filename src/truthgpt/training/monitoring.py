@@ -170,7 +170,9 @@ class Monitor:
             self._jsonl.close()
             self._jsonl = None
         if self.run_dir is not None and self.train_rows:
-            plot_training_curves(self.train_rows, self.eval_rows, self.run_dir / "training_curves.png")
+            plot_training_curves(
+                self.train_rows, self.eval_rows, self.run_dir / "training_curves.png"
+            )
 
     def __enter__(self) -> Monitor:
         return self

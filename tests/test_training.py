@@ -1,0 +1,197 @@
+"""The optimization core: schedule, steps, accumulation, non-finite steps, evaluation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from truthgpt.config import ConfigError, TrainConfig, TruthGPTOptimizationCoreConfig
+from truthgpt.training import TrainingDiverged, TruthGPTOptimizationCore, build_config, lr_at
+from truthgpt.training.loop import parse_overrides, read_config_file
+
+VOCAB = 40
+
+
+def tiny_config(**changes) -> TruthGPTOptimizationCoreConfig:
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        block_size=16,
+        batch_size=4,
+        warmup_steps=2,
+        max_steps=20,
+        learning_rate=3e-3,
+        min_lr=3e-4,
+        device="cpu",
+        seed=0,
+    )
+    fields.update(changes)
+    return TruthGPTOptimizationCoreConfig(**fields)
+
+
+def batch_at(step: int, batch_size: int = 4, length: int = 16) -> dict[str, torch.Tensor]:
+    """A learnable toy language: each token is the previous one plus one, mod VOCAB."""
+    g = torch.Generator().manual_seed(step)
+    start = torch.randint(0, VOCAB, (batch_size, 1), generator=g)
+    ids = (start + torch.arange(length)) % VOCAB
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_original_usage_learns_a_simple_language():
+    core = TruthGPTOptimizationCore(
+        tiny_config(distance_type="l1", max_steps=60, learning_rate=1e-2)
+    )
+    core.setup_optimizer()
+    losses = [core.train_step(batch_at(i))["loss"] for i in range(60)]
+    assert losses[-1] < 0.5 * losses[0]
+    metrics = core.train_step(batch_at(99))
+    for key in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu", "memory_mb"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert metrics["tokens_per_s"] > 0 and 0 < metrics["mfu"] < 1
+    report = core.get_performance_report()
+    assert report["steps"] == 61 and report["tokens_seen"] == 61 * 4 * 16
+    assert report["num_parameters"] == core.model.num_parameters()
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    lrs = [lr_at(s, cfg) for s in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1.0
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:111]))
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+    assert lrs[60] == pytest.approx(0.55)
+
+
+def test_tuple_batches_are_already_shifted():
+    core = TruthGPTOptimizationCore(tiny_config())
+    b = batch_at(0)
+    x = b["input_ids"]
+    loss_dict, _ = core.compute_loss(b)
+    loss_tuple, counted = core.compute_loss((x[:, :-1], x[:, 1:]))
+    assert counted == 4 * 15
+    assert loss_dict.item() == pytest.approx(loss_tuple.item(), rel=1e-5)
+
+
+def test_same_seed_same_losses():
+    def run() -> list[float]:
+        core = TruthGPTOptimizationCore(tiny_config(hidden_dropout_prob=0.1))
+        return [core.train_step(batch_at(i))["loss"] for i in range(5)]
+
+    assert run() == run()
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    big = batch_at(0, batch_size=8)
+    one = TruthGPTOptimizationCore(tiny_config())
+    two = TruthGPTOptimizationCore(tiny_config(gradient_accumulation_steps=2))
+    m1, m2 = one.train_step(big), two.train_step(big)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    for p1, p2 in zip(one.model.parameters(), two.model.parameters(), strict=True):
+        # Adam normalises the step, so near-zero gradients amplify rounding: compare with
+        # an absolute tolerance far below the step size (lr ≈ 1e-3 here).
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_decay_skips_lambda_norms_and_biases():
+    core = TruthGPTOptimizationCore(tiny_config())
+    opt = core.setup_optimizer()
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in core.model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2), name
+
+
+def test_non_finite_step_is_skipped_then_run_stops():
+    core = TruthGPTOptimizationCore(tiny_config(max_bad_steps=3))
+    core.train_step(batch_at(0))
+    before = {n: p.detach().clone() for n, p in core.model.named_parameters()}
+    with torch.no_grad():
+        core.model.blocks[0].mlp.c_fc.bias.fill_(float("nan"))
+    for i in range(2):
+        metrics = core.train_step(batch_at(1 + i))
+        assert metrics["skipped"] == 1.0 and math.isnan(metrics["loss"])
+    for name, p in core.model.named_parameters():
+        if name != "blocks.0.mlp.c_fc.bias":
+            assert torch.equal(p, before[name]), f"{name} changed on a skipped step"
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        core.train_step(batch_at(5))
+    assert core.bad_steps_total == 3
+
+
+def test_evaluate_is_deterministic_and_consistent():
+    core = TruthGPTOptimizationCore(tiny_config(hidden_dropout_prob=0.2), chars_per_token=1.0)
+    batches = [batch_at(100 + i) for i in range(3)]
+    a, b = core.evaluate(batches), core.evaluate(batches)
+    assert a == b
+    assert a["perplexity"] == pytest.approx(math.exp(a["loss"]))
+    assert a["bits_per_token"] == pytest.approx(a["loss"] / math.log(2))
+    assert a["bits_per_char"] == pytest.approx(a["bits_per_token"])
+    assert core.evaluate(batches, max_batches=1)["tokens"] == 4 * 15
+    assert a["loss"] == pytest.approx(math.log(VOCAB), rel=0.05)  # untrained: about ln V
+
+
+def test_bf16_autocast_trains_on_cpu():
+    core = TruthGPTOptimizationCore(tiny_config(precision="bf16", distance_type="l1"))
+    losses = [core.train_step(batch_at(i))["loss"] for i in range(30)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_fp16_on_cpu_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="precision: fp16 needs a CUDA device"):
+        TruthGPTOptimizationCore(tiny_config(precision="fp16"))
+
+
+def test_bad_batches_are_named():
+    core = TruthGPTOptimizationCore(tiny_config())
+    with pytest.raises(ValueError, match="input_ids"):
+        core.train_step({"labels": torch.zeros(2, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="labels shape"):
+        core.train_step(
+            {
+                "input_ids": torch.zeros(2, 4, dtype=torch.long),
+                "labels": torch.zeros(2, 3, dtype=torch.long),
+            }
+        )
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        core.train_step({"input_ids": torch.full((2, 4), VOCAB, dtype=torch.long)})
+
+
+def test_build_config_merges_preset_file_and_overrides(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[model]\nnum_hidden_layers = 2\n[train]\nlearning_rate = 0.002\n")
+    cfg = build_config(
+        vocab_size=65,
+        preset_name="char-small",
+        config_file=toml,
+        overrides=parse_overrides(["distance_type=dot", "max_steps=7", "lambda_param=null"]),
+    )
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.learning_rate) == (128, 2, 0.002)
+    assert (cfg.distance_type, cfg.max_steps, cfg.vocab_size) == ("dot", 7, 65)
+    with pytest.raises(ConfigError, match="unknown field"):
+        build_config(vocab_size=65, overrides={"hiden_size": 3})
+    with pytest.raises(ConfigError, match="vocab_size"):
+        build_config(vocab_size=65, overrides={"vocab_size": 3})
+    with pytest.raises(ConfigError, match="--set"):
+        parse_overrides(["novalue"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("x = [")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        read_config_file(bad)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="learning_rate"):
+        tiny_config(learning_rate=-1)
+    with pytest.raises(ConfigError, match="precision"):
+        tiny_config(precision="fp8")
+    with pytest.raises(ConfigError, match="min_lr"):
+        tiny_config(min_lr=1.0)
+    cfg = tiny_config()
+    assert TruthGPTOptimizationCoreConfig.from_json(cfg.to_json()) == cfg
