@@ -119,6 +119,8 @@ def test_nothing_written_on_bad_input(tmp_path: Path, text_file: Path) -> None:
         prepare_data([str(text_file)], "words", out)
     with pytest.raises(ValueError, match="val_fraction"):
         prepare_data([str(text_file)], "char", out, val_fraction=1.0)
+    with pytest.raises(ValueError, match="char tokenizer only"):
+        prepare_data([str(text_file)], "gpt2", out, unk_token="?")
     assert not out.exists() and _leftovers(tmp_path) == []
 
 

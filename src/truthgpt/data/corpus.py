@@ -148,6 +148,7 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[str | Path
 
     Folders contribute every non-hidden file below them, sorted by path; glob patterns (with
     `**` for recursion) contribute their sorted matches. A file reached twice is read once.
+    The name 'shakespeare' always means the built-in corpus (write ./shakespeare for a file).
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from truthgpt.data.corpus import check_val_fraction, iter_sources, load_corpus, split_text
-from truthgpt.data.tokenization import Tokenizer, build_tokenizer, check_tokenizer_spec
+from truthgpt.data.tokenization import Tokenizer, build_tokenizer, parse_tokenizer_spec
 
 DATA_FORMAT = "truthgpt-data"
 DATA_FORMAT_VERSION = 1
@@ -52,7 +52,7 @@ def fit_tokenizer(spec: str, text: str, train_text: str, unk_token: str | None) 
     character (an alphabet learns nothing about the text worth keeping from validation);
     `bpe:N` learns its merges from the training split only.
     """
-    if spec.strip() == "char":
+    if parse_tokenizer_spec(spec)[0] == "char":
         return build_tokenizer(spec, text, unk_token=unk_token)
     return build_tokenizer(spec, train_text, unk_token=unk_token)
 
@@ -72,7 +72,7 @@ def prepare_data(
     """
     out_dir = Path(out_dir)
     # Everything that can be checked cheaply is checked before any work or any write.
-    check_tokenizer_spec(tokenizer_spec)
+    parse_tokenizer_spec(tokenizer_spec, unk_token)
     check_val_fraction(val_fraction)
     _check_target(out_dir, force)
 

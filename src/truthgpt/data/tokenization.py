@@ -388,38 +388,37 @@ class GPT2Tokenizer(Tokenizer):
 TOKENIZER_SPECS = "char, bpe:N (N >= 256) or gpt2"
 
 
+def parse_tokenizer_spec(spec: str, unk_token: str | None = None) -> tuple[str, int | None]:
+    """('char' | 'bpe' | 'gpt2', N for bpe:N): checks a spec before any work is done."""
+    spec = spec.strip()
+    kind, _, size = spec.partition(":")
+    if kind == "bpe" and size.isdigit():
+        if int(size) < 256:
+            raise ValueError(f"tokenizer {spec!r}: a byte-level BPE needs at least 256 tokens")
+        result: tuple[str, int | None] = ("bpe", int(size))
+    elif spec in ("char", "gpt2"):
+        result = (spec, None)
+    else:
+        raise ValueError(f"unknown tokenizer {spec!r}; expected {TOKENIZER_SPECS}")
+    if unk_token is not None and result[0] != "char":
+        raise ValueError(f"unk_token applies to the char tokenizer only, not {spec!r}")
+    return result
+
+
 def build_tokenizer(spec: str, train_text: str = "", *, unk_token: str | None = None) -> Tokenizer:
     """A tokenizer from its spec; `char` and `bpe:N` are fitted to `train_text`.
 
     `unk_token` applies to `char` only (see CharTokenizer).
     """
-    spec = spec.strip()
-    if unk_token is not None and spec != "char":
-        raise ValueError(f"unk_token applies to the char tokenizer only, not {spec!r}")
-    if spec == "char":
+    kind, size = parse_tokenizer_spec(spec, unk_token)
+    if kind == "char":
         return CharTokenizer.from_text(train_text, unk_token=unk_token)
-    if spec == "gpt2":
+    if kind == "gpt2":
         return GPT2Tokenizer()
-    if spec.startswith("bpe:"):
-        size = spec.removeprefix("bpe:")
-        if not size.isdigit():
-            raise ValueError(f"tokenizer {spec!r}: N in bpe:N must be an integer, e.g. bpe:4096")
-        if not train_text:
-            raise ValueError(f"tokenizer {spec!r} needs training text")
-        return BPETokenizer.train(train_text, int(size))
-    raise ValueError(f"unknown tokenizer {spec!r}; expected {TOKENIZER_SPECS}")
-
-
-def check_tokenizer_spec(spec: str) -> None:
-    """Validate a spec without building anything, so bad input fails before any work."""
-    spec = spec.strip()
-    if spec in ("char", "gpt2"):
-        return
-    if spec.startswith("bpe:") and spec[4:].isdigit():
-        if int(spec[4:]) < 256:
-            raise ValueError(f"{spec}: a byte-level BPE needs at least 256 tokens (one per byte)")
-        return
-    raise ValueError(f"unknown tokenizer {spec!r}; expected {TOKENIZER_SPECS}")
+    if not train_text:
+        raise ValueError(f"tokenizer {spec!r} needs training text")
+    assert size is not None
+    return BPETokenizer.train(train_text, size)
 
 
 def tokenizer_from_dict(data: dict[str, Any], origin: str = "tokenizer") -> Tokenizer:
