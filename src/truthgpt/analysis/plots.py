@@ -17,7 +17,7 @@ from torch import Tensor
 def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height))
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def plot_attention_heatmaps(
@@ -44,8 +44,8 @@ def plot_attention_heatmaps(
         heads = w.shape[0]
         cols = min(heads, 4)
         rows = math.ceil(heads / cols)
-        size = max(3.5, 0.11 * len(tokens) + 1.0)  # room for one label per token
-        fig = _figure(cols * size, rows * size + 0.6)
+        size = max(3.5, 0.12 * len(tokens) + 1.0)  # room for one label per token
+        fig = _figure(cols * size + 1.0, rows * size + 0.5)
         fig.suptitle(f"layer {layer}: attention weights (row: query, column: key)")
         image = None
         for h in range(heads):
@@ -56,11 +56,11 @@ def plot_attention_heatmaps(
                 title += f"  λ={lambdas[layer][h]:.3g}"
             ax.set_title(title, fontsize=9)
             ticks = range(len(tokens))
-            ax.set_xticks(ticks, labels=tokens, fontsize=5, rotation=90)
-            ax.set_yticks(ticks, labels=tokens, fontsize=5)
+            ax.set_xticks(ticks, labels=tokens, fontsize=6, rotation=90)
+            ax.set_yticks(ticks, labels=tokens, fontsize=6)
             ax.tick_params(length=0)
         if image is not None:
-            fig.colorbar(image, ax=fig.axes, shrink=0.6, label="weight")
+            fig.colorbar(image, ax=fig.axes, shrink=0.8, label="weight")
         path = out_dir / f"attention_layer{layer}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)
@@ -86,12 +86,12 @@ def plot_attended_distance(analysis: dict[str, Any], path: str | Path) -> Path:
     ax.set_xticks(range(len(layers)), labels=[f"layer {layer['layer']}" for layer in layers])
     ax.set_ylabel("mean attended distance (tokens)")
     ax.set_title(
-        f"attended distance Σ w·(i−j), {analysis['num_samples']} samples × "
-        f"{analysis['block_size']} tokens; whiskers: mean per-row spread"
+        f"mean attended distance Σ w·(i−j) over {analysis['num_samples']} × "
+        f"{analysis['block_size']} tokens\nwhiskers: mean per-row spread",
+        fontsize=10,
     )
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncols=min(heads, 8))
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", fontsize=7, ncols=min(heads, 8))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

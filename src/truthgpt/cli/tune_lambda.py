@@ -64,7 +64,7 @@ def format_lambdas(result: dict[str, Any]) -> str:
     ):
         for head, (b, t, a) in enumerate(zip(before, tuned, after, strict=True)):
             mark = f"  (clamped at {clamped[(layer, head)]})" if (layer, head) in clamped else ""
-            lines.append(f"{layer:5d}  {head:4d}  {b:<10.4g}  {t:<10.4g}  {a:<10.4g}{mark}")
+            lines.append(f"{layer:5d}  {head:4d}  {b:<10.4g}  {t:<10.4g}  {a:.4g}{mark}")
     return "\n".join(lines)
 
 
