@@ -61,6 +61,7 @@ TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MANIFEST_FILE = "manifest.json"
+_KNOWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -87,10 +88,9 @@ def _fsync_path(path: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
+    """Write a file; callers fsync it (folders fsync all their files once, at the end)."""
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -153,6 +153,7 @@ def _write_pointer(path: Path, name: str) -> None:
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
     try:
         _write_bytes(tmp, (name + "\n").encode("utf-8"))
+        _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -170,6 +171,24 @@ class _Reader:
         self.folder = folder
         self.files = self._read_manifest()
         self._json: dict[str, Any] = {}
+        # The set of files must agree with the manifest both ways, so a lost file (or a lost
+        # manifest entry) is never mistaken for an optional part that was not saved.
+        for name in self.files:
+            self._check_size(name)
+        for name in _KNOWN_FILES:
+            if name not in self.files and (folder / name).exists():
+                raise CheckpointError(f"{folder / name}: not listed in {MANIFEST_FILE}")
+
+    def _check_size(self, name: str) -> None:
+        path = self.folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        size = path.stat().st_size
+        if size != self.files[name]["size"]:
+            raise CheckpointError(
+                f"{path}: {size} bytes, but {self.files[name]['size']} were saved; the file was "
+                "truncated or replaced"
+            )
 
     def _read_manifest(self) -> dict[str, dict[str, Any]]:
         path = self.folder / MANIFEST_FILE
@@ -209,14 +228,7 @@ class _Reader:
                 f"{path}: not listed in {MANIFEST_FILE}; the checkpoint is incomplete"
             )
         entry = self.files[name]
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE})")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise CheckpointError(
-                f"{path}: {size} bytes, but {entry['size']} were saved; the file was truncated "
-                "or replaced"
-            )
+        self._check_size(name)
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:
