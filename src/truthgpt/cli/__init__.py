@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order `truthgpt --help` lists them.
-COMMANDS: tuple[str, ...] = ("prepare", "analyze", "tune_lambda")
+COMMANDS: tuple[str, ...] = ("demo", "prepare", "train", "eval", "analyze", "tune_lambda")
 
 
 def build_parser() -> argparse.ArgumentParser:
