@@ -106,29 +106,44 @@ def _write_manifest(folder: Path) -> None:
     _write_bytes(folder / MANIFEST_FILE, _json_bytes(manifest))
 
 
-def _check_replaceable(target: Path) -> None:
-    """Only an empty folder or an earlier checkpoint may be replaced: never a user's files."""
+def _check_replaceable(target: Path, replace_any: bool) -> None:
+    """Only an empty folder or an earlier checkpoint may be replaced, unless `replace_any`."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"{target}: exists and is not a folder; refusing to replace it")
-    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
+    if (
+        not replace_any
+        and target.is_dir()
+        and any(target.iterdir())
+        and not (target / MANIFEST_FILE).is_file()
+    ):
         raise FileExistsError(
             f"{target}: folder exists and is not a truthgpt checkpoint (no {MANIFEST_FILE}); "
             "refusing to overwrite it"
         )
 
 
-def write_folder_atomically(target: str | Path, write: Callable[[Path], None]) -> Path:
+def write_folder_atomically(
+    target: str | Path,
+    write: Callable[[Path], None],
+    *,
+    manifest: bool = True,
+    replace_any: bool = False,
+) -> Path:
     """Run `write(tmp)` to fill a temporary folder beside `target`, add a manifest, then move
-    it into place. A reader sees the old folder or the complete new one, never a mix."""
+    it into place. A reader sees the old folder or the complete new one, never a mix.
+
+    An existing `target` is replaced only when it is empty or a checkpoint, or `replace_any`.
+    """
     target = Path(target)
-    _check_replaceable(target)
+    _check_replaceable(target, replace_any)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f"{_TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         write(tmp)
-        _write_manifest(tmp)
+        if manifest:
+            _write_manifest(tmp)
         for path in tmp.iterdir():
             _fsync_path(path)
         _fsync_path(tmp)
@@ -696,6 +711,22 @@ def _read_trainer_state(reader: _Reader) -> dict[str, Any]:
     return state
 
 
+def _read_tokenizer(reader: _Reader) -> Any:
+    from truthgpt.data import load_tokenizer
+
+    reader.bytes(TOKENIZER_FILE)  # verify against the manifest before parsing
+    try:
+        return load_tokenizer(reader.path(TOKENIZER_FILE))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def read_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved with a checkpoint (or a run's latest), or None when there is none."""
+    reader = _Reader(resolve_checkpoint(path))
+    return _read_tokenizer(reader) if reader.has(TOKENIZER_FILE) else None
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The trainer state (counters, `extra` values) of a checkpoint, run or checkpoints folder."""
     return _read_trainer_state(_Reader(resolve_checkpoint(path)))
@@ -817,15 +848,7 @@ def load_core(
         raise CheckpointError(f"{config_path}: invalid training config: {err}") from None
     config = TruthGPTOptimizationCoreConfig.from_parts(model_config, train_config)
 
-    tokenizer = None
-    if reader.has(TOKENIZER_FILE):
-        from truthgpt.data import load_tokenizer
-
-        reader.bytes(TOKENIZER_FILE)  # verify against the manifest before parsing
-        try:
-            tokenizer = load_tokenizer(reader.path(TOKENIZER_FILE))
-        except ValueError as err:
-            raise CheckpointError(str(err)) from None
+    tokenizer = _read_tokenizer(reader) if reader.has(TOKENIZER_FILE) else None
     state = _read_trainer_state(reader)
     core = TruthGPTOptimizationCore(
         config,

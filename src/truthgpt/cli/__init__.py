@@ -12,7 +12,15 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order `truthgpt --help` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "prepare", "train", "eval", "analyze", "tune_lambda")
+COMMANDS: tuple[str, ...] = (
+    "demo",
+    "prepare",
+    "train",
+    "eval",
+    "analyze",
+    "tune_lambda",
+    "export_hf",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

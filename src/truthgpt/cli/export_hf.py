@@ -1,0 +1,38 @@
+"""`truthgpt export-hf`: write a run as a folder Hugging Face transformers loads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export-hf",
+        help="export a run for transformers' AutoModelForCausalLM / AutoTokenizer",
+        description="Write the model (and tokenizer) of a run or checkpoint as a Hugging Face "
+        "folder. Load it after `import truthgpt.hf` with "
+        "AutoModelForCausalLM.from_pretrained(OUT_DIR). Needs transformers "
+        "(pip install 'truthgpt[hf]').",
+    )
+    p.add_argument(
+        "run", metavar="RUN_DIR", help="run folder (its latest checkpoint) or checkpoint"
+    )
+    p.add_argument("out", metavar="OUT_DIR", help="folder to write; must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it has files")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from truthgpt.hf import export_hf
+    except ImportError as err:
+        print(f"truthgpt export-hf: error: {err}", file=sys.stderr)
+        return 2
+    out = export_hf(args.run, args.out, overwrite=args.overwrite)
+    print(f"exported {args.run} to {out}")
+    print(
+        "load it with: import truthgpt.hf; from transformers import AutoModelForCausalLM; "
+        f"AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    )
+    return 0
