@@ -1,0 +1,203 @@
+"""Hugging Face export: transformers loads the model and tokenizer and agrees with truthgpt."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local files
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install 'truthgpt[hf]')"
+)
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import truthgpt.hf  # noqa: E402
+from truthgpt.checkpoint import CheckpointManager, load_pretrained, save_pretrained  # noqa: E402
+from truthgpt.cli import main  # noqa: E402
+from truthgpt.config import TruthGPTOptimizationCoreConfig  # noqa: E402
+from truthgpt.data import build_tokenizer  # noqa: E402
+from truthgpt.hf import TruthGPTForCausalLM, TruthGPTHFConfig, export_hf, hf_tokenizer  # noqa: E402
+from truthgpt.training.core import TruthGPTOptimizationCore  # noqa: E402
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+WINDOW = 32
+
+
+def make_run(run_dir: Path, tokenizer, distance: str = "l1") -> TruthGPTOptimizationCore:
+    config = TruthGPTOptimizationCoreConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=WINDOW,
+        block_size=WINDOW,
+        batch_size=2,
+        distance_type=distance,
+        device="cpu",
+        peak_flops=1e12,
+    )
+    core = TruthGPTOptimizationCore(config, tokenizer=tokenizer)
+    # Large random weights, so greedy decoding wanders instead of repeating one token.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in core.model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+    CheckpointManager(run_dir).save(core)
+    return core
+
+
+@pytest.fixture(scope="module", params=["l1", "dot"])
+def exported(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run folder, export folder) for a char-level run, exported through the CLI."""
+    root = tmp_path_factory.mktemp(f"hf-{request.param}")
+    make_run(root / "run", build_tokenizer("char", TEXT), request.param)
+    assert main(["export-hf", str(root / "run"), str(root / "hf")]) == 0
+    return root / "run", root / "hf"
+
+
+def test_export_writes_a_transformers_folder(exported) -> None:
+    _, out = exported
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    config = AutoConfig.from_pretrained(out)
+    assert isinstance(config, TruthGPTHFConfig) and config.model_type == "truthgpt"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, TruthGPTForCausalLM)
+    assert model.model.lm_head.weight is model.model.wte.weight
+
+
+def test_logits_and_loss_match_truthgpt(exported) -> None:
+    run, out = exported
+    ours = load_pretrained(run)
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(
+        0, ours.config.vocab_size, (2, WINDOW), generator=torch.Generator().manual_seed(0)
+    )
+    expected = ours(ids, labels=ids)
+    got = theirs(input_ids=ids, labels=ids)
+    assert torch.equal(got.logits, expected.logits)
+    assert torch.equal(got.loss, expected.loss)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generate_matches_truthgpt(exported, use_cache: bool) -> None:
+    run, out = exported
+    ours = load_pretrained(run)
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("Before we", return_tensors="pt")
+    new = WINDOW - prompt["input_ids"].shape[1]
+    expected = ours.generate(prompt["input_ids"], max_new_tokens=new, do_sample=False)
+    got = theirs.generate(**prompt, max_new_tokens=new, do_sample=False, use_cache=use_cache)
+    assert got.tolist() == expected.tolist()
+    assert len(set(expected[0, -new:].tolist())) > 3  # a varied continuation, not one token
+
+
+def test_char_tokenizer_round_trips(exported) -> None:
+    _, out = exported
+    ours = build_tokenizer("char", TEXT)
+    theirs = AutoTokenizer.from_pretrained(out)
+    assert theirs(TEXT)["input_ids"] == ours.encode(TEXT)
+    assert theirs.decode(ours.encode(TEXT)) == TEXT
+    assert len(theirs) == ours.vocab_size
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(alphabet=sorted(set(TEXT)), max_size=60))
+def test_char_tokenizer_any_text(text: str) -> None:
+    ours = build_tokenizer("char", TEXT)
+    theirs = hf_tokenizer(ours)
+    assert theirs(text)["input_ids"] == ours.encode(text)
+    assert theirs.decode(ours.encode(text)) == text
+
+
+def test_char_tokenizer_with_unknown_token(tmp_path: Path) -> None:
+    ours = build_tokenizer("char", "abc \n", unk_token="<unk>")
+    theirs = hf_tokenizer(ours)
+    theirs.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("a b\nc", "abz", "zz"):
+        assert loaded(text)["input_ids"] == ours.encode(text)
+        assert loaded.decode(ours.encode(text)) == ours.decode(ours.encode(text))
+
+
+SAMPLES = [
+    TEXT,
+    "  leading spaces, trailing spaces  ",
+    "tabs\tand\r\nwindows lines; numbers 12345 and 3.14159",
+    "unicode: café, naïve, Ærøskøbing, 東京, emoji 🙂",
+    "don't won't it's we're they've I'll I'd",
+    "",
+]
+
+
+def test_bpe_tokenizer_export(tmp_path: Path) -> None:
+    ours = build_tokenizer("bpe:300", TEXT * 4)
+    make_run(tmp_path / "run", ours)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in SAMPLES:
+        assert theirs(text)["input_ids"] == ours.encode(text), text
+        assert theirs.decode(ours.encode(text)) == text
+
+
+def test_gpt2_tokenizer_export(tmp_path: Path) -> None:
+    ours = build_tokenizer("gpt2")
+    hf_tokenizer(ours).save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs.eos_token == "<|endoftext|>" and theirs.eos_token_id == 50256
+    assert len(theirs) == 50257
+    for text in SAMPLES:
+        assert theirs(text)["input_ids"] == ours.encode(text), text
+        assert theirs.decode(ours.encode(text)) == text
+
+
+def test_export_of_a_model_only_folder(tmp_path: Path) -> None:
+    core = make_run(tmp_path / "run", build_tokenizer("char", TEXT))
+    save_pretrained(core.raw_model, tmp_path / "model")
+    out = export_hf(tmp_path / "model", tmp_path / "hf")
+    assert not (out / "tokenizer.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3]])
+    core.model.eval()
+    assert torch.equal(model(ids).logits, core.model(ids).logits)
+
+
+def test_export_refuses_a_folder_with_files(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "run", build_tokenizer("char", TEXT))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--overwrite"]) == 0
+    assert not (tmp_path / "hf" / "keep.txt").exists()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
+
+
+def test_export_of_a_missing_run_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["export-hf", str(tmp_path / "nope"), str(tmp_path / "hf")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_transformers_stays_optional() -> None:
+    """Only truthgpt.hf imports transformers; the library and CLI work without it."""
+    code = (
+        "import sys, truthgpt, truthgpt.checkpoint, truthgpt.model, truthgpt.training, "
+        "truthgpt.data, truthgpt.cli\n"
+        "truthgpt.cli.build_parser()\n"
+        "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert truthgpt.hf.TruthGPTHFConfig.model_type == "truthgpt"
