@@ -1,0 +1,313 @@
+"""distance_attention against a naive float64 reference written here, for every kind.
+
+The blocked L1 kernel runs eagerly in this file (TRUTHGPT_COMPILE=0, same math, no compile
+cost); tests/test_attention_compiled.py covers the compiled kernels once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from truthgpt.attention import DISTANCE_KINDS, distance_attention
+from truthgpt.attention.kernels import l1_attention
+
+P = 3.0  # the exponent used for kind="lp"
+
+
+@pytest.fixture(autouse=True)
+def _eager_kernels(monkeypatch):
+    monkeypatch.setenv("TRUTHGPT_COMPILE", "0")
+
+
+def reference(q, k, v, kind, scale, causal=True, attn_mask=None, p=P):
+    """Naive float64 attention from the broadcast formula (B, H, Tq, Tk, D)."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = scale.double().view(1, -1, 1, 1) if isinstance(scale, torch.Tensor) else scale
+    diff = q[:, :, :, None, :] - k[:, :, None, :, :]
+    if kind == "dot":
+        scores = s * (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1)
+    elif kind == "cosine":
+        qn = q / q.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        kn = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        scores = s * (qn[:, :, :, None, :] * kn[:, :, None, :, :]).sum(-1)
+    elif kind == "l1":
+        scores = -s * diff.abs().sum(-1)
+    elif kind == "l2":
+        scores = -s * diff.pow(2).sum(-1).sqrt()
+    elif kind == "sql2":
+        scores = -s * diff.pow(2).sum(-1)
+    elif kind == "chebyshev":
+        scores = -s * diff.abs().amax(-1)
+    else:
+        scores = -s * diff.abs().pow(p).sum(-1).pow(1 / p)
+    Tq, Tk = q.shape[2], k.shape[2]
+    if causal:
+        i = torch.arange(Tq)[:, None]
+        j = torch.arange(Tk)[None, :]
+        scores = scores.masked_fill(j > i + Tk - Tq, -math.inf)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, -math.inf)
+        else:
+            scores = scores + attn_mask.double()
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+    return weights @ v
+
+
+def make(B=2, H=3, Tq=6, Tk=6, D=5, dtype=torch.float32, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=dtype) for T in (Tq, Tk, Tk))
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v
+
+
+def head_scale(H, dtype=torch.float32, grad=False):
+    s = torch.linspace(0.3, 1.2, H, dtype=dtype)
+    return s.requires_grad_() if grad else s
+
+
+# --------------------------------------------------------------------------------------------
+# forward against the reference
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(7, 7), (3, 9), (1, 6)])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_matches_reference(kind, causal, Tq, Tk, per_head):
+    q, k, v = make(Tq=Tq, Tk=Tk)
+    scale = head_scale(3) if per_head else 0.7
+    expected = reference(q, k, v, kind, scale, causal)
+    out = distance_attention(q, k, v, kind, scale, causal=causal, p=P)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    out_w, weights = distance_attention(q, k, v, kind, scale, causal=causal, p=P, need_weights=True)
+    torch.testing.assert_close(out_w.double(), expected, atol=1e-5, rtol=0)
+    assert weights.shape == (2, 3, Tq, Tk)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, Tq))
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_masks_match_reference(kind, mask_kind):
+    q, k, v = make(Tq=5, Tk=8)
+    g = torch.Generator().manual_seed(1)
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 5, 8, generator=g) > 0.3
+        mask[..., -1] = True  # every row keeps the last key (visible under causal)
+    else:
+        mask = torch.randn(1, 3, 5, 8, generator=g)
+    expected = reference(q, k, v, kind, 0.8, True, mask)
+    out = distance_attention(q, k, v, kind, 0.8, attn_mask=mask, p=P)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_padding_mask_from_model(kind):
+    """The model passes key-padding masks of shape (B, 1, 1, Tk)."""
+    q, k, v = make(Tq=6, Tk=6)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., :2] = False  # left padding in the second sequence
+    out = distance_attention(q, k, v, kind, 0.8, attn_mask=mask, p=P)
+    torch.testing.assert_close(
+        out.double(), reference(q, k, v, kind, 0.8, True, mask), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_fully_masked_rows_are_zero_not_nan(kind, need_weights):
+    q, k, v = make(Tq=5, Tk=5, dtype=torch.float64, grad=True)
+    scale = head_scale(3, torch.float64, grad=True)
+    mask = torch.ones(2, 3, 5, 5, dtype=torch.bool)
+    mask[0, 1, 2] = False  # row 2 of head 1 sees nothing
+    result = distance_attention(
+        q, k, v, kind, scale, attn_mask=mask, p=P, need_weights=need_weights
+    )
+    out = result[0] if need_weights else result
+    assert torch.isfinite(out).all()
+    assert (out[0, 1, 2] == 0).all()
+    torch.testing.assert_close(out, reference(q, k, v, kind, scale, True, mask))
+    out.square().sum().backward()
+    for t in (q, k, v, scale):
+        assert torch.isfinite(t.grad).all()
+    # the dead row's query gets no gradient
+    assert (q.grad[0, 1, 2] == 0).all()
+    if need_weights:
+        assert (result[1][0, 1, 2] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# gradients
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_gradcheck_every_kind(kind, need_weights):
+    q, k, v = make(B=1, H=2, Tq=3, Tk=4, D=3, dtype=torch.float64, grad=True)
+    scale = head_scale(2, torch.float64, grad=True)
+
+    def f(q, k, v, scale):
+        r = distance_attention(q, k, v, kind, scale, p=P, need_weights=need_weights)
+        return r[0] if need_weights else r
+
+    assert torch.autograd.gradcheck(f, (q, k, v, scale))
+
+
+@pytest.mark.parametrize("block", [2, 3, 5])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_l1_kernel(block, causal):
+    """The blocked kernel itself, block sizes that do not divide T, Tq < Tk, per-head scale."""
+    q, k, v = make(B=1, H=2, Tq=4, Tk=7, D=3, dtype=torch.float64, grad=True, seed=3)
+    scale = head_scale(2, torch.float64, grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, s: l1_attention(q, k, v, s, causal=causal, block_size=block),
+        (q, k, v, scale),
+    )
+
+
+def test_l1_kernel_gradcheck_with_mask_and_float_scale():
+    q, k, v = make(B=2, H=1, Tq=5, Tk=5, D=2, dtype=torch.float64, grad=True, seed=4)
+    mask = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: l1_attention(q, k, v, 0.9, attn_mask=mask, block_size=2), (q, k, v)
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    Tq=st.integers(1, 13),
+    extra=st.integers(0, 6),
+    D=st.integers(1, 6),
+    block=st.integers(1, 9),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_l1_kernel_property(B, H, Tq, extra, D, block, causal, seed):
+    """Output and all four gradients equal the reference for any shape and block size."""
+    Tk = Tq + extra
+    q, k, v = make(B, H, Tq, Tk, D, dtype=torch.float64, grad=True, seed=seed)
+    scale = head_scale(H, torch.float64, grad=True)
+    out = l1_attention(q, k, v, scale, causal=causal, block_size=block)
+    expected = reference(q, k, v, "l1", scale, causal)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
+    want = torch.autograd.grad(expected, (q, k, v, scale), grad_out)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_l1_ties_use_zero_subgradient():
+    """q_id == k_jd: sign(0) = 0, so that coordinate gives no gradient through the distance."""
+    q = torch.zeros(1, 1, 2, 1, dtype=torch.float64, requires_grad=True)
+    k = torch.zeros(1, 1, 2, 1, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 2, 1, dtype=torch.float64, requires_grad=True)
+    scale = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    l1_attention(q, k, v, scale, block_size=1).sum().backward()
+    assert (q.grad == 0).all() and (k.grad == 0).all() and (scale.grad == 0).all()
+    assert v.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["l2", "lp", "cosine"])
+def test_finite_gradient_at_zero_distance(kind):
+    q = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    k = q.clone().requires_grad_()  # every query coincides with its own key
+    q.requires_grad_()
+    v = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    for need_weights in (False, True):
+        r = distance_attention(q, k, v, kind, 1.0, p=0.7, need_weights=need_weights)
+        (r[0] if need_weights else r).sum().backward()
+        assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_cosine_zero_vectors_are_safe():
+    q, k, v = make()
+    q[0, 0, 1] = 0.0
+    k[0, 0, 0] = 0.0
+    q.requires_grad_()
+    out = distance_attention(q, k, v, "cosine", 4.0)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+
+
+def test_lp_with_p_one_or_two_equals_l1_or_l2():
+    q, k, v = make()
+    for p, kind in ((1.0, "l1"), (2.0, "l2")):
+        torch.testing.assert_close(
+            distance_attention(q, k, v, "lp", 0.5, p=p), distance_attention(q, k, v, kind, 0.5)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# dropout
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_dropout_zeroes_or_rescales_weights(kind):
+    q, k, v = make(Tq=8, Tk=8)
+    _, clean = distance_attention(q, k, v, kind, 0.5, p=P, need_weights=True)
+    torch.manual_seed(0)
+    _, dropped = distance_attention(q, k, v, kind, 0.5, p=P, dropout_p=0.5, need_weights=True)
+    kept = dropped != 0
+    assert 0 < kept.sum() < clean.count_nonzero()
+    torch.testing.assert_close(dropped[kept], clean[kept] * 2)
+    torch.manual_seed(1)
+    a = distance_attention(q, k, v, kind, 0.5, p=P, dropout_p=0.5)
+    torch.manual_seed(1)
+    b = distance_attention(q, k, v, kind, 0.5, p=P, dropout_p=0.5)
+    torch.testing.assert_close(a, b)  # reproducible under a seed
+    assert not torch.allclose(a, distance_attention(q, k, v, kind, 0.5, p=P))
+
+
+# --------------------------------------------------------------------------------------------
+# bad arguments
+
+
+def _args():
+    q, k, v = make()
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(kind="manhattan"), "kind must be one of"),
+        (dict(kind="lp", p=None), "p is required"),
+        (dict(kind="lp", p=0.0), "p must be"),
+        (dict(kind="lp", p=-1.0), "p must be"),
+        (dict(kind="lp", p=math.inf), "p must be"),
+        (dict(scale=0.0), "scale must be"),
+        (dict(scale=-1.0), "scale must be"),
+        (dict(scale=math.nan), "scale must be"),
+        (dict(scale=True), "scale must be"),
+        (dict(scale=torch.ones(2)), r"scale must be .* shape \(H,\)"),
+        (dict(scale=torch.tensor([1.0, -1.0, 1.0])), "scale must be positive"),
+        (dict(k=torch.randn(2, 3, 6, 4)), "k must have shape"),
+        (dict(v=torch.randn(2, 3, 5, 5)), "v must have the shape of k"),
+        (dict(q=torch.randn(3, 6, 5)), "q must have shape"),
+        (dict(k=torch.randn(2, 3, 6, 5, dtype=torch.float64)), "k must have the dtype"),
+        (dict(q=torch.ones(2, 3, 6, 5, dtype=torch.long)), "q must be a floating"),
+        (dict(k=torch.randn(2, 3, 4, 5), v=torch.randn(2, 3, 4, 5)), "Tk >= Tq"),
+        (dict(attn_mask=torch.ones(2, 3, 6, 7, dtype=torch.bool)), "attn_mask must broadcast"),
+        (dict(attn_mask=torch.ones(6, 6, dtype=torch.long)), "attn_mask must be boolean"),
+        (dict(dropout_p=1.0), "dropout_p must be"),
+        (dict(dropout_p=-0.1), "dropout_p must be"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(change, match):
+    q, k, v = _args()
+    kw = dict(q=q, k=k, v=v, kind="l1", scale=0.5)
+    kw.update(change)
+    extra = {name: kw.pop(name) for name in ("attn_mask", "p", "dropout_p") if name in kw}
+    with pytest.raises(ValueError, match=match):
+        distance_attention(kw["q"], kw["k"], kw["v"], kw["kind"], kw["scale"], **extra)
