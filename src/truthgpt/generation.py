@@ -1,13 +1,23 @@
 """Sampling from a TruthGPT model: greedy, temperature, top-k, top-p, with a KV cache.
 
 The cache holds each layer's projected keys and values, so a new token costs one query against
-the cached keys instead of a forward pass over the whole context. Learned absolute positions
-cap the context at `max_position_embeddings`; past it the window slides: the oldest tokens are
-dropped and the cache is rebuilt from the tokens that remain.
+the cached keys instead of a forward pass over the whole context. It works the same for every
+distance kind: scores are always computed from the cached k against the new q.
+
+Learned absolute positions cap the context at `max_position_embeddings` (the window). Past it
+the window slides: the oldest tokens are dropped, the newest `keep = window - window // 4` are
+kept and re-encoded from position 0 (one full forward that rebuilds the cache), and decoding
+goes on one token at a time until the window is full again. Sliding by a quarter window at once,
+instead of by one token at every step, is what keeps the cache useful on long outputs: a
+one-token slide would shift every position and force a full forward per token.
+
+`use_cache=False` follows the very same window schedule with full forwards, so the cache only
+changes speed, never the tokens: the two agree (up to float rounding) at any length.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, TextIO
@@ -27,37 +37,75 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_sampling_args(
-    temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
+    vocab_size: int | None = None,
 ) -> None:
-    """Reject values that have no meaning, naming the argument."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    """Reject values that have no meaning, naming the argument and what would be valid."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be an integer ≥ 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature: must be ≥ 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ValueError(
+            f"temperature: must be a finite number ≥ 0 (0 means greedy), got {temperature!r}"
+        )
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k: must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0
+    ):
         raise ValueError(f"top_p: must be in (0, 1], got {top_p!r}")
+    if eos_token_id is not None and (
+        not _is_int(eos_token_id)
+        or eos_token_id < 0
+        or (vocab_size is not None and eos_token_id >= vocab_size)
+    ):
+        valid = f"[0, {vocab_size})" if vocab_size is not None else "≥ 0"
+        raise ValueError(
+            f"eos_token_id: must be a token id in {valid} or None, got {eos_token_id!r}"
+        )
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed: must be an integer or None, got {seed!r}")
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    """Set to −inf every logit outside the top-k and outside the top-p nucleus.
+    """Set to −inf every logit outside the top-k and outside the top-p nucleus (Hugging Face rules).
 
-    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p`;
-    the most likely token is always kept.
+    top-k keeps the k largest logits and every logit tied with the k-th, so the result never
+    depends on how a sort orders equal values. top-p (applied after top-k) keeps the nucleus:
+    the smallest set of most likely tokens whose probability reaches `top_p`, plus every token
+    as likely as its least likely member (again so ties are treated alike). The most likely token
+    is always kept, so sampling always has something to draw from.
     """
     logits = logits.clone()
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits[logits < kth] = float("-inf")
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits[drop] = float("-inf")
+        # float64 so a nucleus boundary does not move with float32 rounding of the cumsum.
+        probs = logits.double().softmax(dim=-1)
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # The last token in the nucleus is the last whose preceding mass is still < top_p
+        # (the first is always in: its preceding mass is 0).
+        in_nucleus = mass_before < top_p
+        last = in_nucleus.sum(dim=-1, keepdim=True) - 1
+        threshold = sorted_probs.gather(-1, last)
+        logits[probs < threshold] = float("-inf")
     return logits
 
 
@@ -70,7 +118,10 @@ def next_token(
     do_sample: bool,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Pick the next token (B, 1) from last-position logits (B, vocab)."""
+    """Pick the next token (B, 1) from last-position logits (B, vocab).
+
+    Greedy (argmax, the lowest id on a tie) when `do_sample` is False or `temperature` is 0.
+    """
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
@@ -78,6 +129,12 @@ def next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def slide_keep(window: int) -> int:
+    """How many of the newest tokens stay in context when a full window slides."""
+    return max(1, window - max(1, window // 4))
+
+
+@torch.no_grad()
 def generate(
     model: TruthGPTModel,
     input_ids: Tensor | Sequence[int],
@@ -94,19 +151,33 @@ def generate(
 ) -> Tensor:
     """Return `input_ids` followed by the generated tokens, shape (B, T + new).
 
-    Generation stops early once every row has produced `eos_token_id`; rows that finished
-    earlier are padded with it.
+    `input_ids` is a (B, T) or (T,) tensor or a list of ids; rows share one length (no padding).
+    A prompt longer than the window is cut to its last `max_position_embeddings` tokens for the
+    model, but returned whole. `seed` seeds a private generator, so the global RNG is untouched
+    and the same seed gives the same sample. Generation stops early once every row has produced
+    `eos_token_id` (the eos is kept in the output); rows that finished earlier are padded with it.
+    The streamer gets each new (B,) column of tokens as it is chosen, then `end()`.
     """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    check_sampling_args(
+        temperature,
+        top_k,
+        top_p,
+        max_new_tokens,
+        eos_token_id=eos_token_id,
+        seed=seed,
+        vocab_size=model.config.vocab_size,
+    )
     if not isinstance(input_ids, Tensor):
-        input_ids = torch.tensor([list(input_ids)], dtype=torch.long)
+        input_ids = torch.tensor(list(input_ids), dtype=torch.long)
     if input_ids.dim() == 1:
         input_ids = input_ids[None, :]
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
-        raise ValueError(f"input_ids: expected a non-empty (batch, length) prompt, got "
-                         f"shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids: expected a non-empty (batch, length) prompt, got shape "
+            f"{tuple(input_ids.shape)}"
+        )
     device = model.device
-    input_ids = input_ids.to(device)
+    tokens = input_ids.to(device=device, dtype=torch.long)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
@@ -115,24 +186,23 @@ def generate(
     was_training = model.training
     model.eval()
     window = model.config.max_position_embeddings
-    # When the cache fills, keep this many tokens and rebuild; the slack avoids rebuilding at
-    # every single step once the context is full.
-    keep = max(1, window - max(1, window // 4))
-    tokens = input_ids
+    keep = slide_keep(window)
+    start = max(0, tokens.size(1) - window)  # first position the model sees
     finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=device)
-    past: PastKeyValues | None = None
+    past: PastKeyValues | None = None  # k, v of tokens[start:-1] in every layer
     try:
         for _ in range(max_new_tokens):
+            if tokens.size(1) - start > window:  # the window is full: slide, rebuild the cache
+                start = tokens.size(1) - keep
+                past = None
             if not use_cache:
-                logits = model(tokens[:, -window:]).logits[:, -1, :]
+                logits = model(tokens[:, start:]).logits[:, -1, :]
+            elif past is None:
+                out = model(tokens[:, start:], use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1, :]
             else:
-                if past is None or past[0][0].size(-2) + 1 > window:
-                    context = tokens[:, -(keep if past is not None else window):]
-                    out = model(context, use_cache=True)
-                else:
-                    out = model(tokens[:, -1:], past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :]
+                out = model(tokens[:, -1:], past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1, :]
             token = next_token(
                 logits,
                 temperature=temperature,
@@ -146,7 +216,7 @@ def generate(
                 finished |= token.squeeze(-1) == eos_token_id
             tokens = torch.cat([tokens, token], dim=1)
             if streamer is not None:
-                streamer.put(token.cpu())
+                streamer.put(token.squeeze(-1).cpu())
             if eos_token_id is not None and bool(finished.all()):
                 break
     finally:
@@ -157,27 +227,36 @@ def generate(
 
 
 class TextStreamer:
-    """Prints text as tokens arrive, decoding the whole sequence so multi-byte pieces join up."""
+    """Writes text to a terminal (or any text file) as tokens arrive; one sequence only.
+
+    It decodes everything received so far and writes what is new, rather than decoding token
+    by token, so pieces that only make sense together (a multi-byte character split over
+    byte-level BPE tokens) come out whole: a trailing U+FFFD is held back until the next token
+    completes it, or until `end()`.
+    """
 
     def __init__(self, decode: Callable[[list[int]], str], file: TextIO | None = None) -> None:
         self.decode = decode
         self.file = file if file is not None else sys.stdout
         self.ids: list[int] = []
-        self.printed = 0
+        self.printed = 0  # characters of the decoded text already written
 
     def put(self, token_ids: Tensor) -> None:
-        self.ids.extend(int(t) for t in token_ids.reshape(-1)[:1])
-        text = self.decode(self.ids)
-        # Hold back a trailing replacement char: the next token may complete it.
-        stable = text.rstrip("\ufffd")
-        if len(stable) > self.printed:
-            self.file.write(stable[self.printed :])
-            self.file.flush()
-            self.printed = len(stable)
+        if token_ids.numel() != 1:
+            raise ValueError(
+                f"TextStreamer: streams one sequence (batch size 1), got {token_ids.numel()} "
+                "tokens at once"
+            )
+        self.ids.append(int(token_ids.reshape(-1)[0]))
+        self._write(self.decode(self.ids).rstrip("\ufffd"))
 
     def end(self) -> None:
-        text = self.decode(self.ids)
-        if len(text) > self.printed:
-            self.file.write(text[self.printed :])
+        self._write(self.decode(self.ids))
         self.file.write("\n")
         self.file.flush()
+
+    def _write(self, text: str) -> None:
+        if len(text) > self.printed:
+            self.file.write(text[self.printed :])
+            self.file.flush()
+            self.printed = len(text)
