@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()[0]  # the machine is shared: say how busy it was
     text = load_corpus(["shakespeare"]).text
     train_text, val_text = split_text(text, 0.1)
     rows = []
@@ -97,6 +98,7 @@ def main() -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
+            "load_average_1min_at_start": round(load_at_start, 2),
             "tokenizers": tokenizers.__version__,
             "tiktoken": tiktoken.__version__,
         },
@@ -108,7 +110,8 @@ def main() -> None:
     lines = [
         "# Encoding the built-in corpus",
         "",
-        f"`{result['command']}` on {os.cpu_count()} CPU cores (shared, so timings are noisy).",
+        f"`{result['command']}` on {os.cpu_count()} shared CPU cores (1-minute load average "
+        f"{load_at_start:.1f} at the start, so timings are noisy).",
         "Best of the repeats. *bulk* is the path `truthgpt prepare` uses (`encode_to_array`: a",
         "numpy lookup for char, batched encoding of line-aligned chunks for the BPEs); *plain*",
         "is one `encode` call per split (char: a per-character dict lookup); both give the same",
