@@ -17,6 +17,7 @@ COMMANDS: tuple[str, ...] = (
     "prepare",
     "train",
     "eval",
+    "generate",
     "analyze",
     "tune_lambda",
     "export_hf",
