@@ -215,3 +215,25 @@ def test_a_split_with_val_data(data, tmp_path: Path) -> None:
     result = tune_lambda(core, data.train, num_epochs=1, steps_per_epoch=2, val_data=data.val)
     assert result["steps"] == 2
     assert val_loss(core, data) == pytest.approx(result["val_loss_after"], rel=1e-6)
+
+
+def test_an_interrupted_tuning_leaves_the_model_as_it_was(
+    data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = make_core(data.vocab_size)
+    before = snapshot(core)
+    real_compute_loss = core.compute_loss
+    calls = []
+
+    def compute_loss(batch):
+        calls.append(1)
+        if len(calls) == 3:  # after two λ updates
+            raise KeyboardInterrupt
+        return real_compute_loss(batch)
+
+    monkeypatch.setattr(core, "compute_loss", compute_loss)
+    with pytest.raises(KeyboardInterrupt):
+        tune_lambda(core, data, num_epochs=1, steps_per_epoch=5)
+    for name, p in core.model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+        assert p.requires_grad and p.grad is None

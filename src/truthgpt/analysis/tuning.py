@@ -95,9 +95,9 @@ def _lambda_params(core: Any) -> list[torch.nn.Parameter]:
     return [block.attn.log_lambda for block in core.raw_model.blocks]
 
 
-def _lambdas(params: Sequence[torch.Tensor]) -> list[list[float]]:
-    """Effective λ per layer and head, as the attention layers compute it."""
-    return [p.detach().exp().clamp(LAMBDA_MIN, LAMBDA_MAX).cpu().tolist() for p in params]
+def _lambdas(core: Any) -> list[list[float]]:
+    """Effective λ per layer and head, as the attention layers use them."""
+    return core.raw_model.lambdas().cpu().tolist()
 
 
 def tune_lambda(
@@ -154,7 +154,7 @@ def tune_lambda(
     low, high = math.log(LAMBDA_MIN), math.log(LAMBDA_MAX)
 
     start = time.perf_counter()
-    lambda_before = _lambdas(params)
+    lambda_before = _lambdas(core)
     val_before = core.evaluate(val, max_batches=eval_batches)["loss"]
     say(f"val loss before: {val_before:.4f}")
     clamped: dict[tuple[int, int], dict[str, Any]] = {}
@@ -188,7 +188,12 @@ def tune_lambda(
                 _clamp(params, low, high, clamped, done)
             mean_loss = sum(losses) / len(losses) if losses else math.nan
             epochs.append({"epoch": epoch + 1, "train_loss": mean_loss})
-            say(f"epoch {epoch + 1}/{num_epochs}: train loss {epochs[-1]['train_loss']:.4f}")
+            say(f"epoch {epoch + 1}/{num_epochs}: train loss {mean_loss:.4f}")
+        lambda_tuned = _lambdas(core)
+        val_tuned = core.evaluate(val, max_batches=eval_batches)["loss"]
+    except BaseException:
+        _restore(params, original)  # an interrupted tuning leaves the model as it was
+        raise
     finally:
         for p in params:
             p.grad = None
@@ -196,13 +201,9 @@ def tune_lambda(
             p.requires_grad_(flags[name])
         model.train(was_training)
 
-    lambda_tuned = _lambdas(params)
-    val_tuned = core.evaluate(val, max_batches=eval_batches)["loss"]
     kept = "tuned" if val_tuned < val_before else "original"
     if kept == "original":
-        with torch.no_grad():
-            for p, saved in zip(params, original, strict=True):
-                p.copy_(saved)
+        _restore(params, original)
         say(
             f"val loss after tuning {val_tuned:.4f} is not below {val_before:.4f}: "
             "kept the original λ"
@@ -211,7 +212,7 @@ def tune_lambda(
         say(f"val loss after: {val_tuned:.4f} (tuned λ kept)")
     return {
         "lambda_before": lambda_before,
-        "lambda_after": _lambdas(params),
+        "lambda_after": _lambdas(core),
         "lambda_tuned": lambda_tuned,
         "val_loss_before": val_before,
         "val_loss_after": val_tuned if kept == "tuned" else val_before,
@@ -228,6 +229,12 @@ def tune_lambda(
         "seed": seed,
         "time_s": time.perf_counter() - start,
     }
+
+
+@torch.no_grad()
+def _restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    for p, value in zip(params, saved, strict=True):
+        p.copy_(value)
 
 
 @torch.no_grad()
