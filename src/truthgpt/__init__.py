@@ -5,3 +5,26 @@ the dot-product baseline, causal and multi-head, with a learnable positive λ pe
 """
 
 __version__ = "0.1.0"
+
+from truthgpt.attention import DistanceAttention, distance_attention
+from truthgpt.config import (
+    ConfigError,
+    TrainConfig,
+    TruthGPTConfig,
+    TruthGPTOptimizationCoreConfig,
+)
+from truthgpt.model import CausalLMOutput, TruthGPTModel
+from truthgpt.training import TruthGPTOptimizationCore
+
+__all__ = [
+    "CausalLMOutput",
+    "ConfigError",
+    "DistanceAttention",
+    "TrainConfig",
+    "TruthGPTConfig",
+    "TruthGPTModel",
+    "TruthGPTOptimizationCore",
+    "TruthGPTOptimizationCoreConfig",
+    "__version__",
+    "distance_attention",
+]
