@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from truthgpt.data import load_corpus, prepare_data, split_text
+from truthgpt.data import load_corpus, prepare_data, shakespeare_text, split_text
 from truthgpt.data.prepare import fit_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -72,6 +72,7 @@ def main() -> None:
         plain_s, plain_cpu, plain_ids = best_of(args.repeats, plain)
         assert ids.tolist() == plain_ids, f"{spec}: bulk and plain encodings differ"
         assert tok.decode(ids) == text, f"{spec}: the encoding does not decode back"
+        shakespeare_text.cache_clear()  # prepare reads and cleans the plays afresh
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             prepare_data(["shakespeare"], spec, Path(tmp) / "data")
