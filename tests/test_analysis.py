@@ -306,8 +306,9 @@ def test_table_has_a_row_per_head_and_layer_means() -> None:
     model = tiny_model(layers=2, heads=3)
     result = analyze_attention(model, token_split(), num_samples=3, block_size=8)
     lines = format_table(result).splitlines()
-    body = [line.split() for line in lines[2:-1]]
-    assert len(body) == 2 * (3 + 1)
+    body = [line.split() for line in lines[2 : 2 + 2 * (3 + 1)]]
+    assert lines[0].split() == ["layer", "head", "λ", *lines[0].split()[3:]]
+    assert lines[2 + 2 * (3 + 1)].startswith("entropy in nats")  # the legend follows
     assert [row[1] for row in body[:4]] == ["0", "1", "2", "mean"]
     first = result["layers"][0]["heads"][0]
     assert body[0][3] == f"{first['entropy']:.3f}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 # (heading, key in the statistics, format)
@@ -46,7 +47,7 @@ def format_table(analysis: dict[str, Any]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-    return "\n".join(lines) + "\n" + LEGEND
+    return "\n".join([*lines, *textwrap.wrap(LEGEND, width=100)])
 
 
 def rich_table(analysis: dict[str, Any]) -> Any:
