@@ -20,6 +20,7 @@ COMMANDS: tuple[str, ...] = (
     "generate",
     "analyze",
     "tune_lambda",
+    "compare",
     "export_hf",
 )
 

@@ -1,0 +1,40 @@
+"""Learning quality of every distance kind on the built-in corpus (long: ~1 h on 2 cores).
+
+    python benchmarks/quality.py [--steps 2000] [--seeds 2] [--kinds dot,l1,...]
+
+Calls `truthgpt compare` with nanoGPT's CPU Shakespeare config (`char-small`) and copies its
+results.json / results.md / val_curves.png to benchmarks/results/quality.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from truthgpt.compare import compare_kinds
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", default="dot,l1,l2,sql2,cosine,chebyshev")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        compare_kinds(args.kinds.split(","), tmp, steps=args.steps, seeds=args.seeds)
+        RESULTS.mkdir(exist_ok=True)
+        for name, suffix in (
+            ("results.json", ".json"),
+            ("results.md", ".md"),
+            ("val_curves.png", ".png"),
+        ):
+            shutil.copy(Path(tmp) / name, RESULTS / f"quality{suffix}")
+    print(f"wrote {RESULTS / 'quality.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""`truthgpt compare`: train several distance kinds under identical conditions, side by side."""
+
+from __future__ import annotations
+
+import argparse
+
+from truthgpt.config import DISTANCE_TYPES, PRESETS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="train several distance kinds with the same data, seeds and budget; compare",
+    )
+    p.add_argument(
+        "--kinds",
+        default="dot,l1,l2,sql2,cosine,chebyshev",
+        help=f"comma-separated, from {','.join(DISTANCE_TYPES)}",
+    )
+    p.add_argument("--preset", default="char-small", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 for every kind")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--corpus",
+        nargs="+",
+        metavar="SOURCE",
+        help="shakespeare or text files (char tokenizer); default shakespeare",
+    )
+    source.add_argument("--data", metavar="DATA_DIR", help="an already prepared data folder")
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=200,
+        help="fixed validation batches for the final figure (default 200)",
+    )
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="config field for every run, e.g. --set learning_rate=2e-3",
+    )
+    p.add_argument("--out", required=True, help="folder for results.json/.md, plot and runs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from truthgpt.compare import compare_kinds
+    from truthgpt.training import parse_overrides
+
+    compare_kinds(
+        [k.strip() for k in args.kinds.split(",") if k.strip()],
+        args.out,
+        preset_name=args.preset,
+        steps=args.steps,
+        seeds=args.seeds,
+        data_dir=args.data,
+        corpus=args.corpus,
+        eval_batches=args.eval_batches,
+        overrides=parse_overrides(args.set),
+    )
+    return 0

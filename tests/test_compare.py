@@ -1,0 +1,59 @@
+"""`truthgpt compare` in miniature: a few steps, two kinds, two seeds, a small user corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from truthgpt.cli import main
+from truthgpt.compare import compare_kinds
+
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "block_size": 16,
+    "max_position_embeddings": 16,
+    "batch_size": 4,
+    "warmup_steps": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("To be, or not to be, that is the question.\n" * 60, encoding="utf-8")
+    return path
+
+
+def test_compare_writes_table_plot_and_results(tmp_path, corpus):
+    result = compare_kinds(
+        ["dot", "l1"],
+        tmp_path,
+        steps=4,
+        seeds=2,
+        corpus=[str(corpus)],
+        eval_batches=2,
+        evals=2,
+        overrides=TINY,
+        log=lambda _: None,
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["kinds"]) == {"dot", "l1"}
+    for kind in ("dot", "l1"):
+        r = saved["kinds"][kind]
+        losses = [run["val_loss"] for run in r["per_seed"]]
+        assert len(losses) == 2 and losses[0] != losses[1]  # seeds really differ
+        assert r["val_loss_mean"] == pytest.approx(sum(losses) / 2)
+        assert r["tokens_per_s"] > 0 and r["bits_per_char_mean"] > 0
+        assert [s for s, _ in r["per_seed"][0]["val_curve"]] == [2, 4]
+    assert result["kinds"]["l1"]["val_loss_std"] > 0
+    assert (tmp_path / "val_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "results.md").read_text()
+    assert "| l1 |" in table and "| dot |" in table
+
+
+def test_compare_cli_rejects_unknown_kind(tmp_path, capsys):
+    assert main(["compare", "--kinds", "dot,manhatten", "--out", str(tmp_path)]) == 2
+    assert "manhatten" in capsys.readouterr().err
