@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from truthgpt.attention import DISTANCE_KINDS, distance_attention
-from truthgpt.attention.kernels import l1_attention
+from truthgpt.attention.kernels import dropout_multipliers, l1_attention
 
 P = 3.0  # the exponent used for kind="lp"
 
@@ -267,6 +267,28 @@ def test_dropout_zeroes_or_rescales_weights(kind):
     b = distance_attention(q, k, v, kind, 0.5, p=P, dropout_p=0.5)
     torch.testing.assert_close(a, b)  # reproducible under a seed
     assert not torch.allclose(a, distance_attention(q, k, v, kind, 0.5, p=P))
+
+
+def test_l1_kernel_dropout_matches_reference_with_its_masks():
+    """Single block: the kernel's output is the reference weights times its multipliers."""
+    q, k, v = make(B=2, H=2, Tq=5, Tk=7, D=3, dtype=torch.float64)
+    out = l1_attention(q, k, v, 0.6, dropout_p=0.4, block_size=8, seed=123)
+    z = dropout_multipliers(123, 0, 0, (4, 8, 8), 0.4, torch.float64, q.device)
+    z = z.view(2, 2, 8, 8)[:, :, :5, :7]
+    eye = torch.eye(7, dtype=torch.float64).expand(2, 2, 7, 7)
+    weights = reference(q, k, eye, "l1", 0.6)  # softmax weights, (B, H, Tq, Tk)
+    torch.testing.assert_close(out, (weights * z) @ v)
+    assert (z == 0).any() and (z != 0).any()
+
+
+def test_l1_kernel_dropout_gradcheck():
+    """Several blocks: the backward regenerates the forward's multipliers exactly."""
+    q, k, v = make(B=1, H=2, Tq=5, Tk=5, D=2, dtype=torch.float64, grad=True, seed=5)
+    scale = head_scale(2, torch.float64, grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, s: l1_attention(q, k, v, s, dropout_p=0.3, block_size=2, seed=7),
+        (q, k, v, scale),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -321,8 +321,8 @@ def distance_attention(
         return _sql2_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
     if kind == "cosine":
         return _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
-    if kind == "l1" and dropout_p == 0.0 and q.shape[2] > 1:
-        return l1_attention(q, k, v, scale, causal=causal, attn_mask=attn_mask)
+    if kind == "l1" and q.shape[2] > 1:
+        return l1_attention(q, k, v, scale, causal, attn_mask, dropout_p)
     # One decoding step (Tq = 1) holds only Tk scores per head: the plain path is exact and
     # cheap there, and avoids compiling kernels for every cache length.
     out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)

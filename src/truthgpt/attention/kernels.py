@@ -56,23 +56,34 @@ def _l1_dist(q: Tensor, kt: Tensor) -> Tensor:
     return (q[:, :, :, None] - kt[:, None, :, :]).abs().sum(2)
 
 
-def _fwd_block(q, kt, v, scale, bias, m, l, acc):
-    """One key block of the online softmax: returns updated (m, l, acc)."""
+def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop=None):
+    """One key block of the online softmax: returns updated (m, l, acc).
+
+    drop: dropout multipliers (0 or 1/(1−p)) for this block; they scale the weights that
+    reach v, not the normaliser l.
+    """
     s = -scale * _l1_dist(q, kt) + bias  # (N, bq, bk)
     m_new = torch.maximum(m, s.amax(-1, keepdim=True))  # (N, bq, 1)
     alpha = torch.exp(m - m_new)
     pexp = torch.exp(s - m_new)
-    return m_new, l * alpha + pexp.sum(-1, keepdim=True), acc * alpha + pexp @ v
+    l_new = l * alpha + pexp.sum(-1, keepdim=True)
+    if drop is not None:
+        pexp = pexp * drop
+    return m_new, l_new, acc * alpha + pexp @ v
 
 
-def _bwd_block(q, kt, v, do, lse, delta, scale, bias):
+def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop=None):
     """Recompute one block's probabilities; return ds (N, bq, bk), dv part, dscale part (N,)."""
     dist = _l1_dist(q, kt)
     s = -scale * dist + bias
     p = torch.exp(s - lse)  # (N, bq, bk)
-    dv = p.transpose(1, 2) @ do  # (N, bk, D)
     dp = do @ v.transpose(1, 2)  # (N, bq, bk)
-    ds = p * (dp - delta)
+    if drop is not None:
+        dv = (p * drop).transpose(1, 2) @ do  # (N, bk, D)
+        dp = dp * drop
+    else:
+        dv = p.transpose(1, 2) @ do
+    ds = p * (dp - delta)  # delta = dO·O holds with dropout too
     dscale = -(ds * dist).sum((1, 2))
     return ds, dv, dscale
 
@@ -159,18 +170,21 @@ def _from_blocks(xb: Tensor, T: int) -> Tensor:
 
 
 class _Plan:
-    """Which (query block, key block) pairs are computed and the masks the partial ones need.
+    """Which (query block, key block) pairs are computed, and each pair's mask and dropout.
 
-    Key c is visible to query r iff c <= r + offset (causal; offset = Tk − Tq) and c < Tk, and
-    the user's additive mask (if any) is added on top.
+    Key c is visible to query r iff c <= r + offset (causal; offset = Tk − Tq) and c < Tk; the
+    user's additive mask (if any) is added on top. Dropout multipliers of block (i, j) come
+    from a generator seeded with (seed, i, j), so the backward regenerates the forward's.
     """
 
-    def __init__(self, Tq, Tk, block, causal, user_bias, B, H, dtype, device):
-        self.nq, self.nk, self.block = -(-Tq // block), -(-Tk // block), block
-        self.Tq, self.Tk, self.causal, self.offset = Tq, Tk, causal, Tk - Tq
-        self.user_bias, self.B, self.H = user_bias, B, H
-        self.dtype, self.device = dtype, device
-        self.zeros = torch.zeros(1, block, block, dtype=dtype, device=device)
+    def __init__(self, q: Tensor, Tk: int, block: int, causal: bool, user_bias, dropout_p, seed):
+        B, H, Tq, _ = q.shape
+        self.B, self.H, self.Tq, self.Tk, self.block = B, H, Tq, Tk, block
+        self.nq, self.nk = -(-Tq // block), -(-Tk // block)
+        self.causal, self.offset = causal, Tk - Tq
+        self.user_bias, self.dropout_p, self.seed = user_bias, dropout_p, seed
+        self.dtype, self.device = q.dtype, q.device
+        self.zeros = torch.zeros(1, block, block, dtype=q.dtype, device=q.device)
 
     def visible(self, i: int, j: int) -> bool:
         if not self.causal:
@@ -182,14 +196,14 @@ class _Plan:
         """Additive mask for block (i, j), (1 or N, bq, bk); zeros where every key is visible
         (one compiled variant instead of two, for the price of adding a (bq, bk) block)."""
         b = self.block
-        rows = torch.arange(i * b, (i + 1) * b, device=self.device)[:, None]
-        cols = torch.arange(j * b, (j + 1) * b, device=self.device)[None, :]
         fully_visible = (j + 1) * b <= self.Tk and (
             not self.causal or (j + 1) * b - 1 <= i * b + self.offset
         )
         if fully_visible:
             bias = self.zeros
         else:
+            rows = torch.arange(i * b, (i + 1) * b, device=self.device)[:, None]
+            cols = torch.arange(j * b, (j + 1) * b, device=self.device)[None, :]
             keep = cols < self.Tk
             if self.causal:
                 keep = keep & (cols <= rows + self.offset)
@@ -199,6 +213,27 @@ class _Plan:
             ub = ub.expand(self.B, self.H, b, b).reshape(self.B * self.H, b, b)
             bias = (bias + ub).clamp(min=MASK_VALUE)
         return bias
+
+    def drop(self, i: int, j: int) -> Tensor | None:
+        """Dropout multipliers for block (i, j), (N, bq, bk): 0 or 1/(1−p); None without."""
+        if self.dropout_p == 0.0:
+            return None
+        return dropout_multipliers(
+            self.seed,
+            i,
+            j,
+            (self.B * self.H, self.block, self.block),
+            self.dropout_p,
+            self.dtype,
+            self.device,
+        )
+
+
+def dropout_multipliers(seed: int, i: int, j: int, shape, p: float, dtype, device) -> Tensor:
+    """The dropout multipliers the kernel uses for block (i, j) under `seed`."""
+    gen = torch.Generator(device=device).manual_seed(hash((seed, i, j)) & (2**63 - 1))
+    keep = torch.rand(shape, generator=gen, device=device) >= p
+    return keep.to(dtype) / (1.0 - p)
 
 
 def _user_bias(attn_mask: Tensor | None, Tq: int, Tk: int, block: int, dtype) -> Tensor | None:
@@ -227,26 +262,14 @@ class L1Attention(torch.autograd.Function):
     """Exact L1 attention with O(T·D) saved state; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, scale_is_tensor, causal, attn_mask, block):
+    def forward(ctx, q, k, v, scale, scale_is_tensor, plan: _Plan):
         B, H, Tq, D = q.shape
-        Tk = k.shape[2]
-        N = B * H
+        Tk, N, block = k.shape[2], B * H, plan.block
         qb = _to_blocks(q.reshape(N, Tq, D), block)  # (nq, N, b, D)
         kb = _to_blocks(k.reshape(N, Tk, D), block)  # (nk, N, b, D)
         ktb = kb.transpose(-1, -2).contiguous()  # (nk, N, D, b)
         vb = _to_blocks(v.reshape(N, Tk, D), block)
         scale_n = scale.to(q.dtype).view(1, H).expand(B, H).reshape(N, 1, 1).contiguous()
-        plan = _Plan(
-            Tq,
-            Tk,
-            block,
-            causal,
-            _user_bias(attn_mask, Tq, Tk, block, q.dtype),
-            B,
-            H,
-            q.dtype,
-            q.device,
-        )
 
         ob = torch.empty_like(qb)
         lse = torch.empty(plan.nq, N, block, 1, dtype=q.dtype, device=q.device)
@@ -256,23 +279,21 @@ class L1Attention(torch.autograd.Function):
             acc = torch.zeros(N, block, D, dtype=q.dtype, device=q.device)
             for j in range(plan.nk):
                 if plan.visible(i, j):
-                    m, l, acc = KERNELS.call(
-                        _fwd_block, qb[i], ktb[j], vb[j], scale_n, plan.bias(i, j), m, l, acc
-                    )
+                    args = (qb[i], ktb[j], vb[j], scale_n, plan.bias(i, j), m, l, acc)
+                    m, l, acc = KERNELS.call(_fwd_block, *args, plan.drop(i, j))
             dead = m < _DEAD_ROW  # every key masked: zero output, no gradient
             ob[i] = torch.where(dead, 0.0, acc / l)
             lse[i] = torch.where(dead, -MASK_VALUE, m + torch.log(l))
 
         ctx.save_for_backward(qb, kb, ktb, vb, ob, lse, scale_n)
-        ctx.plan, ctx.shape, ctx.scale_is_tensor = plan, (B, H, Tq, Tk, D), scale_is_tensor
+        ctx.plan, ctx.scale_is_tensor, ctx.head_dim = plan, scale_is_tensor, D
         return _from_blocks(ob, Tq).view(B, H, Tq, D)
 
     @staticmethod
     def backward(ctx, grad_out):
         qb, kb, ktb, vb, ob, lse, scale_n = ctx.saved_tensors
-        plan = ctx.plan
-        B, H, Tq, Tk, D = ctx.shape
-        N = B * H
+        plan, D = ctx.plan, ctx.head_dim
+        B, H, Tq, Tk, N = plan.B, plan.H, plan.Tq, plan.Tk, plan.B * plan.H
         dob = _to_blocks(grad_out.reshape(N, Tq, D).to(qb.dtype), plan.block)
         delta = (dob * ob).sum(-1, keepdim=True)  # (nq, N, b, 1): dO_i · O_i
         dqb, dkb, dvb = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
@@ -281,17 +302,8 @@ class L1Attention(torch.autograd.Function):
             for i in range(plan.nq):
                 if not plan.visible(i, j):
                     continue
-                ds, dv, dsc = KERNELS.call(
-                    _bwd_block,
-                    qb[i],
-                    ktb[j],
-                    vb[j],
-                    dob[i],
-                    lse[i],
-                    delta[i],
-                    scale_n,
-                    plan.bias(i, j),
-                )
+                args = (qb[i], ktb[j], vb[j], dob[i], lse[i], delta[i], scale_n, plan.bias(i, j))
+                ds, dv, dsc = KERNELS.call(_bwd_block, *args, plan.drop(i, j))
                 dvb[j] += dv
                 dscale_n += dsc
                 dqb[i] += KERNELS.call(_dq_block, ds, qb[i], kb[j], scale_n)
@@ -300,7 +312,7 @@ class L1Attention(torch.autograd.Function):
         dk = _from_blocks(dkb, Tk).reshape(B, H, Tk, D)
         dv = _from_blocks(dvb, Tk).reshape(B, H, Tk, D)
         dscale = dscale_n.view(B, H).sum(0) if ctx.scale_is_tensor else None
-        return dq, dk, dv, dscale, None, None, None, None
+        return dq, dk, dv, dscale, None, None
 
 
 @torch.compiler.disable
@@ -311,12 +323,17 @@ def l1_attention(
     scale: float | Tensor,
     causal: bool = True,
     attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    *,
     block_size: int | None = None,
+    seed: int | None = None,
 ) -> Tensor:
     """Blocked exact L1 attention, (B, H, Tq, D). Arguments as `distance_attention`.
 
     block_size: query and key block length (default: BLOCK_SIZE compiled, EAGER_BLOCK_SIZE
     eager); any positive value is exact, the tail block is padded and masked.
+    seed: dropout seed; None draws one from torch's global generator (so torch.manual_seed
+    makes runs reproducible).
     """
     block = block_size or KERNELS.block_size()
     H = q.shape[1]
@@ -325,5 +342,8 @@ def l1_attention(
     dtype = q.dtype
     if dtype not in (torch.float32, torch.float64):  # half types: compute in fp32
         q, k, v = q.float(), k.float(), v.float()
-    out = L1Attention.apply(q, k, v, scale_t, is_tensor, causal, attn_mask, block)
-    return out.to(dtype)
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    user_bias = _user_bias(attn_mask, q.shape[2], k.shape[2], block, q.dtype)
+    plan = _Plan(q, k.shape[2], block, causal, user_bias, float(dropout_p), seed)
+    return L1Attention.apply(q, k, v, scale_t, is_tensor, plan).to(dtype)

@@ -27,7 +27,8 @@ def default_lambda(kind: str, head_dim: int, *, p: float | None = None) -> float
     | kind      | λ                         | why                                                |
     |-----------|---------------------------|----------------------------------------------------|
     | dot       | 1/√D                      | the standard transformer scale; spread ≈ 1         |
-    | sql2      | 1/(2√D)                   | −λ‖q−k‖² = 2λ·q·k + (row constant): same as dot    |
+    | sql2      | 1/(2√D)                   | −λ‖q−k‖² = 2λ·q·k − λ‖k‖² + (row constant): dot's  |
+    |           |                           | scale on q·k; the ‖k‖² term lifts spread to ≈ 1.2  |
     | cosine    | √D                        | √D·cos(q,k) is dot attention at 1/√D on q, k       |
     |           |                           | RMS-normalised (norm √D); spread ≈ 1              |
     | l1        | 2/√D                      | best measured on char-level Shakespeare (1/√D and  |
