@@ -237,3 +237,10 @@ def test_an_interrupted_tuning_leaves_the_model_as_it_was(
     for name, p in core.model.named_parameters():
         assert torch.equal(p.detach(), before[name]), name
         assert p.requires_grad and p.grad is None
+
+
+def test_an_endless_iterable_is_capped(data) -> None:
+    core = make_core(data.vocab_size)
+    endless = iter(RandomBatches(data.train, 16, 4, seed=5))
+    result = tune_lambda(core, endless, num_epochs=2, steps_per_epoch=3)
+    assert result["steps"] == 6 and result["steps_per_epoch"] == 3

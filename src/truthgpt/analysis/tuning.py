@@ -21,6 +21,8 @@ from truthgpt.attention import LAMBDA_MAX, LAMBDA_MIN
 
 DEFAULT_LR = 0.05
 DEFAULT_STEPS_PER_EPOCH = 50
+# Most batches read from a plain iterable (which may be endless) when steps_per_epoch is unset.
+MAX_ITERABLE_BATCHES = 200
 # Added to the training seed so tuning draws other windows than training did.
 SEED_OFFSET = 10_007
 # Held-out share of a plain iterable of batches when no val_data is given.
@@ -73,9 +75,9 @@ def _plan(
         )
     # One epoch is one pass over the batches; they are read once (capped) so that a generator
     # can serve several epochs.
-    cap = steps_per_epoch
-    if val_data is None and cap is not None:
-        cap = cap + max(1, math.ceil(cap * HOLDOUT_FRACTION / (1 - HOLDOUT_FRACTION)))
+    cap = steps_per_epoch or MAX_ITERABLE_BATCHES
+    if val_data is None:
+        cap += max(1, math.ceil(cap * HOLDOUT_FRACTION / (1 - HOLDOUT_FRACTION)))
     batches = list(itertools.islice(data, cap))
     if val_data is None:
         if len(batches) < 2:
@@ -118,11 +120,12 @@ def tune_lambda(
         core: a `TruthGPTOptimizationCore`; its block_size, batch_size and precision are used.
         data: prepared data (tune on train, measure on val), a token split (then `val_data`
             is required), or an iterable of batches (dicts or (x, y) tuples): one epoch is one
-            pass over it, capped at `steps_per_epoch` batches, and without `val_data` its last
-            fifth is held out for measuring.
+            pass over it, capped at `steps_per_epoch` (default 200) batches; without
+            `val_data`, a further 20% of batches are read and held out for measuring.
         num_epochs: passes over the tuning batches.
         lr: Adam learning rate on log λ.
-        steps_per_epoch: batches per epoch (default 50 for token data).
+        steps_per_epoch: batches per epoch (default 50 for token data, at most 200 batches of
+            an iterable).
         val_data: what to measure the loss on: a token split or batches.
         eval_batches: cap on validation batches (default: the run's eval_batches).
         seed: batch sampling seed (default: the run's seed + 10007, unlike training's).
