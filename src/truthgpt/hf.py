@@ -38,6 +38,7 @@ from transformers import (
 )
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging as hf_logging
 
 from truthgpt.checkpoint import (
     load_pretrained,
@@ -102,9 +103,6 @@ class TruthGPTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.wte
-
-    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
-        self.model.wte = value
 
     def get_output_embeddings(self) -> torch.nn.Linear:
         return self.model.lm_head
@@ -202,7 +200,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     """Write the model (and tokenizer) of a run or checkpoint as a transformers folder."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty; pass overwrite to replace it")
+        raise FileExistsError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
     folder = resolve_checkpoint(source)
     model = load_pretrained(folder)
     saved_tokenizer = read_tokenizer(folder)
@@ -219,7 +217,13 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     hf_model.eval()
 
     def write(tmp: Path) -> None:
-        hf_model.save_pretrained(tmp)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one small file: a progress bar is only noise
+        try:
+            hf_model.save_pretrained(tmp)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
