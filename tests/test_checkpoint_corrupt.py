@@ -392,3 +392,24 @@ def test_fresh_core_keeps_no_optimizer_after_failed_load(ckpt: Path) -> None:
     with pytest.raises(CheckpointError, match=r"optimizer\.safetensors"):
         load_checkpoint(core, ckpt)
     assert core.optimizer is None and core.step == 0
+
+
+def test_bad_tokenizer_file(tmp_path: Path) -> None:
+    from truthgpt.data import build_tokenizer
+
+    tokenizer = build_tokenizer("char", "abcdefghij klmnopqrstuvwxyz,.\n")
+    core = TruthGPTOptimizationCore(
+        make_core().config.replace(vocab_size=tokenizer.vocab_size), tokenizer=tokenizer
+    )
+    path = save_checkpoint(core, tmp_path / "ckpt")
+    assert load_core(path).tokenizer.encode("abc") == tokenizer.encode("abc")
+    flipped = Path(shutil.copytree(path, tmp_path / "flipped"))
+    flip_middle(flipped / "tokenizer.json")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: contents differ"):
+        load_core(flipped)
+    edit_json(path / "tokenizer.json", lambda t: t.update(format="something-else"))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json.*not a truthgpt tokenizer"):
+        load_core(path)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: missing"):
+        load_core(path)
