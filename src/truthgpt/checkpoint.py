@@ -371,12 +371,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _weights(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict with tied parameters listed once, under their first name."""
+def _weights(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The state dict (the model's own, or `state_dict` gathered for it) with tied parameters
+    listed once, under their first name."""
+    if state_dict is None:
+        state_dict = model.state_dict()
+    if any(type(t) is not Tensor for t in state_dict.values()):
+        raise ValueError(
+            "model: its parameters are sharded (FSDP); save it from the full state that "
+            "truthgpt.training.distributed.gather_full_state collects on every rank, and load "
+            "checkpoints before distributed.parallelize"
+        )
     params = dict(model.named_parameters(remove_duplicate=False))
     seen: set[int] = set()
     weights = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state_dict.items():
         param = params.get(name)
         if param is not None:
             if id(param) in seen:
@@ -494,9 +503,15 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _optimizer_file(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> bytes:
-    """AdamW state as safetensors: tensors by `state.{param_index}.{name}`, the rest as JSON."""
-    state_dict = optimizer.state_dict()
+def _optimizer_file(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    state_dict: dict[str, Any] | None = None,
+) -> bytes:
+    """AdamW state (the optimizer's own, or `state_dict` gathered for it) as safetensors:
+    tensors by `state.{param_index}.{name}`, the rest as JSON."""
+    if state_dict is None:
+        state_dict = optimizer.state_dict()
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, state in state_dict["state"].items():
@@ -571,7 +586,10 @@ def _read_optimizer(reader: _Reader, optimizer: torch.optim.Optimizer) -> tuple[
     for index, values in scalars.items():
         if not (index.isdigit() and int(index) < len(params) and isinstance(values, dict)):
             raise CheckpointError(f"{path}: malformed scalar state for parameter {index!r}")
-        state.setdefault(int(index), {}).update(values)
+        entry = state.setdefault(int(index), {})
+        if set(values) & set(entry):
+            raise CheckpointError(f"{path}: parameter {index} has {sorted(values)} twice")
+        entry.update(values)
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         needed = {"step", "exp_avg", "exp_avg_sq"}
         for index, values in state.items():
@@ -581,12 +599,30 @@ def _read_optimizer(reader: _Reader, optimizer: torch.optim.Optimizer) -> tuple[
                 )
     groups = []
     for saved, current in zip(saved_groups, current_groups, strict=True):
+        for key, value in saved.items():
+            if not _same_kind(value, current.get(key, value)):
+                raise CheckpointError(
+                    f"{path}: param_groups {key}={value!r} is not like {current[key]!r}"
+                )
         group = {**saved, "params": current["params"]}
         group.update({k: current[k] for k in _IMPLEMENTATION_KEYS if k in current})
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
         groups.append(group)
     return {"state": state, "param_groups": groups}, scaler
+
+
+def _same_kind(saved: Any, current: Any) -> bool:
+    """Whether a saved hyper-parameter has the type of the optimizer's own value."""
+    if _is_number(current):
+        return _is_number(saved) and math.isfinite(saved)
+    if isinstance(current, tuple | list):
+        return isinstance(saved, list | tuple) and len(saved) == len(current)
+    return True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------- RNG
@@ -646,10 +682,18 @@ def _parse_rng(rng: Any, path: Path) -> Callable[[], None]:
 
 
 def save_checkpoint(
-    core: TruthGPTOptimizationCore, directory: str | Path, **extra_state: Any
+    core: TruthGPTOptimizationCore,
+    directory: str | Path,
+    *,
+    full_state: tuple[dict[str, Tensor], dict[str, Any] | None] | None = None,
+    **extra_state: Any,
 ) -> Path:
     """Write everything needed to resume `core` exactly; `extra_state` (JSON values) is
-    stored in trainer_state.json under "extra" and returned by `load_checkpoint`."""
+    stored in trainer_state.json under "extra" and returned by `load_checkpoint`.
+
+    `full_state` (model state dict, optimizer state dict) replaces the core's own when its
+    model is sharded: see `truthgpt.training.distributed.gather_full_state`.
+    """
     model = core.raw_model
     config = {
         **_config_header(),
@@ -676,8 +720,13 @@ def save_checkpoint(
     tokenizer = core.tokenizer
     if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):
         raise ValueError(f"core.tokenizer: {type(tokenizer).__name__} has no save(path) method")
-    weights = _cpu_tensors(_weights(model))
-    optimizer = _optimizer_file(core.optimizer, core.scaler) if core.optimizer is not None else None
+    model_state, optimizer_state = full_state or (None, None)
+    weights = _cpu_tensors(_weights(model, model_state))
+    optimizer = (
+        _optimizer_file(core.optimizer, core.scaler, optimizer_state)
+        if core.optimizer is not None
+        else None
+    )
 
     def write(tmp: Path) -> None:
         _write_bytes(tmp / CONFIG_FILE, _json_bytes(config))
@@ -875,13 +924,21 @@ class CheckpointManager:
         self.directory = self.run_dir / CHECKPOINTS_DIR
         self.keep_last = keep_last
 
-    def save(self, core: TruthGPTOptimizationCore, *, val_loss: float | None = None) -> Path:
-        """Write a checkpoint of `core` at its current step; returns its folder."""
+    def save(
+        self,
+        core: TruthGPTOptimizationCore,
+        *,
+        val_loss: float | None = None,
+        full_state: tuple[dict[str, Tensor], dict[str, Any] | None] | None = None,
+    ) -> Path:
+        """Write a checkpoint of `core` at its current step; returns its folder.
+
+        `full_state`: the gathered state of a sharded model (see `save_checkpoint`)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         name = f"step-{core.step:07d}"
         extra = {"val_loss": val_loss} if val_loss is not None else {}
-        path = save_checkpoint(core, self.directory / name, **extra)
+        path = save_checkpoint(core, self.directory / name, full_state=full_state, **extra)
         _write_pointer(self.directory / LATEST, name)
         if val_loss is not None and math.isfinite(val_loss):
             best = self.best_val_loss()

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from truthgpt.config import PRESETS
+
+if TYPE_CHECKING:
+    from truthgpt.training import World
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", help="fp32, bf16 or fp16 (fp16: CUDA only)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--seed", type=int, help="random seed (init, batches, dropout)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (starts torchrun); batch_size is per process",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="with several processes: ddp keeps a replica per process, fsdp shards parameters, "
+        "gradients and optimiser state (default: ddp)",
+    )
     p.set_defaults(func=run)
 
 
@@ -46,10 +63,30 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from truthgpt.training import World, distributed
+
+    if args.nproc is not None:
+        return distributed.launch(args.nproc, _worker_argv(args))
+    if distributed.requested():  # one of the processes torchrun started
+        if not args.resume and args.out:
+            # Checked before the rendezvous: right after it, rank 0 creates the folder.
+            _check_new_run_dir(Path(args.out))
+        distributed.run_worker(lambda world: _train(args, world))
+    return _train(args, World())
+
+
+def _train(args: argparse.Namespace, world: World) -> int:
     from truthgpt.checkpoint import load_core
     from truthgpt.data import load_prepared
-    from truthgpt.training import TruthGPTOptimizationCore, build_config, parse_overrides, train
+    from truthgpt.training import (
+        TruthGPTOptimizationCore,
+        build_config,
+        distributed,
+        parse_overrides,
+        train,
+    )
 
+    say = print if world.is_main else _quiet
     if args.resume:
         run_dir = Path(args.resume)
         info = _read_run_info(run_dir)
@@ -60,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         }
         core = load_core(run_dir, **train_overrides)
         data = load_prepared(args.data or info["data"])
-        print(f"resuming {run_dir} at step {core.step} → {core.train_config.max_steps}")
+        say(f"resuming {run_dir} at step {core.step} → {core.train_config.max_steps}")
     else:
         if not args.data or not args.out:
             raise ValueError("train: --data and --out are required (or --resume RUN_DIR)")
@@ -73,28 +110,56 @@ def run(args: argparse.Namespace) -> int:
             overrides=overrides,
         )
         run_dir = Path(args.out)
-        _check_new_run_dir(run_dir)
+        if world.is_main:
+            _check_new_run_dir(run_dir)
         core = TruthGPTOptimizationCore(
             config,
             tokenizer=data.tokenizer,
             chars_per_token=data.val.num_chars / len(data.val),
         )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        info = {"data": str(Path(args.data).resolve()), "preset": args.preset}
-        (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        print("config:")
-        print(config.to_json())
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            info = {"data": str(Path(args.data).resolve()), "preset": args.preset}
+            (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        say("config:")
+        say(config.to_json())
         n = core.raw_model.num_parameters()
-        print(f"model: {n:,} parameters ({n * 4 / 2**20:.1f} MB in fp32) on {core.device}")
+        say(f"model: {n:,} parameters ({n * 4 / 2**20:.1f} MB in fp32) on {core.device}")
 
-    report = train(core, data, run_dir)
+    if world.world_size > 1:
+        distributed.parallelize(core, world, args.strategy)
+        say(f"distributed: {world.world_size} processes, strategy {args.strategy}")
+    report = train(core, data, run_dir, world=world)
     final = report.get("final_eval") or {}
-    print(
+    say(
         f"done: step {core.step}, val loss {final.get('loss', float('nan')):.4f}"
         + (f", {final['bits_per_char']:.3f} bits/char" if "bits_per_char" in final else "")
         + f", {report['avg_tokens_per_s'] or 0:,.0f} tok/s; run folder {run_dir}"
     )
     return 0
+
+
+def _quiet(*args: object, **kwargs: object) -> None:
+    """`print` for ranks other than 0, which stay silent."""
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """This command line without --nproc: what each torchrun process runs."""
+    from truthgpt.cli import build_parser
+
+    argv = [args.command]
+    for key, value in vars(args).items():
+        if key in ("command", "func", "nproc") or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            argv += ["--" + key.replace("_", "-"), str(item)]
+    # Every option must survive the round trip, or the workers would train something else.
+    again = vars(build_parser().parse_args(argv))
+    if {k: v for k, v in again.items() if k != "nproc"} != {
+        k: v for k, v in vars(args).items() if k != "nproc"
+    }:
+        raise RuntimeError(f"--nproc: cannot pass these options on to torchrun: {argv}")
+    return argv
 
 
 def _check_new_run_dir(run_dir: Path) -> None:

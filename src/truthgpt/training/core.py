@@ -84,6 +84,9 @@ class TruthGPTOptimizationCore:
         self.bad_steps_in_a_row = 0
         self.history: list[dict[str, float]] = []  # one entry per train_step
         self.eval_history: list[dict[str, float]] = []
+        # Processes training this model together (set by `distributed.parallelize`): losses
+        # and token counts are then summed over them.
+        self.world_size = 1
         self._peak_flops: float | None = config.peak_flops
         self._check_precision()
 
@@ -113,7 +116,7 @@ class TruthGPTOptimizationCore:
     def setup_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters; weight decay only on ≥2-D weights."""
         cfg = self.train_config
-        groups = self.model.optimizer_groups(cfg.weight_decay)
+        groups = self.raw_model.optimizer_groups(cfg.weight_decay)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             groups,
@@ -241,6 +244,10 @@ class TruthGPTOptimizationCore:
             finite = finite and math.isfinite(loss_value)
             loss_sum += loss_value
             tokens += self._batch_tokens(mb)
+        if self.world_size > 1:
+            # Report the global batch's loss and tokens; every rank then agrees on skipping.
+            loss_sum, tokens = self._sum_over_ranks(loss_sum, tokens)
+            finite = math.isfinite(loss_sum)
 
         grad_norm = float("nan")
         if finite:
@@ -272,12 +279,12 @@ class TruthGPTOptimizationCore:
         tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
         metrics = {
             "step": self.step,
-            "loss": loss_sum / len(micro) if finite else float("nan"),
+            "loss": loss_sum / (len(micro) * self.world_size) if finite else float("nan"),
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.mfu(tokens_per_s, self._sequence_length(micro[0])),
+            "mfu": self.mfu(tokens_per_s / self.world_size, self._sequence_length(micro[0])),
             "memory_mb": memory_mb(self.device),
             "skipped": 0.0 if finite else 1.0,
         }
@@ -296,6 +303,13 @@ class TruthGPTOptimizationCore:
         if no_sync is None or last:
             return contextlib.nullcontext()
         return no_sync()
+
+    def _sum_over_ranks(self, loss_sum: float, tokens: int) -> tuple[float, int]:
+        import torch.distributed as dist
+
+        totals = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        return float(totals[0]), int(totals[1])
 
     def _batch_tokens(self, batch: Batch) -> int:
         input_ids, _, _, _ = self._split_batch(batch)

@@ -119,10 +119,12 @@ def train(
     """Train `core` on prepared `data` up to `max_steps`, evaluating and checkpointing.
 
     Returns the performance report plus the final validation metrics. Only the main rank
-    logs, evaluates and writes checkpoints.
+    logs and writes checkpoints. Every rank evaluates, on the same batches, so all agree on
+    the result: under FSDP a forward pass needs every rank, and under DDP they would only wait.
     """
     from truthgpt.checkpoint import CheckpointManager
     from truthgpt.data import RandomBatches
+    from truthgpt.training.distributed import gather_full_state, is_sharded
 
     world = world or World()
     cfg = core.train_config
@@ -131,8 +133,7 @@ def train(
         data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed, rank=world.rank
     )
     # Fail now, not after the first training interval, if the val split is too short.
-    if world.is_main:
-        _check_val_split(data, cfg.block_size)
+    _check_val_split(data, cfg.block_size)
     manager = CheckpointManager(run_dir, keep_last=cfg.keep_checkpoints) if world.is_main else None
     own_monitor = monitor is None
     if monitor is None:
@@ -157,20 +158,23 @@ def train(
             if metrics["skipped"]:
                 monitor.log_event("skipped_step", step=core.step, reason="non-finite loss/grad")
             done = core.step >= cfg.max_steps
-            if world.is_main and (core.step % cfg.eval_interval == 0 or done):
+            if core.step % cfg.eval_interval == 0 or done:
                 last_eval = core.evaluate(data.val, max_batches=cfg.eval_batches)
                 core.record_eval(last_eval)
                 monitor.log_eval(core.step, last_eval)
-            if manager is not None and (core.step % cfg.checkpoint_every == 0 or done):
-                val_loss = last_eval["loss"] if last_eval and last_eval_step(core) else None
-                path = manager.save(core, val_loss=val_loss)
-                monitor.log_event("checkpoint", step=core.step, path=str(path))
+            if core.step % cfg.checkpoint_every == 0 or done:
+                full_state = gather_full_state(core)  # FSDP: every rank sends its shards
+                if manager is not None:
+                    val_loss = last_eval["loss"] if last_eval and last_eval_step(core) else None
+                    path = manager.save(core, val_loss=val_loss, full_state=full_state)
+                    monitor.log_event("checkpoint", step=core.step, path=str(path))
     except TrainingDiverged as err:
         monitor.log_event("diverged", step=core.step, message=str(err))
         monitor.print(f"stopped: {err}")
         raise
     except KeyboardInterrupt:
-        if manager is not None:
+        # A sharded model needs every rank to gather it, which an interrupt cannot arrange.
+        if manager is not None and not is_sharded(core.model):
             path = manager.save(core)
             monitor.print(f"interrupted at step {core.step}; checkpoint saved to {path}")
         raise
