@@ -413,3 +413,12 @@ def test_bad_tokenizer_file(tmp_path: Path) -> None:
     (path / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: missing"):
         load_core(path)
+
+
+@pytest.mark.parametrize(("key", "value"), [("lr", "fast"), ("betas", [0.9]), ("eps", None)])
+def test_optimizer_hyper_parameter_of_wrong_type(ckpt: Path, target, key: str, value) -> None:
+    tensors, metadata = optimizer_parts(ckpt)
+    meta = json.loads(metadata["truthgpt.optimizer"])
+    meta["param_groups"][0][key] = value
+    save_optimizer(ckpt, tensors, {**metadata, "truthgpt.optimizer": json.dumps(meta)})
+    expect_error(target, ckpt, f"param_groups {key}=")
