@@ -129,6 +129,15 @@ def _scenarios(world: World, out: Path, data_dir: str) -> int:
         except ValueError as err:
             report["fsdp"]["save_without_full_state"] = str(err)
         CheckpointManager(out / "fsdp-run").save(core, full_state=full_state)
+    torch.distributed.barrier()  # the checkpoint is complete before any rank reads it
+
+    # Resume that checkpoint under FSDP on both ranks: AdamW's state is sharded again.
+    core = distributed.parallelize(load_core(out / "fsdp-run"), world, "fsdp")
+    step = core.train_step(as_batch([example(STEPS, 2 * rank + i) for i in range(2)]))
+    report["fsdp"]["resumed_step"] = step
+    full_state = distributed.gather_full_state(core)
+    if world.is_main:
+        CheckpointManager(out / "fsdp-resumed").save(core, full_state=full_state)
 
     # The training loop under DDP on prepared data: rank 0 checkpoints, every rank evaluates.
     data = load_prepared(data_dir)
@@ -145,6 +154,17 @@ def _scenarios(world: World, out: Path, data_dir: str) -> int:
     distributed.parallelize(core, world, "ddp")
     loop_report = train(core, data, out / "loop-run", world=world)
     report["loop"] = {"eval_history": core.eval_history, "tokens": loop_report["tokens_seen"]}
+
+    # Both ranks resume from the step-2 checkpoint: steps 3 and 4 come out bit for bit again.
+    resumed = load_core(out / "loop-run" / "checkpoints" / "step-0000002")
+    distributed.parallelize(resumed, world, "ddp")
+    train(resumed, data, out / "loop-resumed", world=world)
+    report["loop"]["resumed_losses"] = [m["loss"] for m in resumed.history]
+    report["loop"]["losses"] = [m["loss"] for m in core.history]
+    report["loop"]["resumed_exactly"] = all(
+        torch.equal(a, b)
+        for a, b in zip(core.raw_model.parameters(), resumed.raw_model.parameters(), strict=True)
+    )
 
     (out / f"report-rank{rank}.json").write_text(json.dumps(report), encoding="utf-8")
     return 0
@@ -229,9 +249,21 @@ def test_fsdp_matches_one_process_and_its_checkpoint_loads_in_one(two_ranks) -> 
         assert float(ours[index]["step"]) == STEPS
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(ours[index][key], ref[index][key], rtol=1e-3, atol=1e-7)
-    # ... and training goes on from it.
-    core.train_step([as_batch([example(STEPS, i)]) for i in range(EXAMPLES_PER_STEP)])
-    assert core.step == STEPS + 1
+    # ... and training goes on from it, in one process ...
+    metrics = core.train_step([as_batch([example(STEPS, i)]) for i in range(EXAMPLES_PER_STEP)])
+    ref_step = ref_core.train_step(
+        [as_batch([example(STEPS, i)]) for i in range(EXAMPLES_PER_STEP)]
+    )
+    assert core.step == STEPS + 1 and metrics["loss"] == pytest.approx(ref_step["loss"], rel=1e-5)
+    # ... or in two, each loading the same checkpoint and sharding its optimizer state again.
+    for report in reports(out):
+        assert report["fsdp"]["resumed_step"]["loss"] == pytest.approx(ref_step["loss"], rel=1e-5)
+    resumed, expected = (
+        params(load_core(out / "fsdp-resumed").raw_model),
+        params(ref_core.raw_model),
+    )
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_loop_checkpoints_from_rank_0_and_resumes_in_one_process(two_ranks, capsys) -> None:
@@ -250,6 +282,9 @@ def test_loop_checkpoints_from_rank_0_and_resumes_in_one_process(two_ranks, caps
     assert [r["step"] for r in rows if r["event"] == "train"] == [1, 2, 3, 4]  # rank 0 only
     state = read_trainer_state(run_dir)
     assert state["step"] == 4 and state["tokens_seen"] == 4 * 2 * 2 * 16
+    # Resuming with the same two processes repeats steps 3 and 4 exactly.
+    assert rank0["resumed_exactly"] and rank1["resumed_exactly"]
+    assert rank0["resumed_losses"] == rank0["losses"][2:]
 
     # Resume with one process instead of two: the same files, batch_size per process.
     (run_dir / "run.json").write_text(json.dumps({"data": str(data_dir)}), encoding="utf-8")

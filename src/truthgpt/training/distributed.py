@@ -272,6 +272,11 @@ def _fully_shard(core: TruthGPTOptimizationCore, world: World) -> None:
     saved = None
     if core.optimizer is not None and core.optimizer.state:
         saved = get_optimizer_state_dict(model, core.optimizer, options=options)
+        # Loading shards each tensor by a scatter from rank 0, in the order the state is
+        # walked, so that order must be the same on every rank; a loaded one is arbitrary.
+        saved["state"] = {
+            name: dict(sorted(values.items())) for name, values in sorted(saved["state"].items())
+        }
     with torch.no_grad():
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
