@@ -18,16 +18,6 @@ from truthgpt.model import TruthGPTModel
 VOCAB = 17
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread brings nothing but waiting for it,
-    which on a busy machine makes each small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(kind: str = "l1", window: int = 64, seed: int = 0) -> TruthGPTModel:
     """A small model with weights wide enough that attention is far from uniform.
 

@@ -17,16 +17,6 @@ from truthgpt.training.core import TruthGPTOptimizationCore
 TEXT = "the quick brown fox jumps over the lazy dog.\nto be or not to be, that is the question.\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread brings nothing but waiting for it,
-    which on a busy machine makes each small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prepare_data on a small text, a few train steps, one checkpoint."""

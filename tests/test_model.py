@@ -22,16 +22,6 @@ from truthgpt.model import TruthGPTModel
 V, C, L, H, P = 23, 32, 2, 4, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread brings nothing but waiting for it,
-    which on a busy machine makes each small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(**overrides) -> TruthGPTConfig:
     fields = dict(
         vocab_size=V,
