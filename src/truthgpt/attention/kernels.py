@@ -51,9 +51,9 @@ EAGER_BLOCK_SIZE = 32  # eager fallback: bounds the (N, bq, bk, D) block it mate
 
 
 def _l1_dist(q: Tensor, kt: Tensor) -> Tensor:
-    """(N, bq, D) × (N, D, bk) -> (N, bq, bk) L1 distances; k transposed so the vector loop
-    runs along keys."""
-    return (q[:, :, :, None] - kt[:, None, :, :]).abs().sum(2)
+    """(B, H, bq, D) × (B, H, D, bk) -> (B, H, bq, bk) L1 distances; k is transposed so that
+    the vector loop runs along keys."""
+    return (q[..., :, :, None] - kt[..., None, :, :]).abs().sum(-2)
 
 
 def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop=None):
@@ -62,8 +62,8 @@ def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop=None):
     drop: dropout multipliers (0 or 1/(1−p)) for this block; they scale the weights that
     reach v, not the normaliser l.
     """
-    s = -scale * _l1_dist(q, kt) + bias  # (N, bq, bk)
-    m_new = torch.maximum(m, s.amax(-1, keepdim=True))  # (N, bq, 1)
+    s = -scale * _l1_dist(q, kt) + bias  # (B, H, bq, bk)
+    m_new = torch.maximum(m, s.amax(-1, keepdim=True))  # (B, H, bq, 1)
     alpha = torch.exp(m - m_new)
     pexp = torch.exp(s - m_new)
     l_new = l * alpha + pexp.sum(-1, keepdim=True)
@@ -73,31 +73,32 @@ def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop=None):
 
 
 def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop=None):
-    """Recompute one block's probabilities; return ds (N, bq, bk), dv part, dscale part (N,)."""
+    """Recompute one block's probabilities; return ds (B, H, bq, bk), the dv part and the
+    dscale part (B, H)."""
     dist = _l1_dist(q, kt)
     s = -scale * dist + bias
-    p = torch.exp(s - lse)  # (N, bq, bk)
-    dp = do @ v.transpose(1, 2)  # (N, bq, bk)
+    p = torch.exp(s - lse)  # (B, H, bq, bk)
+    dp = do @ v.transpose(-1, -2)  # (B, H, bq, bk)
     if drop is not None:
-        dv = (p * drop).transpose(1, 2) @ do  # (N, bk, D)
+        dv = (p * drop).transpose(-1, -2) @ do  # (B, H, bk, D)
         dp = dp * drop
     else:
-        dv = p.transpose(1, 2) @ do
+        dv = p.transpose(-1, -2) @ do
     ds = p * (dp - delta)  # delta = dO·O holds with dropout too
-    dscale = -(ds * dist).sum((1, 2))
+    dscale = -(ds * dist).sum((-1, -2))
     return ds, dv, dscale
 
 
 def _dq_block(ds, q, k, scale):
-    """dq (N, bq, D) = −scale · Σ_j ds_ij · sign(q_i − k_j)."""
-    sgn = torch.sign(q[:, :, None, :] - k[:, None, :, :])  # (N, bq, bk, D), fused away
-    return -scale * (ds[:, :, :, None] * sgn).sum(2)
+    """dq (B, H, bq, D) = −scale · Σ_j ds_ij · sign(q_i − k_j)."""
+    sgn = torch.sign(q[..., :, None, :] - k[..., None, :, :])  # (B, H, bq, bk, D), fused away
+    return -scale * (ds[..., None] * sgn).sum(-2)
 
 
 def _dk_block(ds, q, k, scale):
-    """dk (N, bk, D) = +scale · Σ_i ds_ij · sign(q_i − k_j)."""
-    sgn = torch.sign(q[:, None, :, :] - k[:, :, None, :])  # (N, bk, bq, D), fused away
-    return scale * (ds.transpose(1, 2)[:, :, :, None] * sgn).sum(2)
+    """dk (B, H, bk, D) = +scale · Σ_i ds_ij · sign(q_i − k_j)."""
+    sgn = torch.sign(q[..., None, :, :] - k[..., :, None, :])  # (B, H, bk, bq, D), fused away
+    return scale * (ds.transpose(-1, -2)[..., None] * sgn).sum(-2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,22 +152,18 @@ KERNELS = _Kernels()
 
 
 # --------------------------------------------------------------------------------------------
-# layout helpers
+# blocks
 
 
-def _to_blocks(x: Tensor, block: int) -> Tensor:
-    """(N, T, D) -> (n_blocks, N, block, D), zero-padding the tail block."""
-    N, T, D = x.shape
-    n = -(-T // block)
-    if n * block != T:
-        x = torch.nn.functional.pad(x, (0, 0, 0, n * block - T))
-    return x.view(N, n, block, D).transpose(0, 1).contiguous()
+def _pad_rows(x: Tensor, b: int) -> Tensor:
+    """x (..., T, D) zero-padded to a multiple of b rows (x itself when T already is one)."""
+    short = -x.shape[-2] % b
+    return torch.nn.functional.pad(x, (0, 0, 0, short)) if short else x
 
 
-def _from_blocks(xb: Tensor, T: int) -> Tensor:
-    """(n_blocks, N, block, D) -> (N, T, D)."""
-    n, N, block, D = xb.shape
-    return xb.transpose(0, 1).reshape(N, n * block, D)[:, :T]
+def _block(x: Tensor, i: int, b: int) -> Tensor:
+    """Rows [i·b, (i+1)·b) of x (..., T_pad, D), a view."""
+    return x[..., i * b : (i + 1) * b, :]
 
 
 class _Plan:
@@ -184,7 +181,7 @@ class _Plan:
         self.causal, self.offset = causal, Tk - Tq
         self.user_bias, self.dropout_p, self.seed = user_bias, dropout_p, seed
         self.dtype, self.device = q.dtype, q.device
-        self.zeros = torch.zeros(1, block, block, dtype=q.dtype, device=q.device)
+        self.zeros = torch.zeros(1, 1, block, block, dtype=q.dtype, device=q.device)
 
     def visible(self, i: int, j: int) -> bool:
         if not self.causal:
@@ -193,8 +190,8 @@ class _Plan:
         return j * self.block <= last_row + self.offset
 
     def bias(self, i: int, j: int) -> Tensor:
-        """Additive mask for block (i, j), (1 or N, bq, bk); zeros where every key is visible
-        (one compiled variant instead of two, for the price of adding a (bq, bk) block)."""
+        """Additive mask for block (i, j), broadcastable to (B, H, bq, bk); zeros where every
+        key is visible (one compiled variant instead of two, for the price of an add)."""
         b = self.block
         fully_visible = (j + 1) * b <= self.Tk and (
             not self.causal or (j + 1) * b - 1 <= i * b + self.offset
@@ -210,23 +207,15 @@ class _Plan:
             bias = self.zeros.masked_fill(~keep, MASK_VALUE)
         if self.user_bias is not None:
             ub = self.user_bias[..., i * b : (i + 1) * b, j * b : (j + 1) * b]
-            ub = ub.expand(self.B, self.H, b, b).reshape(self.B * self.H, b, b)
             bias = (bias + ub).clamp(min=MASK_VALUE)
         return bias
 
     def drop(self, i: int, j: int) -> Tensor | None:
-        """Dropout multipliers for block (i, j), (N, bq, bk): 0 or 1/(1−p); None without."""
+        """Dropout multipliers for block (i, j), (B, H, bq, bk): 0 or 1/(1−p); None without."""
         if self.dropout_p == 0.0:
             return None
-        return dropout_multipliers(
-            self.seed,
-            i,
-            j,
-            (self.B * self.H, self.block, self.block),
-            self.dropout_p,
-            self.dtype,
-            self.device,
-        )
+        shape = (self.B, self.H, self.block, self.block)
+        return dropout_multipliers(self.seed, i, j, shape, self.dropout_p, self.dtype, self.device)
 
 
 def dropout_multipliers(seed: int, i: int, j: int, shape, p: float, dtype, device) -> Tensor:
@@ -237,7 +226,7 @@ def dropout_multipliers(seed: int, i: int, j: int, shape, p: float, dtype, devic
 
 
 def _user_bias(attn_mask: Tensor | None, Tq: int, Tk: int, block: int, dtype) -> Tensor | None:
-    """User mask as an additive float tensor (broadcastable (B, H, Tq_pad, Tk_pad))."""
+    """User mask as an additive float tensor, broadcastable to (B, H, Tq_pad, Tk_pad)."""
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
@@ -259,60 +248,64 @@ def _user_bias(attn_mask: Tensor | None, Tq: int, Tk: int, block: int, dtype) ->
 
 
 class L1Attention(torch.autograd.Function):
-    """Exact L1 attention with O(T·D) saved state; see the module docstring."""
+    """Exact L1 attention; saves q, k, v, the output, k transposed and the log-sum-exp.
+
+    Blocks are views of the inputs, so the only O(T·D) copy is k transposed (plus padded
+    copies when a length is not a multiple of the block); nothing of size Tq×Tk is held.
+    Views keep one stride pattern per (B, T), so inductor compiles each function once with
+    static and once with dynamic strides.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, scale, scale_is_tensor, plan: _Plan):
+        q, k, v = q.detach(), k.detach(), v.detach()  # one compiled variant: no requires_grad
         B, H, Tq, D = q.shape
-        Tk, N, block = k.shape[2], B * H, plan.block
-        qb = _to_blocks(q.reshape(N, Tq, D), block)  # (nq, N, b, D)
-        kb = _to_blocks(k.reshape(N, Tk, D), block)  # (nk, N, b, D)
-        ktb = kb.transpose(-1, -2).contiguous()  # (nk, N, D, b)
-        vb = _to_blocks(v.reshape(N, Tk, D), block)
-        scale_n = scale.to(q.dtype).view(1, H).expand(B, H).reshape(N, 1, 1).contiguous()
-
-        ob = torch.empty_like(qb)
-        lse = torch.empty(plan.nq, N, block, 1, dtype=q.dtype, device=q.device)
+        b = plan.block
+        qp, kp, vp = _pad_rows(q, b), _pad_rows(k, b), _pad_rows(v, b)  # (B, H, T_pad, D)
+        ktp = kp.transpose(-1, -2).contiguous()  # (B, H, D, Tk_pad)
+        scale_h = scale.detach().to(q.dtype).view(1, H, 1, 1)
+        out = torch.empty(B, H, plan.nq * b, D, dtype=q.dtype, device=q.device)
+        lse = torch.empty(plan.nq, B, H, b, 1, dtype=q.dtype, device=q.device)
         for i in range(plan.nq):
-            m = torch.full((N, block, 1), MASK_VALUE, dtype=q.dtype, device=q.device)
-            l = torch.zeros(N, block, 1, dtype=q.dtype, device=q.device)
-            acc = torch.zeros(N, block, D, dtype=q.dtype, device=q.device)
+            q_i = _block(qp, i, b)
+            m = torch.full((B, H, b, 1), MASK_VALUE, dtype=q.dtype, device=q.device)
+            l = torch.zeros(B, H, b, 1, dtype=q.dtype, device=q.device)
+            acc = torch.zeros(B, H, b, D, dtype=q.dtype, device=q.device)
             for j in range(plan.nk):
                 if plan.visible(i, j):
-                    args = (qb[i], ktb[j], vb[j], scale_n, plan.bias(i, j), m, l, acc)
+                    kt_j = ktp[..., j * b : (j + 1) * b]
+                    args = (q_i, kt_j, _block(vp, j, b), scale_h, plan.bias(i, j), m, l, acc)
                     m, l, acc = KERNELS.call(_fwd_block, *args, plan.drop(i, j))
             dead = m < _DEAD_ROW  # every key masked: zero output, no gradient
-            ob[i] = torch.where(dead, 0.0, acc / l)
+            _block(out, i, b).copy_(torch.where(dead, 0.0, acc / l))
             lse[i] = torch.where(dead, -MASK_VALUE, m + torch.log(l))
-
-        ctx.save_for_backward(qb, kb, ktb, vb, ob, lse, scale_n)
-        ctx.plan, ctx.scale_is_tensor, ctx.head_dim = plan, scale_is_tensor, D
-        return _from_blocks(ob, Tq).view(B, H, Tq, D)
+        ctx.save_for_backward(qp, kp, vp, ktp, out, lse, scale_h)
+        ctx.plan, ctx.scale_is_tensor = plan, scale_is_tensor
+        return out[..., :Tq, :]
 
     @staticmethod
     def backward(ctx, grad_out):
-        qb, kb, ktb, vb, ob, lse, scale_n = ctx.saved_tensors
-        plan, D = ctx.plan, ctx.head_dim
-        B, H, Tq, Tk, N = plan.B, plan.H, plan.Tq, plan.Tk, plan.B * plan.H
-        dob = _to_blocks(grad_out.reshape(N, Tq, D).to(qb.dtype), plan.block)
-        delta = (dob * ob).sum(-1, keepdim=True)  # (nq, N, b, 1): dO_i · O_i
-        dqb, dkb, dvb = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
-        dscale_n = torch.zeros(N, dtype=qb.dtype, device=qb.device)
+        qp, kp, vp, ktp, out, lse, scale_h = ctx.saved_tensors
+        plan, b = ctx.plan, ctx.plan.block
+        do = _pad_rows(grad_out.detach().to(qp.dtype), b)
+        delta = (do * out).sum(-1, keepdim=True)  # (B, H, Tq_pad, 1): dO_i · O_i
+        dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
+        dscale = torch.zeros(plan.B, plan.H, dtype=qp.dtype, device=qp.device)
         for j in range(plan.nk):
+            k_j, v_j, kt_j = _block(kp, j, b), _block(vp, j, b), ktp[..., j * b : (j + 1) * b]
             for i in range(plan.nq):
                 if not plan.visible(i, j):
                     continue
-                args = (qb[i], ktb[j], vb[j], dob[i], lse[i], delta[i], scale_n, plan.bias(i, j))
-                ds, dv, dsc = KERNELS.call(_bwd_block, *args, plan.drop(i, j))
-                dvb[j] += dv
-                dscale_n += dsc
-                dqb[i] += KERNELS.call(_dq_block, ds, qb[i], kb[j], scale_n)
-                dkb[j] += KERNELS.call(_dk_block, ds, qb[i], kb[j], scale_n)
-        dq = _from_blocks(dqb, Tq).reshape(B, H, Tq, D)
-        dk = _from_blocks(dkb, Tk).reshape(B, H, Tk, D)
-        dv = _from_blocks(dvb, Tk).reshape(B, H, Tk, D)
-        dscale = dscale_n.view(B, H).sum(0) if ctx.scale_is_tensor else None
-        return dq, dk, dv, dscale, None, None
+                q_i, do_i, delta_i = _block(qp, i, b), _block(do, i, b), _block(delta, i, b)
+                args = (q_i, kt_j, v_j, do_i, lse[i], delta_i, scale_h, plan.bias(i, j))
+                ds, dv_j, dscale_ij = KERNELS.call(_bwd_block, *args, plan.drop(i, j))
+                _block(dv, j, b).add_(dv_j)
+                dscale += dscale_ij
+                _block(dq, i, b).add_(KERNELS.call(_dq_block, ds, q_i, k_j, scale_h))
+                _block(dk, j, b).add_(KERNELS.call(_dk_block, ds, q_i, k_j, scale_h))
+        Tq, Tk = plan.Tq, plan.Tk
+        dscale = dscale.sum(0) if ctx.scale_is_tensor else None
+        return dq[..., :Tq, :], dk[..., :Tk, :], dv[..., :Tk, :], dscale, None, None
 
 
 @torch.compiler.disable
