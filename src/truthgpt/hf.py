@@ -171,8 +171,7 @@ def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
     elif kind == "bpe":
         rust = RustTokenizer.from_str(tokenizer.hf_tokenizer.to_str())
     elif kind == "gpt2":
-        from truthgpt.data.tokenization import GPT2_EOT
-        from truthgpt.data.tokenization import _gpt2_file as gpt2_file
+        from truthgpt.data.tokenization import GPT2_EOT, gpt2_file
 
         rust = RustTokenizer(
             models.BPE.from_file(str(gpt2_file("encoder.json")), str(gpt2_file("vocab.bpe")))

@@ -301,7 +301,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _gpt2_file(name: str) -> Path:
+def gpt2_file(name: str) -> Path:
     try:
         dist = importlib.metadata.distribution(GPT2_DIST)
     except importlib.metadata.PackageNotFoundError:
@@ -319,12 +319,12 @@ def _gpt2_encoding() -> Any:
     """tiktoken Encoding for GPT-2, built from the wheel's files after checking their hashes."""
     import tiktoken
 
-    data = {name: _gpt2_file(name).read_bytes() for name in GPT2_FILES}
+    data = {name: gpt2_file(name).read_bytes() for name in GPT2_FILES}
     for name, expected in GPT2_FILES.items():
         got = hashlib.sha256(data[name]).hexdigest()
         if got != expected:
             raise ValueError(
-                f"{_gpt2_file(name)} is not GPT-2's {name} (sha256 {got}, expected {expected}); "
+                f"{gpt2_file(name)} is not GPT-2's {name} (sha256 {got}, expected {expected}); "
                 f"reinstall it: {_GPT2_INSTALL}"
             )
     byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
