@@ -76,7 +76,7 @@ def test_tuning_moves_only_lambda_and_improves(data) -> None:
     )
     before = snapshot(core)
     flags = {name: p.requires_grad for name, p in core.model.named_parameters()}
-    result = tune_lambda(core, data, num_epochs=2, steps_per_epoch=15)
+    result = tune_lambda(core, data, num_epochs=2, steps_per_epoch=15, lr=0.05)
 
     assert_only_lambda_changed(core, before)
     assert flags == {name: p.requires_grad for name, p in core.model.named_parameters()}

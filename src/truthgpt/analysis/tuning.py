@@ -19,7 +19,9 @@ import torch
 
 from truthgpt.attention import LAMBDA_MAX, LAMBDA_MIN
 
-DEFAULT_LR = 0.05
+# Adam's step is about lr in log λ per update: small, because a trained model's λ is already
+# near a minimum and larger steps mostly add noise.
+DEFAULT_LR = 0.01
 DEFAULT_STEPS_PER_EPOCH = 50
 # Most batches read from a plain iterable (which may be endless) when steps_per_epoch is unset.
 MAX_ITERABLE_BATCHES = 200

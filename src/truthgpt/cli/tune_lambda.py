@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DATA_DIR", help="prepared data (default: the run's)")
     p.add_argument("--out", required=True, metavar="OUT_RUN_DIR", help="new run folder")
     p.add_argument("--epochs", type=int, default=5, help="tuning epochs (default 5)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate on log λ (0.05)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="Adam learning rate on log λ (default 0.01)"
+    )
     p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default 50)")
     p.add_argument(
         "--eval-batches", type=int, help="validation batches (default: the run's eval_batches)"
