@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import traceback
@@ -200,10 +199,12 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     try:
         return process.wait()
     except KeyboardInterrupt:
-        # Ctrl-C reached torchrun too; it stops its workers. Wait for that, then pass it on.
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        process.wait()
+        # A terminal's Ctrl-C reaches torchrun too, which stops its workers: give it time.
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait()
         raise
 
 
