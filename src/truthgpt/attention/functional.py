@@ -260,14 +260,16 @@ def _sql2_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p):
 
     -s‖q−k‖² = -s‖q‖² + s(2 q·k − ‖k‖²); the first term is constant along a query row and
     cancels in the softmax, so q' = [q, 1], k' = [k, −‖k‖²/2] and scale 2s give the same
-    weights. ‖k‖² is computed in fp32 at least.
+    weights. ‖k‖² is computed in fp32 at least. v gets a zero column too: SDPA's fused CPU
+    kernel needs equal head sizes and otherwise falls back to materialising the weights.
     """
     wide = torch.promote_types(k.dtype, torch.float32)
     k_sq = k.to(wide).square().sum(-1, keepdim=True).to(k.dtype)  # (B, H, Tk, 1)
     q_aug = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)  # (B, H, Tq, D+1)
     k_aug = torch.cat([k, -0.5 * k_sq], dim=-1)  # (B, H, Tk, D+1)
-    s = scale * 2.0
-    return _sdpa(q_aug, k_aug, v, s, causal, attn_mask, dropout_p)
+    v_aug = torch.cat([v, torch.zeros_like(v[..., :1])], dim=-1)  # (B, H, Tk, D+1)
+    out = _sdpa(q_aug, k_aug, v_aug, scale * 2.0, causal, attn_mask, dropout_p)
+    return out[..., :-1]
 
 
 def _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p):
