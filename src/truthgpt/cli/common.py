@@ -12,14 +12,14 @@ def data_for_run(run: str | Path, data_dir: str | Path | None = None) -> Any:
     from truthgpt.data import load_prepared
 
     if data_dir is None:
-        info = _find_run_info(Path(run))
+        info = find_run_info(Path(run))
         if info is None:
             raise ValueError(f"--data: {run} does not record its data folder; pass --data DATA_DIR")
         data_dir = info["data"]
     return load_prepared(data_dir)
 
 
-def _find_run_info(path: Path) -> dict | None:
+def find_run_info(path: Path) -> dict | None:
     """run.json of a run folder, also found from a checkpoint inside it."""
     for folder in (path, *path.resolve().parents[:3]):
         candidate = folder / "run.json"

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, world: World) -> int:
     from truthgpt.checkpoint import load_core
+    from truthgpt.cli.common import data_for_run
     from truthgpt.data import load_prepared
     from truthgpt.training import (
         TruthGPTOptimizationCore,
@@ -89,14 +90,13 @@ def _train(args: argparse.Namespace, world: World) -> int:
     say = print if world.is_main else _quiet
     if args.resume:
         run_dir = Path(args.resume)
-        info = _read_run_info(run_dir)
         train_overrides = {
             k: v
             for k, v in _flag_overrides(args).items()
             if k in ("max_steps", "device", "precision", "checkpoint_every")
         }
         core = load_core(run_dir, **train_overrides)
-        data = load_prepared(args.data or info["data"])
+        data = data_for_run(run_dir, args.data)
         say(f"resuming {run_dir} at step {core.step} → {core.train_config.max_steps}")
     else:
         if not args.data or not args.out:
@@ -168,10 +168,3 @@ def _check_new_run_dir(run_dir: Path) -> None:
             f"--out: {run_dir} is not empty; choose a new folder or continue it with "
             f"--resume {run_dir}"
         )
-
-
-def _read_run_info(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} not found; is {run_dir} a truthgpt run folder?")
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -73,7 +73,7 @@ def format_lambdas(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from truthgpt.analysis import tune_lambda
     from truthgpt.checkpoint import CheckpointManager, load_core
-    from truthgpt.cli.common import _find_run_info, data_for_run
+    from truthgpt.cli.common import data_for_run, find_run_info
     from truthgpt.training.loop import json_safe
 
     source, out = Path(args.run), Path(args.out)
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         log=print,
         **options,
     )
-    info = _find_run_info(source) or {}
+    info = find_run_info(source) or {}
     result["source"] = str(source.resolve())
     run_info = {
         "data": str(Path(data.data_dir).resolve()),
