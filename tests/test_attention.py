@@ -161,14 +161,17 @@ def test_gradcheck_every_kind(kind, need_weights):
     assert torch.autograd.gradcheck(f, (q, k, v, scale))
 
 
-@pytest.mark.parametrize("block", [2, 3, 5])
+@pytest.mark.parametrize("block,rows", [(2, 3), (3, 2), (5, 1), (8, 8)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradcheck_l1_kernel(block, causal):
-    """The blocked kernel itself, block sizes that do not divide T, Tq < Tk, per-head scale."""
+def test_gradcheck_l1_kernel(block, rows, causal):
+    """The blocked kernel itself: key blocks and row chunks that do not divide T, Tq < Tk,
+    per-head scale."""
     q, k, v = make(B=1, H=2, Tq=4, Tk=7, D=3, dtype=torch.float64, grad=True, seed=3)
     scale = head_scale(2, torch.float64, grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, s: l1_attention(q, k, v, s, causal=causal, block_size=block),
+        lambda q, k, v, s: l1_attention(
+            q, k, v, s, causal=causal, block_size=block, row_chunk=rows
+        ),
         (q, k, v, scale),
     )
 
@@ -177,7 +180,8 @@ def test_l1_kernel_gradcheck_with_mask_and_float_scale():
     q, k, v = make(B=2, H=1, Tq=5, Tk=5, D=2, dtype=torch.float64, grad=True, seed=4)
     mask = torch.randn(2, 1, 5, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: l1_attention(q, k, v, 0.9, attn_mask=mask, block_size=2), (q, k, v)
+        lambda q, k, v: l1_attention(q, k, v, 0.9, attn_mask=mask, block_size=2, row_chunk=2),
+        (q, k, v),
     )
 
 
@@ -189,15 +193,17 @@ def test_l1_kernel_gradcheck_with_mask_and_float_scale():
     extra=st.integers(0, 6),
     D=st.integers(1, 6),
     block=st.integers(1, 9),
+    rows=st.integers(1, 9),
     causal=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_l1_kernel_property(B, H, Tq, extra, D, block, causal, seed):
-    """Output and all four gradients equal the reference for any shape and block size."""
+def test_l1_kernel_property(B, H, Tq, extra, D, block, rows, causal, seed):
+    """Output and all four gradients equal the reference for any shape, key block and row
+    chunk."""
     Tk = Tq + extra
     q, k, v = make(B, H, Tq, Tk, D, dtype=torch.float64, grad=True, seed=seed)
     scale = head_scale(H, torch.float64, grad=True)
-    out = l1_attention(q, k, v, scale, causal=causal, block_size=block)
+    out = l1_attention(q, k, v, scale, causal=causal, block_size=block, row_chunk=rows)
     expected = reference(q, k, v, "l1", scale, causal)
     torch.testing.assert_close(out, expected)
     grad_out = torch.randn_like(out)
@@ -270,11 +276,12 @@ def test_dropout_zeroes_or_rescales_weights(kind):
 
 
 def test_l1_kernel_dropout_matches_reference_with_its_masks():
-    """Single block: the kernel's output is the reference weights times its multipliers."""
+    """One key block, one row chunk: the output is the reference weights times the kernel's
+    multipliers."""
     q, k, v = make(B=2, H=2, Tq=5, Tk=7, D=3, dtype=torch.float64)
-    out = l1_attention(q, k, v, 0.6, dropout_p=0.4, block_size=8, seed=123)
-    z = dropout_multipliers(123, 0, 0, (4, 8, 8), 0.4, torch.float64, q.device)
-    z = z.view(2, 2, 8, 8)[:, :, :5, :7]
+    out = l1_attention(q, k, v, 0.6, dropout_p=0.4, block_size=8, row_chunk=8, seed=123)
+    z = dropout_multipliers(123, 0, 0, (2, 2, 5, 8), 0.4, torch.float64, q.device)
+    z = z[..., :7]  # the key block is padded to 8
     eye = torch.eye(7, dtype=torch.float64).expand(2, 2, 7, 7)
     weights = reference(q, k, eye, "l1", 0.6)  # softmax weights, (B, H, Tq, Tk)
     torch.testing.assert_close(out, (weights * z) @ v)
@@ -286,7 +293,9 @@ def test_l1_kernel_dropout_gradcheck():
     q, k, v = make(B=1, H=2, Tq=5, Tk=5, D=2, dtype=torch.float64, grad=True, seed=5)
     scale = head_scale(2, torch.float64, grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, s: l1_attention(q, k, v, s, dropout_p=0.3, block_size=2, seed=7),
+        lambda q, k, v, s: l1_attention(
+            q, k, v, s, dropout_p=0.3, block_size=2, row_chunk=3, seed=7
+        ),
         (q, k, v, scale),
     )
 
