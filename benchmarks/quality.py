@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
 from truthgpt.compare import compare_kinds
@@ -23,16 +22,16 @@ def main() -> None:
     parser.add_argument("--kinds", default="dot,l1,l2,sql2,cosine,chebyshev")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--work", default="runs/quality", help="folder for the runs")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        compare_kinds(args.kinds.split(","), tmp, steps=args.steps, seeds=args.seeds)
-        RESULTS.mkdir(exist_ok=True)
-        for name, suffix in (
-            ("results.json", ".json"),
-            ("results.md", ".md"),
-            ("val_curves.png", ".png"),
-        ):
-            shutil.copy(Path(tmp) / name, RESULTS / f"quality{suffix}")
+    compare_kinds(args.kinds.split(","), args.work, steps=args.steps, seeds=args.seeds)
+    RESULTS.mkdir(exist_ok=True)
+    for name, suffix in (
+        ("results.json", ".json"),
+        ("results.md", ".md"),
+        ("val_curves.png", ".png"),
+    ):
+        shutil.copy(Path(args.work) / name, RESULTS / f"quality{suffix}")
     print(f"wrote {RESULTS / 'quality.md'}")
 
 

@@ -86,19 +86,19 @@ def compare_kinds(
                 }
             )
         per_kind[kind] = _summarise(runs)
-
-    result = {
-        "preset": preset_name,
-        "steps": steps,
-        "seeds": seeds,
-        "eval_batches": eval_batches,
-        "data": str(data.data_dir),
-        "overrides": overrides or {},
-        "kinds": per_kind,
-    }
-    (out / "results.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
-    (out / "results.md").write_text(format_results(result))
-    plot_curves(result, out / "val_curves.png")
+        result = {
+            "preset": preset_name,
+            "steps": steps,
+            "seeds": seeds,
+            "eval_batches": eval_batches,
+            "data": str(data.data_dir),
+            "overrides": overrides or {},
+            "kinds": per_kind,
+        }
+        # Written after every kind, so a long comparison leaves usable partial results.
+        (out / "results.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
+        (out / "results.md").write_text(format_results(result))
+        plot_curves(result, out / "val_curves.png")
     log(format_results(result))
     return result
 
