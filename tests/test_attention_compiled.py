@@ -34,7 +34,7 @@ def test_compiled_l1_kernel_gradients_and_shape_stability(monkeypatch):
         q, k, v, scale = inputs(T)
         out = l1_attention(q, k, v, scale)
         grads = torch.autograd.grad(out.square().sum(), (q, k, v, scale))
-        monkeypatch.setenv("TRUTHGPT_COMPILE", "0")
+        monkeypatch.setenv("TRUTHGPT_COMPILE", "0")  # cdist-based eager blocks
         eager = l1_attention(q, k, v, scale)
         eager_grads = torch.autograd.grad(eager.square().sum(), (q, k, v, scale))
         monkeypatch.setenv("TRUTHGPT_COMPILE", "1")
@@ -42,3 +42,17 @@ def test_compiled_l1_kernel_gradients_and_shape_stability(monkeypatch):
         for a, b in zip(grads, eager_grads, strict=True):
             torch.testing.assert_close(a, b)
     assert counters["stats"]["unique_graphs"] == graphs, "a new sequence length recompiled"
+
+    # A user mask and dropout (other compiled variants) agree with the eager path as well.
+    q, k, v, scale = inputs(90)
+    mask = torch.rand(1, 1, 90, 90, generator=g) > 0.2
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TRUTHGPT_COMPILE", flag)
+        # dropout masks are drawn per (row chunk, key block): same sizes in both modes
+        out = l1_attention(
+            q, k, v, scale, attn_mask=mask, dropout_p=0.25, seed=3, block_size=64, row_chunk=32
+        )
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, scale))))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)

@@ -26,7 +26,9 @@ materialised), with fast floating-point math enabled for these kernels only: it 
 compiler keep several partial sums, 5-6x faster than one accumulation chain. dq and dk are
 separate functions: compiled together, inductor would store the shared sign(q − k) block.
 Without a working compiler, or with TRUTHGPT_COMPILE=0, the same functions run eagerly (one
-warning) with smaller chunks, materialising one (B, H, rows, block, D) tensor at a time.
+warning), with the distances and their sign-weighted sums taken from `torch.cdist` and its
+backward (ATen's fused loops, sign(0) = 0 too) instead of the broadcast formulas, which eager
+mode would materialise as (B, H, rows, block, D) tensors.
 
 Inductor compiles each function once for the first shapes it sees and once more with dynamic
 sizes and strides when they change (the row count varies between calls): no recompilation per
@@ -50,7 +52,7 @@ _DEAD_ROW = MASK_VALUE / 2
 
 BLOCK_SIZE = 64  # keys per block (compiled); a short tail block is zero-padded and masked
 ROW_CHUNK = 256  # query rows per call (compiled): bounds the (rows, block) temporaries
-EAGER_BLOCK_SIZE = 32  # eager fallback: bounds the (rows, block, D) tensor it materialises
+EAGER_BLOCK_SIZE = 32  # eager fallback (cdist-based blocks): measured a little faster
 EAGER_ROW_CHUNK = 64
 
 
@@ -59,9 +61,14 @@ EAGER_ROW_CHUNK = 64
 
 
 def _l1_dist(q: Tensor, kt: Tensor) -> Tensor:
-    """(B, H, R, D) × (B, H, D, b) -> (B, H, R, b) L1 distances; k is transposed so that the
-    vector loop runs along keys."""
-    return (q[..., :, :, None] - kt[..., None, :, :]).abs().sum(-2)
+    """(B, H, R, D) × (B, H, D, b) -> (B, H, R, b) L1 distances.
+
+    Compiled: the broadcast formula, which inductor fuses into one loop (k is transposed so
+    that the vector loop runs along keys). Eager: `torch.cdist`, ATen's fused loop.
+    """
+    if torch.compiler.is_compiling():
+        return (q[..., :, :, None] - kt[..., None, :, :]).abs().sum(-2)
+    return torch.cdist(q, kt.transpose(-1, -2), p=1.0)
 
 
 def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop=None):
@@ -81,8 +88,8 @@ def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop=None):
 
 
 def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop=None):
-    """Recompute one block's probabilities; return ds (B, H, R, b), the dv part (B, H, b, D)
-    and the dscale part (B, H)."""
+    """Recompute one block's probabilities; return ds (B, H, R, b), the distances, the dv
+    part (B, H, b, D) and the dscale part (B, H)."""
     dist = _l1_dist(q, kt)
     s = -scale * dist + bias
     p = torch.exp(s - lse)  # (B, H, R, b)
@@ -94,7 +101,7 @@ def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop=None):
         dv = p.transpose(-1, -2) @ do
     ds = p * (dp - delta)  # delta = dO·O holds with dropout too
     dscale = -(ds * dist).sum((-1, -2))
-    return ds, dv, dscale
+    return ds, dist, dv, dscale
 
 
 def _signed(ds: Tensor, q: Tensor, k: Tensor) -> Tensor:
@@ -102,14 +109,19 @@ def _signed(ds: Tensor, q: Tensor, k: Tensor) -> Tensor:
     return torch.where(q > k, ds, torch.where(q < k, -ds, 0.0))
 
 
-def _dq_block(ds, q, k, scale):
+def _dq_block(ds, dist, q, k, scale):
     """dq (B, H, R, D) = −scale · Σ_j ds_ij · sign(q_i − k_j)."""
+    if not torch.compiler.is_compiling():  # eager: cdist's backward, sign(0) = 0 as well
+        return -scale * torch.ops.aten._cdist_backward(ds.contiguous(), q, k, 1.0, dist)
     qi, kj = q[..., :, None, :], k[..., None, :, :]  # (B, H, R, b, D), fused away
     return -scale * _signed(ds[..., None], qi, kj).sum(-2)
 
 
-def _dk_block(ds, q, k, scale):
+def _dk_block(ds, dist, q, k, scale):
     """dk (B, H, b, D) = +scale · Σ_i ds_ij · sign(q_i − k_j)."""
+    if not torch.compiler.is_compiling():
+        ds_t, dist_t = ds.transpose(-1, -2).contiguous(), dist.transpose(-1, -2).contiguous()
+        return -scale * torch.ops.aten._cdist_backward(ds_t, k, q, 1.0, dist_t)
     qi, kj = q[..., None, :, :], k[..., :, None, :]  # (B, H, b, R, D), fused away
     return scale * _signed(ds.transpose(-1, -2)[..., None], qi, kj).sum(-2)
 
@@ -310,13 +322,13 @@ class L1Attention(torch.autograd.Function):
                 rows = slice(r0, r1)
                 q_r, do_r = _rows(q, r0, r1), _rows(do, r0, r1)
                 args = (q_r, kt_j, v_j, do_r, _rows(lse, r0, r1), _rows(delta, r0, r1), scale_h)
-                ds, dv_part, dscale_part = KERNELS.call(
+                ds, dist, dv_part, dscale_part = KERNELS.call(
                     _bwd_block, *args, plan.bias(r0, r1, j), plan.drop(r0, r1, j)
                 )
                 dv[..., keys, :] += dv_part
                 dscale += dscale_part
-                dq[..., rows, :] += KERNELS.call(_dq_block, ds, q_r, k_j, scale_h)
-                dk[..., keys, :] += KERNELS.call(_dk_block, ds, q_r, k_j, scale_h)
+                dq[..., rows, :] += KERNELS.call(_dq_block, ds, dist, q_r, k_j, scale_h)
+                dk[..., keys, :] += KERNELS.call(_dk_block, ds, dist, q_r, k_j, scale_h)
         Tk = plan.Tk
         dscale = dscale.sum(0) if ctx.scale_is_tensor else None
         return dq, dk[..., :Tk, :], dv[..., :Tk, :], dscale, None, None
@@ -341,7 +353,8 @@ def l1_attention(
     block_size, row_chunk: keys per block and query rows per call (defaults depend on whether
     the kernels are compiled); any positive values give the same result.
     seed: dropout seed; None draws one from torch's global generator (so torch.manual_seed
-    makes runs reproducible).
+    makes runs reproducible). The masks are drawn per (row chunk, key block), so they differ
+    between compiled and eager mode unless both sizes are given.
     """
     default_block, default_rows = KERNELS.sizes()
     block, rows = block_size or default_block, row_chunk or default_rows
