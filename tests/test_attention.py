@@ -7,6 +7,7 @@ cost); tests/test_attention_compiled.py covers the compiled kernels once.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -252,6 +253,27 @@ def test_lp_with_p_one_or_two_equals_l1_or_l2():
         torch.testing.assert_close(
             distance_attention(q, k, v, "lp", 0.5, p=p), distance_attention(q, k, v, kind, 0.5)
         )
+
+
+def test_failed_compilation_warns_once_and_falls_back(monkeypatch):
+    from truthgpt.attention import kernels
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(kernels, "KERNELS", kernels._Kernels())
+    monkeypatch.setattr(kernels.torch, "compile", broken_compile)
+    monkeypatch.setenv("TRUTHGPT_COMPILE", "1")
+    q, k, v = make(Tq=6, Tk=6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="compiling the L1 attention kernels failed"):
+        out = kernels.l1_attention(q, k, v, 0.5)
+    torch.testing.assert_close(out, reference(q, k, v, "l1", 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once
+        kernels.l1_attention(q, k, v, 0.5)
 
 
 # --------------------------------------------------------------------------------------------

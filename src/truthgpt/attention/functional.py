@@ -9,10 +9,12 @@ Two paths compute the same thing:
 
 * the plain path (`_plain_attention`) materialises the (B, H, Tq, Tk) score matrix. It is the
   readable definition and the one used when the caller asks for the attention weights.
-* the fast paths never hold the weights: dot, cosine and squared L2 become one call to
-  `F.scaled_dot_product_attention`, L1 runs a blocked kernel with an online softmax
-  (`truthgpt.attention.kernels`), and l2, chebyshev and lp use `torch.cdist`, whose backward
-  holds O(Tq·Tk) per head and never O(Tq·Tk·D).
+* the fast paths: dot, cosine and squared L2 become one call to
+  `F.scaled_dot_product_attention` (cosine on normalised q, k; squared L2 on q, k augmented
+  by one column, exactly), and L1 runs a blocked kernel with an online softmax that never
+  holds the weights (`truthgpt.attention.kernels`, dropout included). l2, chebyshev and lp
+  take the plain path: `torch.cdist` and its backward hold O(Tq·Tk) per head, never
+  O(Tq·Tk·D).
 
 Fully masked query rows (possible only with a user mask, never with the causal mask alone
 since key i is always visible to query i) give a zero output row, zero weights and zero
@@ -325,7 +327,7 @@ def distance_attention(
         return _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
     if kind == "l1" and q.shape[2] > 1:
         return l1_attention(q, k, v, scale, causal, attn_mask, dropout_p)
-    # One decoding step (Tq = 1) holds only Tk scores per head: the plain path is exact and
-    # cheap there, and avoids compiling kernels for every cache length.
+    # l2, chebyshev, lp; and l1 for one decoding step (Tq = 1), which holds only Tk scores
+    # per head and would fill a whole block of query rows in the kernel.
     out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
     return out
