@@ -78,20 +78,31 @@ def with_eager(kind: str):
 # time
 
 
+SLOW_S = 5.0  # a case slower than this is repeated once only (it dwarfs the noise anyway)
+
+
 def time_all(Ts, kinds, repeats: int) -> dict:
-    """Interleaved rounds; per (T, kind): min and median of forward+backward seconds."""
+    """Interleaved rounds; per (T, kind): min and median of forward+backward seconds.
+
+    Short sequences get more rounds (repeats · 1024 / T, at most 4x): their runs take
+    milliseconds, where one time slice lost to another process is a large error.
+    """
     out: dict = {}
     for T in Ts:
         inputs = make_inputs(T)
+        rounds = repeats * min(4, max(1, 1024 // T))
         row_kinds = [kd for kd in kinds if not (kd == "l1-eager" and T > 1024)]
+        slow = set()
         for kind in row_kinds:  # warm-up: compile, allocator, caches
             with with_eager(kind):
-                fwd_bwd(kind, *inputs)
-        samples = {kind: [] for kind in row_kinds}
-        for _ in range(repeats):
+                if sum(fwd_bwd(kind, *inputs)) >= SLOW_S:
+                    slow.add(kind)
+        samples: dict = {kind: [] for kind in row_kinds}
+        for r in range(rounds):
             for kind in row_kinds:
-                with with_eager(kind):
-                    samples[kind].append(fwd_bwd(kind, *inputs))
+                if r == 0 or kind not in slow:
+                    with with_eager(kind):
+                        samples[kind].append(fwd_bwd(kind, *inputs))
         out[T] = {}
         for kind, s in samples.items():
             totals = [f + b for f, b in s]
@@ -101,6 +112,7 @@ def time_all(Ts, kinds, repeats: int) -> dict:
                 "median_s": statistics.median(totals),
                 "forward_s": s[best][0],
                 "backward_s": s[best][1],
+                "runs": len(s),
             }
         dot = out[T]["dot"]["min_s"]
         for kind in row_kinds:
@@ -128,13 +140,18 @@ def memory_case(kind: str, T: int) -> int:
     """Peak bytes above the resident set during one forward + backward (run in a subprocess)."""
     inputs = make_inputs(T)
     with with_eager(kind):
-        for _ in range(2):
+        if sum(fwd_bwd(kind, *inputs)) < SLOW_S:  # a second warm-up unless slow
             fwd_bwd(kind, *inputs)
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         before = _status_kib("VmRSS")
         fwd_bwd(kind, *inputs)
         peak = _status_kib("VmHWM")
     return (peak - before) * 1024
+
+
+def _case_cmd(*case: str) -> list[str]:
+    """Command line re-running this script for one case, with the same torch threads."""
+    return [sys.executable, __file__, *case, "--threads", str(torch.get_num_threads())]
 
 
 def memory_all(Ts, kinds) -> dict:
@@ -145,7 +162,7 @@ def memory_all(Ts, kinds) -> dict:
         for kind in kinds:
             if kind == "l1-eager":
                 continue
-            cmd = [sys.executable, __file__, "--memory-case", kind, str(T)]
+            cmd = _case_cmd("--memory-case", kind, str(T))
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             out[T][kind] = {"peak_bytes": json.loads(res.stdout.strip().splitlines()[-1])}
         dot = out[T]["dot"]["peak_bytes"]
@@ -177,7 +194,7 @@ def compile_cost() -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRUTHGPT_COMPILE="1")
         for label in ("cold", "disk_cache"):
-            cmd = [sys.executable, __file__, "--compile-case"]
+            cmd = _case_cmd("--compile-case")
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             r = json.loads(res.stdout.strip().splitlines()[-1])
             result[label] = {**r, "compile_s": r["first_call_s"] - r["warm_call_s"]}
@@ -226,8 +243,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. "
-        "The machine is shared: times are the minimum over repeats, ratios are to SDPA dot "
-        "in the same round.",
+        "The machine is shared: times are the minimum over repeats (one run for cases over "
+        f"{SLOW_S:g} s), ratios are to SDPA dot measured in the same rounds.",
         f"Shapes: B={B}, H={H}, D={D}, causal, fp32, forward + backward, per-head scale.",
         "",
         "## Time (forward + backward) / SDPA dot",
@@ -273,10 +290,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="T in 64, 256; two repeats")
     parser.add_argument("--spread", action="store_true", help="print the λ spread table only")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's, here one per core)"
+    )
     parser.add_argument("--memory-case", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--compile-case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_case:
         print(json.dumps(memory_case(args.memory_case[0], int(args.memory_case[1]))))
         return 0
@@ -289,11 +311,11 @@ def main() -> int:
         return 0
 
     Ts = (64, 256) if args.quick else (64, 256, 1024, 2048)
-    repeats = 2 if args.quick else 3
+    repeats = 2 if args.quick else 5
     kinds = ["dot", "sql2", "cosine", "l1", "l1-eager", "l2", "chebyshev", "lp"]
     assert set(kinds) - {"l1-eager"} == set(DISTANCE_KINDS)
     result = {
-        "command": "python benchmarks/attention.py" + (" --quick" if args.quick else ""),
+        "command": "python " + " ".join(["benchmarks/attention.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -304,7 +326,8 @@ def main() -> int:
         "spread": spread_table(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "attention.quick" if args.quick else "attention"
+    name = "attention" + (".quick" if args.quick else "")
+    name += f".threads{args.threads}" if args.threads else ""
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, args.out / f"{name}.md")
     print(f"wrote {args.out / name}.json and .md")
