@@ -245,7 +245,12 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. "
         "The machine is shared: times are the minimum over repeats (one run for cases over "
         f"{SLOW_S:g} s), ratios are to SDPA dot measured in the same rounds.",
-        f"Shapes: B={B}, H={H}, D={D}, causal, fp32, forward + backward, per-head scale.",
+        f"Shapes: B={B}, H={H}, D={D}, causal, fp32, forward + backward, per-head scale.  ",
+        "Load average (1, 5, 15 min) at start: "
+        + ", ".join(f"{x:.1f}" for x in result["load_average_start"])
+        + "; at end: "
+        + ", ".join(f"{x:.1f}" for x in result["load_average_end"])
+        + f" (other processes on the {os.cpu_count()} cores).",
         "",
         "## Time (forward + backward) / SDPA dot",
         "",
@@ -320,11 +325,13 @@ def main() -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "shape": {"B": B, "H": H, "D": D, "lp_p": P},
+        "load_average_start": os.getloadavg(),
         "compile": compile_cost(),
         "time": time_all(Ts, kinds, repeats),
         "memory": memory_all(Ts, kinds),
         "spread": spread_table(),
     }
+    result["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     name = "attention" + (".quick" if args.quick else "")
     name += f".threads{args.threads}" if args.threads else ""

@@ -33,9 +33,6 @@ from truthgpt.attention.kernels import l1_attention
 
 DISTANCE_KINDS: tuple[str, ...] = ("dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp")
 
-# Kinds whose score is -scale · distance (the others are +scale · similarity).
-_DISTANCE_BASED = frozenset({"l1", "l2", "sql2", "chebyshev", "lp"})
-
 # Cosine normalises q and k; a zero vector is divided by this instead of by 0.
 COSINE_EPS = 1e-6
 
@@ -192,7 +189,9 @@ def _cdist_p(kind: str, p: float | None) -> float:
     return {"l1": 1.0, "l2": 2.0, "chebyshev": math.inf}.get(kind, p)  # type: ignore[arg-type]
 
 
-def pairwise_scores(q: Tensor, k: Tensor, kind: str, scale: float | Tensor, p: float | None = None):
+def pairwise_scores(
+    q: Tensor, k: Tensor, kind: str, scale: float | Tensor, p: float | None = None
+) -> Tensor:
     """Scores (B, H, Tq, Tk) before masking; the definition every fast path must match.
 
     Distances come from `torch.cdist` without the matmul expansion (exact at small distances;

@@ -30,6 +30,12 @@ warning), with the distances and their sign-weighted sums taken from `torch.cdis
 backward (ATen's fused loops, sign(0) = 0 too) instead of the broadcast formulas, which eager
 mode would materialise as (B, H, rows, block, D) tensors.
 
+Threads: the compiled loops use torch's thread count, with a barrier after each loop. When
+other processes keep every core busy, each barrier waits for a descheduled thread and the
+kernel slows down several times more than SDPA does (one parallel region per call);
+TRUTHGPT_KERNEL_THREADS=1 (read when the kernels are first compiled) makes them single-
+threaded, which is slower on an idle machine but degrades gracefully on a shared one.
+
 Inductor compiles each function once for the first shapes it sees and once more with dynamic
 sizes and strides when they change (the row count varies between calls): no recompilation per
 sequence length. Masked scores use a large finite negative (MASK_VALUE), not -inf, so that
@@ -148,7 +154,9 @@ class _Kernels:
         if not self.use_compiled():
             return fn(*args)
         if self.compiled is None:
-            options = {"cpp.enable_unsafe_math_opt_flag": True}
+            options: dict = {"cpp.enable_unsafe_math_opt_flag": True}
+            if threads := os.environ.get("TRUTHGPT_KERNEL_THREADS"):
+                options["cpp.threads"] = int(threads)
             self.compiled = {
                 f.__name__: torch.compile(f, fullgraph=True, options=options)
                 for f in (_fwd_block, _bwd_block, _dq_block, _dk_block)
