@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -84,6 +85,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}",
         "peak_matmul_gflops": peak / 1e9,
+        "load_average_at_start": os.getloadavg()[0],
         "steps": args.steps,
         "rounds": args.rounds,
         "presets": {},
@@ -103,7 +105,9 @@ def main() -> None:
     lines = [
         f"Training throughput ({result['machine']}; measured matmul peak "
         f"{result['peak_matmul_gflops']:.0f} GFLOP/s; median of {args.rounds} rounds of "
-        f"{args.steps} steps). Command: `python benchmarks/train.py`.",
+        f"{args.steps} steps; 1-minute load average {result['load_average_at_start']:.1f} at "
+        "the start: on a busy machine read the ratios, not the speeds). "
+        "Command: `python benchmarks/train.py`.",
         "",
         "| preset | kind | tokens/s | ratio to dot | MFU |",
         "|---|---|---|---|---|",
