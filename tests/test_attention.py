@@ -15,7 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from truthgpt.attention import DISTANCE_KINDS, distance_attention
-from truthgpt.attention.kernels import dropout_multipliers, l1_attention
+from truthgpt.attention.kernels import (
+    BLOCKED_KINDS,
+    blocked_attention,
+    dropout_multipliers,
+    l1_attention,
+)
 
 P = 3.0  # the exponent used for kind="lp"
 
@@ -162,31 +167,35 @@ def test_gradcheck_every_kind(kind, need_weights):
     assert torch.autograd.gradcheck(f, (q, k, v, scale))
 
 
+@pytest.mark.parametrize("kind", BLOCKED_KINDS)
 @pytest.mark.parametrize("block,rows", [(2, 3), (3, 2), (5, 1), (8, 8)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradcheck_l1_kernel(block, rows, causal):
+def test_gradcheck_blocked_kernel(kind, block, rows, causal):
     """The blocked kernel itself: key blocks and row chunks that do not divide T, Tq < Tk,
     per-head scale."""
     q, k, v = make(B=1, H=2, Tq=4, Tk=7, D=3, dtype=torch.float64, grad=True, seed=3)
     scale = head_scale(2, torch.float64, grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, s: l1_attention(
-            q, k, v, s, causal=causal, block_size=block, row_chunk=rows
+        lambda q, k, v, s: blocked_attention(
+            q, k, v, kind, s, causal, p=P, block_size=block, row_chunk=rows
         ),
         (q, k, v, scale),
     )
 
 
-def test_l1_kernel_gradcheck_with_mask_and_float_scale():
+@pytest.mark.parametrize("kind", BLOCKED_KINDS)
+def test_blocked_kernel_gradcheck_with_mask_and_float_scale(kind):
     q, k, v = make(B=2, H=1, Tq=5, Tk=5, D=2, dtype=torch.float64, grad=True, seed=4)
     mask = torch.randn(2, 1, 5, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: l1_attention(q, k, v, 0.9, attn_mask=mask, block_size=2, row_chunk=2),
+        lambda q, k, v: blocked_attention(
+            q, k, v, kind, 0.9, attn_mask=mask, p=0.8, block_size=2, row_chunk=2
+        ),
         (q, k, v),
     )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(1, 2),
     H=st.integers(1, 3),
@@ -197,15 +206,16 @@ def test_l1_kernel_gradcheck_with_mask_and_float_scale():
     rows=st.integers(1, 9),
     causal=st.booleans(),
     seed=st.integers(0, 2**16),
+    kind=st.sampled_from(BLOCKED_KINDS),
 )
-def test_l1_kernel_property(B, H, Tq, extra, D, block, rows, causal, seed):
-    """Output and all four gradients equal the reference for any shape, key block and row
-    chunk."""
+def test_blocked_kernel_property(B, H, Tq, extra, D, block, rows, causal, seed, kind):
+    """Output and all four gradients equal the reference for any kind, shape, key block and
+    row chunk."""
     Tk = Tq + extra
     q, k, v = make(B, H, Tq, Tk, D, dtype=torch.float64, grad=True, seed=seed)
     scale = head_scale(H, torch.float64, grad=True)
-    out = l1_attention(q, k, v, scale, causal=causal, block_size=block, row_chunk=rows)
-    expected = reference(q, k, v, "l1", scale, causal)
+    out = blocked_attention(q, k, v, kind, scale, causal, p=P, block_size=block, row_chunk=rows)
+    expected = reference(q, k, v, kind, scale, causal)
     torch.testing.assert_close(out, expected)
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
@@ -310,13 +320,14 @@ def test_l1_kernel_dropout_matches_reference_with_its_masks():
     assert (z == 0).any() and (z != 0).any()
 
 
-def test_l1_kernel_dropout_gradcheck():
+@pytest.mark.parametrize("kind", BLOCKED_KINDS)
+def test_blocked_kernel_dropout_gradcheck(kind):
     """Several blocks: the backward regenerates the forward's multipliers exactly."""
     q, k, v = make(B=1, H=2, Tq=5, Tk=5, D=2, dtype=torch.float64, grad=True, seed=5)
     scale = head_scale(2, torch.float64, grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, s: l1_attention(
-            q, k, v, s, dropout_p=0.3, block_size=2, row_chunk=3, seed=7
+        lambda q, k, v, s: blocked_attention(
+            q, k, v, kind, s, dropout_p=0.3, p=P, block_size=2, row_chunk=3, seed=7
         ),
         (q, k, v, scale),
     )

@@ -1,15 +1,16 @@
-"""The compiled L1 kernels, once: exact gradients and no recompilation when T changes.
+"""The compiled kernels, once: exact gradients and no recompilation when T changes.
 
-Compiling costs 10-20 s cold (inductor's cache on disk makes later runs faster); every other
-attention test runs the same block functions eagerly.
+Compiling costs 20-60 s cold (inductor's cache on disk makes later runs take a few seconds);
+every other attention test runs the block functions eagerly (cdist-based).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from truthgpt.attention.kernels import KERNELS, l1_attention
+from truthgpt.attention.kernels import KERNELS, blocked_attention, l1_attention
 
 
 def test_compiled_l1_kernel_gradients_and_shape_stability(monkeypatch):
@@ -55,4 +56,24 @@ def test_compiled_l1_kernel_gradients_and_shape_stability(monkeypatch):
         )
         results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, scale))))
     for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind,p", [("l2", None), ("chebyshev", None), ("lp", 3.0), ("lp", 0.7)])
+def test_compiled_distance_kernels_match_eager(monkeypatch, kind, p):
+    """One block of 60 rows (static shapes only, to keep compiling short), some keys equal to
+    their query (zero distance, zero coordinate differences): finite, equal gradients."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 60, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k[:, :, :10] = q[:, :, :10]
+    scale = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    q, k, v, scale = (t.requires_grad_() for t in (q, k, v, scale))
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TRUTHGPT_COMPILE", flag)
+        out = blocked_attention(q, k, v, kind, scale, p=p)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, scale))))
+    assert not KERNELS.failed
+    for a, b in zip(*results, strict=True):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)

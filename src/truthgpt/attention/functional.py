@@ -11,10 +11,10 @@ Two paths compute the same thing:
   readable definition and the one used when the caller asks for the attention weights.
 * the fast paths: dot, cosine and squared L2 become one call to
   `F.scaled_dot_product_attention` (cosine on normalised q, k; squared L2 on q, k augmented
-  by one column, exactly), and L1 runs a blocked kernel with an online softmax that never
-  holds the weights (`truthgpt.attention.kernels`, dropout included). l2, chebyshev and lp
-  take the plain path: `torch.cdist` and its backward hold O(Tq·Tk) per head, never
-  O(Tq·Tk·D).
+  by one column, exactly); l1, l2, chebyshev and lp run a blocked kernel with an online
+  softmax that never holds the weights (`truthgpt.attention.kernels`, dropout included).
+  The plain path computes distances with `torch.cdist`, whose backward holds O(Tq·Tk) per
+  head, never O(Tq·Tk·D).
 
 Fully masked query rows (possible only with a user mask, never with the causal mask alone
 since key i is always visible to query i) give a zero output row, zero weights and zero
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from truthgpt.attention.kernels import l1_attention
+from truthgpt.attention.kernels import blocked_attention
 
 DISTANCE_KINDS: tuple[str, ...] = ("dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp")
 
@@ -324,9 +324,9 @@ def distance_attention(
         return _sql2_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
     if kind == "cosine":
         return _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
-    if kind == "l1" and q.shape[2] > 1:
-        return l1_attention(q, k, v, scale, causal, attn_mask, dropout_p)
-    # l2, chebyshev, lp; and l1 for one decoding step (Tq = 1), which holds only Tk scores
-    # per head and would fill a whole block of query rows in the kernel.
+    if q.shape[2] > 1:  # l1, l2, chebyshev, lp
+        return blocked_attention(q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p)
+    # One decoding step (Tq = 1) holds only Tk scores per head: the plain path is exact and
+    # cheap there.
     out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
     return out

@@ -1,6 +1,6 @@
-"""Blocked L1 attention: online softmax over key blocks, backward recomputed per block.
+"""Blocked distance attention: online softmax over key blocks, backward recomputed per block.
 
-    score(i, j) = -scale_h · Σ_d |q_id − k_jd|
+    score(i, j) = -scale_h · dist(q_i, k_j),   dist in l1, l2, chebyshev, lp
 
 The broadcast formula holds a (B, H, Tq, Tk, D) tensor (34 GB at B=4, H=8, T=2048, D=64).
 Here the keys are cut into blocks of `block` keys and the queries into chunks of at most
@@ -10,10 +10,12 @@ nothing of size Tq×Tk is held. The backward recomputes each block's scores from
 saved log-sum-exp, the way flash attention does:
 
     p_ij  = exp(s_ij − lse_i)               ds_ij = p_ij · (dO_i·v_j − dO_i·O_i)
-    dv_j  = Σ_i p_ij dO_i                   dq_id = −scale · Σ_j ds_ij · sign(q_id − k_jd)
-    dscale = −Σ_ij ds_ij · dist_ij          dk_jd = +scale · Σ_i ds_ij · sign(q_id − k_jd)
+    dv_j  = Σ_i p_ij dO_i                   g_ij  = −scale · ds_ij  (dL/d dist_ij)
+    dscale = −Σ_ij ds_ij · dist_ij          dq_i = Σ_j g_ij ∂dist_ij/∂q_i,  dk_j = −Σ_i (same)
 
-sign(0) = 0: at a tie q_id == k_jd the subgradient 0 is used, in forward and backward alike.
+with ∂dist/∂q per coordinate x = q_d − k_d: sign(x) (l1), x/dist (l2), sign(x) where |x| is
+the max (chebyshev), sign(x)·(|x|/dist)^(p−1) (lp). Where that is undefined (x = 0 for l1
+and lp, dist = 0) the subgradient 0 is used, as `torch.cdist` does.
 
 Work is organised per key block: key block j meets the query rows that can see it (causal:
 rows from j·block − (Tk − Tq) on), in chunks of `rows`. Blocks above the diagonal are never
@@ -24,7 +26,8 @@ The per-block functions below are plain PyTorch. They are compiled with `torch.c
 (inductor turns each into fused C++ loops, so the (rows, block, D) broadcast is never
 materialised), with fast floating-point math enabled for these kernels only: it lets the C++
 compiler keep several partial sums, 5-6x faster than one accumulation chain. dq and dk are
-separate functions: compiled together, inductor would store the shared sign(q − k) block.
+separate functions: compiled together, inductor would store the shared sign(q − k) block
+(for l2 they are two matmuls each).
 Without a working compiler, or with TRUTHGPT_COMPILE=0, the same functions run eagerly (one
 warning), with the distances and their sign-weighted sums taken from `torch.cdist` and its
 backward (ATen's fused loops, sign(0) = 0 too) instead of the broadcast formulas, which eager
@@ -45,6 +48,7 @@ and zero gradients.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -66,24 +70,36 @@ EAGER_ROW_CHUNK = 64
 # per-block math (plain PyTorch; compiled below)
 
 
-def _l1_dist(q: Tensor, kt: Tensor) -> Tensor:
-    """(B, H, R, D) × (B, H, D, b) -> (B, H, R, b) L1 distances.
+def _cdist_p(kind: str, p: float) -> float:
+    return {"l1": 1.0, "l2": 2.0, "chebyshev": math.inf}.get(kind, p)
+
+
+def _dist(q: Tensor, kt: Tensor, kind: str, p: float) -> Tensor:
+    """(B, H, R, D) × (B, H, D, b) -> (B, H, R, b) distances.
 
     Compiled: the broadcast formula, which inductor fuses into one loop (k is transposed so
     that the vector loop runs along keys). Eager: `torch.cdist`, ATen's fused loop.
     """
-    if torch.compiler.is_compiling():
-        return (q[..., :, :, None] - kt[..., None, :, :]).abs().sum(-2)
-    return torch.cdist(q, kt.transpose(-1, -2), p=1.0)
+    if not torch.compiler.is_compiling():
+        mode = "donot_use_mm_for_euclid_dist"  # exact differences, not ‖q‖² + ‖k‖² − 2q·k
+        return torch.cdist(q, kt.transpose(-1, -2), p=_cdist_p(kind, p), compute_mode=mode)
+    x = (q[..., :, :, None] - kt[..., None, :, :]).abs()  # (B, H, R, D, b), fused away
+    if kind == "l1":
+        return x.sum(-2)
+    if kind == "l2":
+        return x.square().sum(-2).sqrt()
+    if kind == "chebyshev":
+        return x.amax(-2)
+    return x.pow(p).sum(-2).pow(1.0 / p)
 
 
-def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop=None):
+def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop, kind, p):
     """One key block of the online softmax for R query rows: returns updated (m, l, acc).
 
-    drop: dropout multipliers (0 or 1/(1−p)) for this block; they scale the weights that
-    reach v, not the normaliser l.
+    drop: dropout multipliers (0 or 1/(1−p)) for this block, or None; they scale the weights
+    that reach v, not the normaliser l.
     """
-    s = -scale * _l1_dist(q, kt) + bias  # (B, H, R, b)
+    s = -scale * _dist(q, kt, kind, p) + bias  # (B, H, R, b)
     m_new = torch.maximum(m, s.amax(-1, keepdim=True))  # (B, H, R, 1)
     alpha = torch.exp(m - m_new)
     pexp = torch.exp(s - m_new)
@@ -93,43 +109,62 @@ def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop=None):
     return m_new, l_new, acc * alpha + pexp @ v
 
 
-def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop=None):
-    """Recompute one block's probabilities; return ds (B, H, R, b), the distances, the dv
-    part (B, H, b, D) and the dscale part (B, H)."""
-    dist = _l1_dist(q, kt)
+def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop, kind, p):
+    """Recompute one block's probabilities; return g = dL/d(dist) (B, H, R, b), the
+    distances, the dv part (B, H, b, D) and the dscale part (B, H)."""
+    dist = _dist(q, kt, kind, p)
     s = -scale * dist + bias
-    p = torch.exp(s - lse)  # (B, H, R, b)
+    prob = torch.exp(s - lse)  # (B, H, R, b)
     dp = do @ v.transpose(-1, -2)  # (B, H, R, b)
     if drop is not None:
-        dv = (p * drop).transpose(-1, -2) @ do
+        dv = (prob * drop).transpose(-1, -2) @ do
         dp = dp * drop
     else:
-        dv = p.transpose(-1, -2) @ do
-    ds = p * (dp - delta)  # delta = dO·O holds with dropout too
+        dv = prob.transpose(-1, -2) @ do
+    ds = prob * (dp - delta)  # dL/d(score); delta = dO·O holds with dropout too
     dscale = -(ds * dist).sum((-1, -2))
-    return ds, dist, dv, dscale
+    return -scale * ds, dist, dv, dscale
 
 
-def _signed(ds: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """ds · sign(q − k), written with two selects (cheaper than sign() times ds)."""
-    return torch.where(q > k, ds, torch.where(q < k, -ds, 0.0))
+def _signed(g: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """g · sign(q − k), written with two selects (cheaper than sign() times g)."""
+    return torch.where(q > k, g, torch.where(q < k, -g, 0.0))
 
 
-def _dq_block(ds, dist, q, k, scale):
-    """dq (B, H, R, D) = −scale · Σ_j ds_ij · sign(q_i − k_j)."""
-    if not torch.compiler.is_compiling():  # eager: cdist's backward, sign(0) = 0 as well
-        return -scale * torch.ops.aten._cdist_backward(ds.contiguous(), q, k, 1.0, dist)
+def _pair_grad(g: Tensor, d: Tensor, q: Tensor, k: Tensor, kind: str, p: float) -> Tensor:
+    """g · ∂d(q, k)/∂q per coordinate, broadcast over (..., D); the subgradient 0 where the
+    derivative is undefined (q_d = k_d for l1 and lp, d = 0), as `torch.cdist` does."""
+    if kind == "l1":
+        return _signed(g, q, k)
+    x = q - k
+    if kind == "chebyshev":  # every coordinate attaining the max
+        return torch.where(x.abs() == d, _signed(g, q, k), 0.0)
+    ratio = torch.where(d > 0, x.abs() / torch.where(d > 0, d, 1.0), 1.0)
+    return _signed(g * ratio.pow(p - 1.0), q, k)  # lp: sign(x) · (|x| / d)^(p−1)
+
+
+def _dq_block(g, dist, q, k, kind, p):
+    """dq (B, H, R, D) = Σ_j g_ij · ∂dist_ij/∂q_i."""
+    if not torch.compiler.is_compiling():  # eager: cdist's own backward
+        return torch.ops.aten._cdist_backward(g.contiguous(), q, k, _cdist_p(kind, p), dist)
+    if kind == "l2":  # ∂d/∂q = (q − k)/d: two matmuls
+        w = torch.where(dist > 0, g / torch.where(dist > 0, dist, 1.0), 0.0)
+        return w.sum(-1, keepdim=True) * q - w @ k
     qi, kj = q[..., :, None, :], k[..., None, :, :]  # (B, H, R, b, D), fused away
-    return -scale * _signed(ds[..., None], qi, kj).sum(-2)
+    return _pair_grad(g[..., None], dist[..., None], qi, kj, kind, p).sum(-2)
 
 
-def _dk_block(ds, dist, q, k, scale):
-    """dk (B, H, b, D) = +scale · Σ_i ds_ij · sign(q_i − k_j)."""
+def _dk_block(g, dist, q, k, kind, p):
+    """dk (B, H, b, D) = Σ_i g_ij · ∂dist_ij/∂k_j = −Σ_i g_ij · ∂dist_ij/∂q_i."""
+    g_t, dist_t = g.transpose(-1, -2), dist.transpose(-1, -2)  # (B, H, b, R)
     if not torch.compiler.is_compiling():
-        ds_t, dist_t = ds.transpose(-1, -2).contiguous(), dist.transpose(-1, -2).contiguous()
-        return -scale * torch.ops.aten._cdist_backward(ds_t, k, q, 1.0, dist_t)
+        pp = _cdist_p(kind, p)
+        return torch.ops.aten._cdist_backward(g_t.contiguous(), k, q, pp, dist_t.contiguous())
+    if kind == "l2":
+        w = torch.where(dist_t > 0, g_t / torch.where(dist_t > 0, dist_t, 1.0), 0.0)
+        return w.sum(-1, keepdim=True) * k - w @ q
     qi, kj = q[..., None, :, :], k[..., :, None, :]  # (B, H, b, R, D), fused away
-    return scale * _signed(ds.transpose(-1, -2)[..., None], qi, kj).sum(-2)
+    return -_pair_grad(g_t[..., None], dist_t[..., None], qi, kj, kind, p).sum(-2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +197,11 @@ class _Kernels:
                 for f in (_fwd_block, _bwd_block, _dq_block, _dk_block)
             }
         try:
-            return self.compiled[fn.__name__](*args)
+            # Each (kind, p, dtype, dropout or not) is a compiled variant, twice (static and
+            # dynamic shapes): more than dynamo's default limit of 8 per function when one
+            # process uses several kinds. Past the limit it would silently run eagerly.
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return self.compiled[fn.__name__](*args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...
             self.failed = True
             first_line = str(err).splitlines()[0] if str(err) else ""
@@ -213,8 +252,9 @@ class _Plan:
     generator seeded with (seed, first row, key block), so the backward regenerates them.
     """
 
-    def __init__(self, q, Tk, block, rows, causal, user_bias, dropout_p, seed):
+    def __init__(self, q, Tk, kind, p, block, rows, causal, user_bias, dropout_p, seed):
         B, H, Tq, _ = q.shape
+        self.kind, self.p = kind, p
         self.B, self.H, self.Tq, self.Tk, self.block, self.rows = B, H, Tq, Tk, block, rows
         self.nk = -(-Tk // block)
         self.causal, self.offset = causal, Tk - Tq
@@ -279,8 +319,9 @@ def _user_bias(attn_mask: Tensor | None, Tk: int, block: int, dtype) -> Tensor |
 # autograd
 
 
-class L1Attention(torch.autograd.Function):
-    """Exact L1 attention; saves q, k, v, the output, k transposed and the log-sum-exp.
+class BlockedDistanceAttention(torch.autograd.Function):
+    """Exact attention for l1, l2, chebyshev and lp; saves q, k, v, the output, k transposed
+    and the log-sum-exp.
 
     Query rows are views of q; the only O(T·D) copy is k transposed (plus padded k and v when
     Tk is not a multiple of the block). Nothing of size Tq×Tk is held.
@@ -305,7 +346,8 @@ class L1Attention(torch.autograd.Function):
             for r0, r1 in plan.chunks(j):
                 args = (_rows(q, r0, r1), kt_j, v_j, scale_h, plan.bias(r0, r1, j))
                 state = [_rows(t, r0, r1) for t in (m, l, acc)]
-                new = KERNELS.call(_fwd_block, *args, *state, plan.drop(r0, r1, j))
+                drop = plan.drop(r0, r1, j)
+                new = KERNELS.call(_fwd_block, *args, *state, drop, plan.kind, plan.p)
                 for full, upd in zip((m, l, acc), new, strict=True):
                     full[..., r0:r1, :] = upd
         dead = m < _DEAD_ROW  # every key masked: zero output, no gradient
@@ -330,33 +372,39 @@ class L1Attention(torch.autograd.Function):
                 rows = slice(r0, r1)
                 q_r, do_r = _rows(q, r0, r1), _rows(do, r0, r1)
                 args = (q_r, kt_j, v_j, do_r, _rows(lse, r0, r1), _rows(delta, r0, r1), scale_h)
-                ds, dist, dv_part, dscale_part = KERNELS.call(
-                    _bwd_block, *args, plan.bias(r0, r1, j), plan.drop(r0, r1, j)
-                )
+                mask_drop_kind = (plan.bias(r0, r1, j), plan.drop(r0, r1, j), plan.kind, plan.p)
+                g, dist, dv_part, dscale_part = KERNELS.call(_bwd_block, *args, *mask_drop_kind)
                 dv[..., keys, :] += dv_part
                 dscale += dscale_part
-                dq[..., rows, :] += KERNELS.call(_dq_block, ds, dist, q_r, k_j, scale_h)
-                dk[..., keys, :] += KERNELS.call(_dk_block, ds, dist, q_r, k_j, scale_h)
+                dist_args = (g, dist, q_r, k_j, plan.kind, plan.p)
+                dq[..., rows, :] += KERNELS.call(_dq_block, *dist_args)
+                dk[..., keys, :] += KERNELS.call(_dk_block, *dist_args)
         Tk = plan.Tk
         dscale = dscale.sum(0) if ctx.scale_is_tensor else None
         return dq, dk[..., :Tk, :], dv[..., :Tk, :], dscale, None, None
 
 
+BLOCKED_KINDS = ("l1", "l2", "chebyshev", "lp")
+
+
 @torch.compiler.disable
-def l1_attention(
+def blocked_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    kind: str,
     scale: float | Tensor,
     causal: bool = True,
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     *,
+    p: float | None = None,
     block_size: int | None = None,
     row_chunk: int | None = None,
     seed: int | None = None,
 ) -> Tensor:
-    """Blocked exact L1 attention, (B, H, Tq, D). Arguments as `distance_attention`.
+    """Blocked exact attention for a kind in BLOCKED_KINDS, (B, H, Tq, D). Arguments as
+    `distance_attention` (checked there).
 
     block_size, row_chunk: keys per block and query rows per call (defaults depend on whether
     the kernels are compiled); any positive values give the same result.
@@ -364,6 +412,8 @@ def l1_attention(
     makes runs reproducible). The masks are drawn per (row chunk, key block), so they differ
     between compiled and eager mode unless both sizes are given.
     """
+    if kind not in BLOCKED_KINDS:
+        raise ValueError(f"kind must be one of {BLOCKED_KINDS}, got {kind!r}")
     default_block, default_rows = KERNELS.sizes()
     block, rows = block_size or default_block, row_chunk or default_rows
     H = q.shape[1]
@@ -375,5 +425,13 @@ def l1_attention(
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     user_bias = _user_bias(attn_mask, k.shape[2], block, q.dtype)
-    plan = _Plan(q, k.shape[2], block, rows, causal, user_bias, float(dropout_p), seed)
-    return L1Attention.apply(q, k, v, scale_t, is_tensor, plan).to(dtype)
+    exponent = float(p) if kind == "lp" else 0.0
+    plan = _Plan(
+        q, k.shape[2], kind, exponent, block, rows, causal, user_bias, float(dropout_p), seed
+    )
+    return BlockedDistanceAttention.apply(q, k, v, scale_t, is_tensor, plan).to(dtype)
+
+
+def l1_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, *args, **kwargs):
+    """`blocked_attention` for kind='l1'."""
+    return blocked_attention(q, k, v, "l1", scale, *args, **kwargs)
