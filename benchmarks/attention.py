@@ -282,9 +282,9 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += [
         "",
         "Paths: dot, cosine and sql2 run `F.scaled_dot_product_attention` (cosine on "
-        "normalised q, k; sql2 on q, k augmented by one column); l1 the blocked kernel "
-        "(compiled; `l1-eager`: the same kernel uncompiled, TRUTHGPT_COMPILE=0); l2, "
-        f"chebyshev and lp (p={P:g}) `torch.cdist` with the (B, H, Tq, Tk) scores materialised.",
+        "normalised q, k; sql2 on q, k augmented by one column); l1, l2, chebyshev and lp "
+        f"(p={P:g}) the blocked kernel, compiled by inductor; `l1-eager` is that kernel with "
+        "TRUTHGPT_COMPILE=0 (cdist-based blocks, the fallback without a C++ compiler).",
         "",
     ]
     path.write_text("\n".join(lines))
