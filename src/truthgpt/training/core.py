@@ -243,7 +243,7 @@ class TruthGPTOptimizationCore:
             loss_value = float(loss.detach())
             finite = finite and math.isfinite(loss_value)
             loss_sum += loss_value
-            tokens += self._batch_tokens(mb)
+            tokens += self._input_shape(mb).numel()
         if self.world_size > 1:
             # Report the global batch's loss and tokens; every rank then agrees on skipping.
             loss_sum, tokens = self._sum_over_ranks(loss_sum, tokens)
@@ -284,7 +284,7 @@ class TruthGPTOptimizationCore:
             "grad_norm": grad_norm,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.mfu(tokens_per_s / self.world_size, self._sequence_length(micro[0])),
+            "mfu": self.mfu(tokens_per_s / self.world_size, self._input_shape(micro[0])[1]),
             "memory_mb": memory_mb(self.device),
             "skipped": 0.0 if finite else 1.0,
         }
@@ -311,13 +311,10 @@ class TruthGPTOptimizationCore:
         dist.all_reduce(totals)
         return float(totals[0]), int(totals[1])
 
-    def _batch_tokens(self, batch: Batch) -> int:
-        input_ids, _, _, _ = self._split_batch(batch)
-        return input_ids.numel()
-
-    def _sequence_length(self, batch: Batch) -> int:
-        input_ids, _, _, _ = self._split_batch(batch)
-        return input_ids.size(1)
+    @staticmethod
+    def _input_shape(batch: Batch) -> torch.Size:
+        """(B, T) of a batch `compute_loss` already checked, read without checking it again."""
+        return (batch["input_ids"] if isinstance(batch, Mapping) else batch[0]).shape
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":
