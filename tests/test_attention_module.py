@@ -17,11 +17,6 @@ from truthgpt.attention import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _eager_kernels(monkeypatch):
-    monkeypatch.setenv("TRUTHGPT_COMPILE", "0")
-
-
 def layer(kind="l1", **kw):
     torch.manual_seed(0)
     return DistanceAttention(16, 4, kind, p=3.0 if kind == "lp" else None, **kw)

@@ -294,6 +294,19 @@ def test_num_parameters_counts_tied_weights_once() -> None:
     assert tied.num_parameters(exclude_embeddings=True) == expected_count(True) - V * C - P * C
 
 
+def test_flops_per_token_counts_the_lm_head_once_and_not_positions() -> None:
+    """By hand for V=23, C=32, L=2, H=4: per layer the matmuls are qkv (C·3C), the output
+    projection (C·C) and the MLP (C·4C + 4C·C) = 12C² weights, plus biases, LayerNorms and
+    λ (3C + C + 4C + C + 4C + 4 + 4C); the LM head is the tied embedding (V·C, counted once);
+    final LayerNorm 2C; the position embedding P·C is only looked up."""
+    per_layer = 12 * C * C + (3 * C + C + 4 * C + C) + 4 * C + H
+    n = L * per_layer + V * C + 2 * C
+    T = 16
+    assert model().flops_per_token(T) == 6 * n + 12 * L * C * T
+    untied = model(tie_word_embeddings=False)
+    assert untied.flops_per_token(T) == 6 * (n + V * C) + 12 * L * C * T
+
+
 def test_optimizer_groups_no_decay_for_lambda_norms_biases() -> None:
     m = model()
     decay, no_decay = m.optimizer_groups(weight_decay=0.1)

@@ -249,9 +249,12 @@ class TruthGPTModel(nn.Module):
     def flops_per_token(self, sequence_length: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·C·T.
 
-        Counted as for dot-product attention, so MFU compares kinds on the same footing.
+        N counts what is multiplied (nanoGPT's convention): the tied token embedding once,
+        since it is the LM head's matmul (the largest one with a 50k vocabulary), and not the
+        position embedding, which is only looked up. The attention term is counted as for
+        dot-product attention, so MFU compares kinds on the same footing.
         """
-        n = self.num_parameters(exclude_embeddings=True)
+        n = self.num_parameters() - self.wpe.weight.numel()
         cfg = self.config
         return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * sequence_length
 

@@ -24,14 +24,23 @@ gradients instead of NaN, on every path.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from truthgpt.attention import native
 from truthgpt.attention.kernels import blocked_attention
 
 DISTANCE_KINDS: tuple[str, ...] = ("dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp")
+
+# Kernels for l1, l2, chebyshev and lp. "auto" takes the first that is available, in this
+# order: the native C++ kernel (CPU), the blocked kernel compiled by inductor, the same blocked
+# kernel run eagerly. TRUTHGPT_ATTENTION_BACKEND sets the default for a process.
+BACKENDS: tuple[str, ...] = ("auto", "native", "compiled", "eager")
+BACKEND_ENV = "TRUTHGPT_ATTENTION_BACKEND"
 
 # Cosine normalises q and k; a zero vector is divided by this instead of by 0.
 COSINE_EPS = 1e-6
@@ -295,6 +304,7 @@ def distance_attention(
     p: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention whose scores are (negated, scaled) distances between queries and keys.
 
@@ -309,11 +319,14 @@ def distance_attention(
         p: the exponent for kind='lp' (finite, > 0); ignored by the other kinds.
         dropout_p: dropout on the attention weights (applied whenever > 0; pass 0 in eval).
         need_weights: also return the (B, H, Tq, Tk) weights (materialising path).
+        backend: the kernel for l1, l2, chebyshev and lp, one of BACKENDS; None reads
+            TRUTHGPT_ATTENTION_BACKEND (default "auto": native, else compiled, else eager).
 
     Returns:
         output (B, H, Tq, D), or (output, weights) when need_weights.
     """
     _check_args(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
+    backend = resolve_backend(backend, q)
     if kind == "lp" and p in (1, 2):  # same math, faster paths
         kind, p = ("l1" if p == 1 else "l2"), None
     if need_weights:
@@ -324,9 +337,42 @@ def distance_attention(
         return _sql2_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
     if kind == "cosine":
         return _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
-    if q.shape[2] > 1:  # l1, l2, chebyshev, lp
-        return blocked_attention(q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p)
-    # One decoding step (Tq = 1) holds only Tk scores per head: the plain path is exact and
-    # cheap there.
-    out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
-    return out
+    # l1, l2, chebyshev, lp
+    if backend == "native":  # also the decoding step (Tq = 1): one parallel pass over heads
+        return native.native_attention(q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p)
+    if q.shape[2] == 1:  # one decoding step holds only Tk scores per head: plain is cheap
+        out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
+        return out
+    compiled = backend == "compiled"
+    return blocked_attention(
+        q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p, compiled=compiled
+    )
+
+
+_warned: set[str] = set()
+
+
+def resolve_backend(backend: str | None, q: Tensor) -> str:
+    """The backend that will run for q: the one asked for, or auto's first available one.
+
+    auto falls back from native to compiled with one warning naming what is missing; a
+    backend asked for by name is used as it is (native raises if it was not built).
+    """
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    if name not in BACKENDS:
+        source = "backend" if backend is not None else BACKEND_ENV
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    if name != "auto":
+        return name
+    if native.available() and native.supports(q):
+        return "native"
+    if not native.available() and "native" not in _warned:
+        _warned.add("native")
+        warnings.warn(
+            f"truthgpt: the native attention kernel is not available ({native.UNAVAILABLE}); "
+            "using the compiled blocked kernel (the first call compiles it, 20-30 s). "
+            "Reinstall with a C++ compiler present to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "compiled"

@@ -28,8 +28,8 @@ materialised), with fast floating-point math enabled for these kernels only: it 
 compiler keep several partial sums, 5-6x faster than one accumulation chain. dq and dk are
 separate functions: compiled together, inductor would store the shared sign(q − k) block
 (for l2 they are two matmuls each).
-Without a working compiler, or with TRUTHGPT_COMPILE=0, the same functions run eagerly (one
-warning), with the distances and their sign-weighted sums taken from `torch.cdist` and its
+Without a working compiler (one warning), or with compiled=False, the same functions run
+eagerly, with the distances and their sign-weighted sums taken from `torch.cdist` and its
 backward (ATen's fused loops, sign(0) = 0 too) instead of the broadcast formulas, which eager
 mode would materialise as (B, H, rows, block, D) tensors.
 
@@ -172,21 +172,14 @@ def _dk_block(g, dist, q, k, kind, p):
 
 
 class _Kernels:
-    """The four block functions, compiled on first use; eager if compilation is unavailable."""
+    """The four block functions, compiled on first use; eager if compilation fails."""
 
     def __init__(self) -> None:
         self.compiled: dict[str, object] | None = None
         self.failed = False
 
-    @staticmethod
-    def compile_enabled() -> bool:
-        return os.environ.get("TRUTHGPT_COMPILE", "1") != "0"
-
-    def use_compiled(self) -> bool:
-        return self.compile_enabled() and not self.failed
-
-    def call(self, fn, *args):
-        if not self.use_compiled():
+    def call(self, compiled: bool, fn, *args):
+        if not compiled or self.failed:
             return fn(*args)
         if self.compiled is None:
             options: dict = {"cpp.enable_unsafe_math_opt_flag": True}
@@ -214,9 +207,9 @@ class _Kernels:
             )
             return fn(*args)
 
-    def sizes(self) -> tuple[int, int]:
-        """(key block, row chunk) for the current mode."""
-        if self.use_compiled():
+    def sizes(self, compiled: bool) -> tuple[int, int]:
+        """(key block, row chunk) for the mode that will run."""
+        if compiled and not self.failed:
             return BLOCK_SIZE, ROW_CHUNK
         return EAGER_BLOCK_SIZE, EAGER_ROW_CHUNK
 
@@ -252,8 +245,9 @@ class _Plan:
     generator seeded with (seed, first row, key block), so the backward regenerates them.
     """
 
-    def __init__(self, q, Tk, kind, p, block, rows, causal, user_bias, dropout_p, seed):
+    def __init__(self, q, Tk, kind, p, block, rows, causal, user_bias, dropout_p, seed, compiled):
         B, H, Tq, _ = q.shape
+        self.compiled = compiled
         self.kind, self.p = kind, p
         self.B, self.H, self.Tq, self.Tk, self.block, self.rows = B, H, Tq, Tk, block, rows
         self.nk = -(-Tk // block)
@@ -347,7 +341,9 @@ class BlockedDistanceAttention(torch.autograd.Function):
                 args = (_rows(q, r0, r1), kt_j, v_j, scale_h, plan.bias(r0, r1, j))
                 state = [_rows(t, r0, r1) for t in (m, l, acc)]
                 drop = plan.drop(r0, r1, j)
-                new = KERNELS.call(_fwd_block, *args, *state, drop, plan.kind, plan.p)
+                new = KERNELS.call(
+                    plan.compiled, _fwd_block, *args, *state, drop, plan.kind, plan.p
+                )
                 for full, upd in zip((m, l, acc), new, strict=True):
                     full[..., r0:r1, :] = upd
         dead = m < _DEAD_ROW  # every key masked: zero output, no gradient
@@ -373,12 +369,14 @@ class BlockedDistanceAttention(torch.autograd.Function):
                 q_r, do_r = _rows(q, r0, r1), _rows(do, r0, r1)
                 args = (q_r, kt_j, v_j, do_r, _rows(lse, r0, r1), _rows(delta, r0, r1), scale_h)
                 mask_drop_kind = (plan.bias(r0, r1, j), plan.drop(r0, r1, j), plan.kind, plan.p)
-                g, dist, dv_part, dscale_part = KERNELS.call(_bwd_block, *args, *mask_drop_kind)
+                g, dist, dv_part, dscale_part = KERNELS.call(
+                    plan.compiled, _bwd_block, *args, *mask_drop_kind
+                )
                 dv[..., keys, :] += dv_part
                 dscale += dscale_part
                 dist_args = (g, dist, q_r, k_j, plan.kind, plan.p)
-                dq[..., rows, :] += KERNELS.call(_dq_block, *dist_args)
-                dk[..., keys, :] += KERNELS.call(_dk_block, *dist_args)
+                dq[..., rows, :] += KERNELS.call(plan.compiled, _dq_block, *dist_args)
+                dk[..., keys, :] += KERNELS.call(plan.compiled, _dk_block, *dist_args)
         Tk = plan.Tk
         dscale = dscale.sum(0) if ctx.scale_is_tensor else None
         return dq, dk[..., :Tk, :], dv[..., :Tk, :], dscale, None, None
@@ -402,10 +400,13 @@ def blocked_attention(
     block_size: int | None = None,
     row_chunk: int | None = None,
     seed: int | None = None,
+    compiled: bool = True,
 ) -> Tensor:
     """Blocked exact attention for a kind in BLOCKED_KINDS, (B, H, Tq, D). Arguments as
     `distance_attention` (checked there).
 
+    compiled: compile the block functions with inductor (eager if that fails, one warning);
+        False runs them eagerly (cdist-based).
     block_size, row_chunk: keys per block and query rows per call (defaults depend on whether
     the kernels are compiled); any positive values give the same result.
     seed: dropout seed; None draws one from torch's global generator (so torch.manual_seed
@@ -414,7 +415,7 @@ def blocked_attention(
     """
     if kind not in BLOCKED_KINDS:
         raise ValueError(f"kind must be one of {BLOCKED_KINDS}, got {kind!r}")
-    default_block, default_rows = KERNELS.sizes()
+    default_block, default_rows = KERNELS.sizes(compiled)
     block, rows = block_size or default_block, row_chunk or default_rows
     H = q.shape[1]
     is_tensor = isinstance(scale, Tensor)
@@ -427,7 +428,17 @@ def blocked_attention(
     user_bias = _user_bias(attn_mask, k.shape[2], block, q.dtype)
     exponent = float(p) if kind == "lp" else 0.0
     plan = _Plan(
-        q, k.shape[2], kind, exponent, block, rows, causal, user_bias, float(dropout_p), seed
+        q,
+        k.shape[2],
+        kind,
+        exponent,
+        block,
+        rows,
+        causal,
+        user_bias,
+        float(dropout_p),
+        seed,
+        compiled,
     )
     return BlockedDistanceAttention.apply(q, k, v, scale_t, is_tensor, plan).to(dtype)
 

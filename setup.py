@@ -1,0 +1,41 @@
+"""Builds the native CPU attention kernel (truthgpt.attention._native) at install time.
+
+The kernel is optional: if it cannot be built (no C++ compiler, an unsupported platform), the
+install goes on with a warning and truthgpt falls back to the compiled or eager kernels.
+Everything else about the package is in pyproject.toml.
+"""
+
+import os
+import sys
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+
+class OptionalBuildExtension(BuildExtension):
+    """Builds the kernel if it can; TRUTHGPT_REQUIRE_NATIVE=1 makes a failure fatal."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as err:  # any build failure leaves the fallbacks
+            if os.environ.get("TRUTHGPT_REQUIRE_NATIVE") == "1":
+                raise
+            print(
+                f"warning: truthgpt's native attention kernel was not built ({err}); "
+                "the compiled or eager kernels will be used",
+                file=sys.stderr,
+            )
+            self.extensions = []
+
+
+native = CppExtension(
+    "truthgpt.attention._native",
+    ["src/truthgpt/attention/csrc/distance_attention.cpp"],
+    # -fno-math-errno lets sqrt vectorise; nothing here changes the floating-point
+    # environment (no -ffast-math: it would flush subnormals to zero process-wide).
+    extra_compile_args=["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wno-unused-function"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(ext_modules=[native], cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=False)})

@@ -1,0 +1,118 @@
+"""The native CPU kernel (C++, built at install time) as an autograd function.
+
+`csrc/distance_attention.cpp` computes l1, l2, chebyshev and lp attention with one parallel
+region per pass, an online softmax in the forward and a recompute from the saved log-sum-exp
+in the backward (see the file's header for the math). This module loads it, if it was built,
+and wraps it for autograd; `functional.distance_attention` decides when to use it.
+
+Differences from the compiled and eager kernels, both documented where users see them:
+- dropout masks come from a counter-based hash of (seed, batch·head, row, key), so they do not
+  depend on the tiling (`dropout_keep` returns them);
+- at a tie q_d == k_d, L1's subgradient of |q_d − k_d| is +1 (the others use sign(0) = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from truthgpt.attention import _native  # noqa: F401  (registers torch.ops.truthgpt.*)
+except ImportError as err:  # not built: no compiler at install time, another platform
+    UNAVAILABLE: str | None = f"{type(err).__name__}: {err}"
+else:
+    UNAVAILABLE = None
+
+KIND_CODES = {"l1": 0, "l2": 1, "chebyshev": 2, "lp": 3}
+# Masked scores; finite, so that the online softmax never computes inf − inf.
+MASK_VALUE = -1e30
+
+
+def available() -> bool:
+    """Whether the native kernel was built and loaded."""
+    return UNAVAILABLE is None
+
+
+def supports(q: Tensor) -> bool:
+    """The kernel runs on CPU tensors (float32 and float64; half types are widened first)."""
+    return q.device.type == "cpu"
+
+
+class NativeDistanceAttention(torch.autograd.Function):
+    """out = softmax(−λ·d(q, k) + mask) · v; saves q, k, v, the output and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, kind, p, causal, bias, dropout_p, seed):
+        args = (KIND_CODES[kind], p, causal, bias, dropout_p, seed)
+        out, lse = torch.ops.truthgpt.distance_attention_forward(q, k, v, scale, *args)
+        ctx.save_for_backward(q, k, v, out, lse, scale)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, scale = ctx.saved_tensors
+        dq, dk, dv, dscale = torch.ops.truthgpt.distance_attention_backward(
+            grad_out, q, k, v, out, lse, scale, *ctx.args
+        )
+        dscale = dscale.sum(0) if ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dscale, None, None, None, None, None, None
+
+
+def _additive_bias(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The user mask as a 4-D additive float tensor (masked = MASK_VALUE)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
+        bias = bias.masked_fill(~attn_mask, MASK_VALUE)
+    else:
+        bias = attn_mask.to(dtype).clamp(min=MASK_VALUE)
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    return bias
+
+
+@torch.compiler.disable
+def native_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kind: str,
+    scale: float | Tensor,
+    causal: bool = True,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    *,
+    p: float | None = None,
+    seed: int | None = None,
+) -> Tensor:
+    """Exact attention for l1, l2, chebyshev, lp with the native kernel, (B, H, Tq, D).
+
+    Arguments as `distance_attention` (checked there). seed: dropout seed; None draws one from
+    torch's global generator, so torch.manual_seed makes runs reproducible.
+    """
+    if UNAVAILABLE is not None:
+        raise RuntimeError(f"truthgpt's native attention kernel is not available ({UNAVAILABLE})")
+    dtype = q.dtype
+    if dtype not in (torch.float32, torch.float64):  # half types: compute in fp32
+        q, k, v = q.float(), k.float(), v.float()
+    if isinstance(scale, Tensor):
+        scale_t = scale.to(q.dtype)
+    else:
+        scale_t = torch.full((q.shape[1],), float(scale), dtype=q.dtype)
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    exponent = float(p) if kind == "lp" else 0.0
+    bias = _additive_bias(attn_mask, q.dtype)
+    out = NativeDistanceAttention.apply(
+        q, k, v, scale_t, kind, exponent, causal, bias, float(dropout_p), seed or 0
+    )
+    return out.to(dtype)
+
+
+def dropout_keep(seed: int, shape: tuple[int, int, int, int], p: float) -> Tensor:
+    """The native kernel's dropout keep-mask (1.0 = kept) for `seed`, (B, H, Tq, Tk)."""
+    if UNAVAILABLE is not None:
+        raise RuntimeError(f"truthgpt's native attention kernel is not available ({UNAVAILABLE})")
+    return torch.ops.truthgpt.dropout_keep(seed, *shape, p)

@@ -1,0 +1,261 @@
+"""The native C++ kernel against the float64 reference, at lengths that span several of its
+(64 × 64) tiles, and the backend choice (argument, environment, fallback with one warning).
+
+The per-backend tests in test_attention.py run it on short sequences as well.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from test_attention import P, eager_blocked, head_scale, make, reference
+from truthgpt.attention import distance_attention, functional, native
+from truthgpt.attention.kernels import BLOCKED_KINDS
+
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason=f"native kernel not built: {native.UNAVAILABLE}"
+)
+KINDS_P = [("l1", None), ("l2", None), ("chebyshev", None), ("lp", P), ("lp", 0.7)]
+
+
+def run(q, k, v, kind, scale, p=None, **kw):
+    return native.native_attention(q, k, v, kind, scale, p=p, **kw)
+
+
+@pytest.mark.parametrize("kind,p", KINDS_P)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("D", [3, 8])  # D = 8: the vector code in float64; 3: plain loops
+def test_gradcheck_across_tiles(kind, p, causal, D):
+    """Tq < Tk, both past one tile and not multiples of it; per-head λ."""
+    q, k, v = make(B=1, H=2, Tq=66, Tk=70, D=D, dtype=torch.float64, grad=True, seed=2)
+    scale = head_scale(2, torch.float64, grad=True)
+    # fast_mode: random projections of the Jacobian, same check, a fraction of the time
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, s: run(q, k, v, kind, s, p, causal=causal),
+        (q, k, v, scale),
+        fast_mode=True,
+    )
+
+
+@pytest.mark.parametrize("kind,p", KINDS_P)
+@pytest.mark.parametrize("D", [16, 32, 64, 24])  # every float vector width, and plain loops
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_matches_reference(kind, p, D, threads):
+    """float32 at T = 150 (three tiles); one head per batch row leaves fewer tasks than
+    threads, so the backward splits the keys into groups and sums their dq."""
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = make(B=2, H=1, Tq=150, Tk=150, D=D, grad=True, seed=D)
+        scale = torch.tensor([2.0 / D**0.5], requires_grad=True)
+        out = run(q, k, v, kind, scale, p)
+        expected = reference(q, k, v, kind, scale, True, p=p or P)
+        torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+        grad_out = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
+        want = torch.autograd.grad(expected, (q, k, v, scale), grad_out.double())
+        for a, b in zip(got, want, strict=True):
+            b = b.double()
+            torch.testing.assert_close(a.double(), b, atol=2e-4 * b.abs().max(), rtol=1e-3)
+    finally:
+        torch.set_num_threads(1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    Tq=st.integers(1, 140),
+    extra=st.integers(0, 70),
+    D=st.sampled_from([1, 2, 5, 8, 16]),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(BLOCKED_KINDS),
+    masked=st.booleans(),
+)
+def test_property(B, H, Tq, extra, D, causal, seed, kind, masked):
+    """Output and all four gradients equal the reference for any shape, with or without a
+    boolean mask that may leave rows with no key at all."""
+    Tk = Tq + extra
+    q, k, v = make(B, H, Tq, Tk, D, dtype=torch.float64, grad=True, seed=seed)
+    scale = head_scale(H, torch.float64, grad=True)
+    mask = None
+    if masked:
+        mask = torch.rand(B, 1, Tq, Tk, generator=torch.Generator().manual_seed(seed)) > 0.3
+    out = run(q, k, v, kind, scale, P, causal=causal, attn_mask=mask)
+    expected = reference(q, k, v, kind, scale, causal, mask)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
+    want = torch.autograd.grad(expected, (q, k, v, scale), grad_out)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_additive_mask_and_float_scale_gradcheck():
+    q, k, v = make(B=2, H=1, Tq=70, Tk=70, D=2, dtype=torch.float64, grad=True, seed=4)
+    mask = torch.randn(2, 1, 70, 70, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: run(q, k, v, "l1", 0.9, attn_mask=mask), (q, k, v), fast_mode=True
+    )
+
+
+def test_l1_tie_takes_subgradient_plus_one():
+    """At q_d == k_d the native kernel's subgradient of |q_d − k_d| is +1 (documented); the
+    reference written with that subgradient agrees, ties and all."""
+    q, k, v = make(B=1, H=2, Tq=20, Tk=20, D=4, dtype=torch.float64, seed=8)
+    k[..., ::2, :2] = q[..., ::2, :2]  # many exact ties
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    scale = head_scale(2, torch.float64, grad=True)
+    out = run(q, k, v, "l1", scale)
+    diff = q[:, :, :, None, :] - k[:, :, None, :, :]
+    dist = torch.where(diff >= 0, diff, -diff).sum(-1)  # autograd: +1 at diff == 0
+    keep = torch.ones(20, 20, dtype=torch.bool).tril()
+    scores = (-scale.view(1, -1, 1, 1) * dist).masked_fill(~keep, -torch.inf)
+    expected = torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
+    want = torch.autograd.grad(expected, (q, k, v, scale), grad_out)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["l2", "chebyshev", "lp"])
+def test_zero_distance_gives_finite_equal_gradients(kind):
+    """Keys equal to their query (distance 0, zero coordinate differences): the gradients of
+    the eager kernel (torch.cdist's: 0 where the derivative is undefined; the naive formula's
+    autograd gives NaN there)."""
+    q, k, v = make(B=2, H=2, Tq=70, Tk=70, D=8, dtype=torch.float64, seed=1)
+    k[:, :, :10] = q[:, :, :10]
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    scale = head_scale(2, torch.float64, grad=True)
+    out = run(q, k, v, kind, scale, 0.7)
+    torch.testing.assert_close(out, reference(q, k, v, kind, scale, p=0.7))
+    expected = eager_blocked(q, k, v, kind, scale, p=0.7)
+    got = torch.autograd.grad(out.square().sum(), (q, k, v, scale))
+    want = torch.autograd.grad(expected.square().sum(), (q, k, v, scale))
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+def test_dropout_uses_its_hash_mask_in_forward_and_backward():
+    """The output is the reference weights times the mask `dropout_keep` reports, over
+    several tiles; gradients through the same mask match."""
+    q, k, v = make(B=2, H=2, Tq=70, Tk=75, D=3, dtype=torch.float64, grad=True)
+    scale = head_scale(2, torch.float64, grad=True)
+    out = run(q, k, v, "l1", scale, dropout_p=0.4, seed=123)
+    keep = native.dropout_keep(123, (2, 2, 70, 75), 0.4).double()
+    eye = torch.eye(75, dtype=torch.float64).expand(2, 2, 75, 75)
+    weights = reference(q, k, eye, "l1", scale)  # (B, H, Tq, Tk)
+    expected = (weights * keep / 0.6) @ v
+    torch.testing.assert_close(out, expected)
+    assert 0.5 < keep.mean() < 0.7
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
+    want = torch.autograd.grad(expected, (q, k, v, scale), grad_out)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_dropout_seed_from_global_generator():
+    q, k, v = make(Tq=8, Tk=8)
+    torch.manual_seed(1)
+    a = run(q, k, v, "l1", 0.5, dropout_p=0.5)
+    torch.manual_seed(1)
+    b = run(q, k, v, "l1", 0.5, dropout_p=0.5)
+    torch.manual_seed(2)
+    c = run(q, k, v, "l1", 0.5, dropout_p=0.5)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_half_inputs_are_computed_in_float32():
+    q, k, v = make(Tq=70, Tk=70, D=16)
+    out = run(q.bfloat16(), k.bfloat16(), v.bfloat16(), "l1", 0.5)
+    assert out.dtype == torch.bfloat16
+    expected = reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), "l1", 0.5)
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=0)
+
+
+def test_subnormal_floats_survive_an_l1_call():
+    """The kernel changes no floating-point state (the compiled kernel's fast-math flag
+    flushes subnormals to zero for the whole process); a fresh process, so that no earlier
+    compiled call has set it."""
+    code = (
+        "import torch\n"
+        "from truthgpt.attention import native\n"
+        "q = torch.randn(1, 2, 80, 16, requires_grad=True)\n"
+        "native.native_attention(q, q, q, 'l1', 0.5).sum().backward()\n"
+        "x = 1e-39\n"
+        "assert x * 0.5 > 0, 'subnormal flushed'\n"
+        "assert (torch.tensor([1e-39]) * 0.5).item() > 0, 'subnormal flushed (torch)'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# choosing the backend
+
+
+def test_auto_picks_native_and_each_backend_can_be_forced(monkeypatch):
+    calls = []
+    monkeypatch.setattr(native, "native_attention", lambda *a, **kw: calls.append("native") or a[0])
+    monkeypatch.setattr(
+        functional,
+        "blocked_attention",
+        lambda *a, compiled, **kw: calls.append("compiled" if compiled else "eager") or a[0],
+    )
+    q, k, v = make()
+    monkeypatch.delenv(functional.BACKEND_ENV, raising=False)
+    distance_attention(q, k, v, "l1", 0.5)
+    distance_attention(q, k, v, "l2", 0.5, backend="eager")
+    distance_attention(q, k, v, "chebyshev", 0.5, backend="compiled")
+    monkeypatch.setenv(functional.BACKEND_ENV, "eager")
+    distance_attention(q, k, v, "l1", 0.5)
+    distance_attention(q, k, v, "l1", 0.5, backend="native")  # the argument wins
+    assert calls == ["native", "eager", "compiled", "eager", "native"]
+
+
+def test_unknown_backend_names_the_argument_or_variable(monkeypatch):
+    q, k, v = make()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        distance_attention(q, k, v, "l1", 0.5, backend="cuda")
+    monkeypatch.setenv(functional.BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match="TRUTHGPT_ATTENTION_BACKEND must be one of"):
+        distance_attention(q, k, v, "l1", 0.5)
+
+
+def test_without_the_native_kernel_auto_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(native, "UNAVAILABLE", "ImportError: no module named _native")
+    monkeypatch.setattr(functional, "_warned", set())
+    monkeypatch.delenv(functional.BACKEND_ENV, raising=False)
+    used = []
+
+    def eager_instead(*args, compiled, **kwargs):
+        used.append(compiled)
+        return functional.blocked_attention.__wrapped__(*args, compiled=False, **kwargs)
+
+    real = functional.blocked_attention
+    eager_instead.__wrapped__ = real
+    monkeypatch.setattr(functional, "blocked_attention", eager_instead)
+    q, k, v = make(dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="native attention kernel is not available"):
+        out = distance_attention(q, k, v, "l1", 0.5)
+    torch.testing.assert_close(out, reference(q, k, v, "l1", 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        distance_attention(q, k, v, "l1", 0.5)
+    assert used == [True, True]  # auto went on to the compiled kernel
+    with pytest.raises(RuntimeError, match="native attention kernel is not available"):
+        distance_attention(q, k, v, "l1", 0.5, backend="native")
