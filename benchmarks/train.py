@@ -1,6 +1,7 @@
 """Training throughput and MFU of every distance kind against `dot`, in one process.
 
     python benchmarks/train.py [--presets char-small,seed] [--kinds dot,l1,...] [--steps 30]
+                               [--threads N]
 
 Each kind trains its preset on random token batches for a few warm-up steps, then is timed over
 `--steps` steps; kinds are measured in interleaved rounds and the median round is kept, so a
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +78,10 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(DISTANCE_TYPES))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
     if "dot" not in kinds:
         kinds.insert(0, "dot")
@@ -85,7 +90,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}",
         "peak_matmul_gflops": peak / 1e9,
-        "load_average_at_start": os.getloadavg()[0],
+        "command": "python " + " ".join(["benchmarks/train.py", *sys.argv[1:]]),
+        "load_average_at_start": os.getloadavg(),
         "steps": args.steps,
         "rounds": args.rounds,
         "presets": {},
@@ -100,14 +106,18 @@ def main() -> None:
                 f"  MFU {row['mfu']:.1%}",
                 flush=True,
             )
+    result["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "train" + (f".threads{args.threads}" if args.threads else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    load = ", ".join(f"{x:.2f}" for x in result["load_average_at_start"])
+    load_end = ", ".join(f"{x:.2f}" for x in result["load_average_at_end"])
     lines = [
         f"Training throughput ({result['machine']}; measured matmul peak "
         f"{result['peak_matmul_gflops']:.0f} GFLOP/s; median of {args.rounds} rounds of "
-        f"{args.steps} steps; 1-minute load average {result['load_average_at_start']:.1f} at "
-        "the start: on a busy machine read the ratios, not the speeds). "
-        "Command: `python benchmarks/train.py`.",
+        f"{args.steps} steps; load average (1, 5, 15 min) {load} at the start, {load_end} at "
+        "the end: on a busy machine read the ratios, not the speeds). "
+        f"Command: `{result['command']}`.",
         "",
         "| preset | kind | tokens/s | ratio to dot | MFU |",
         "|---|---|---|---|---|",
@@ -118,8 +128,8 @@ def main() -> None:
                 f"| {name} | {kind} | {row['tokens_per_s']:,.0f} | {row['ratio_to_dot']:.2f} "
                 f"| {row['mfu']:.1%} |"
             )
-    (RESULTS / "train.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS / 'train.md'}")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / name}.md")
 
 
 if __name__ == "__main__":

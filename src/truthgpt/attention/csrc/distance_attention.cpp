@@ -86,6 +86,78 @@ TG_INLINE V vabs(V x) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// exp and log on float lanes (Cephes' expf and logf, about 1 ulp): std::exp and std::log do
+// not vectorise without fast-math. float64 (tests) uses the std functions.
+
+TG_INLINE Vec<float>::type vexp(Vec<float>::type x) {  // Cephes' expf, ~1 ulp; 0 below -87.3
+  using V = Vec<float>::type;
+  typedef int32_t VI __attribute__((vector_size(64)));
+  const V zero{};
+  const V xc = x < -87.3f ? splat<V>(-87.3f) : (x > 88.3f ? splat<V>(88.3f) : x);
+  V n = xc * 1.44269504088896341f;
+  const VI ni = __builtin_convertvector(n + (n < 0 ? splat<V>(-0.5f) : splat<V>(0.5f)), VI);
+  n = __builtin_convertvector(ni, V);
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V y = splat<V>(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const VI e = (ni + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &e, sizeof(V));
+  return x < -87.3f ? zero : y * scale;
+}
+
+TG_INLINE Vec<float>::type vlog(Vec<float>::type x) {  // x > 0
+  using V = Vec<float>::type;
+  typedef int32_t VI __attribute__((vector_size(64)));
+  VI bits;
+  std::memcpy(&bits, &x, sizeof(V));
+  V e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, V);
+  bits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  V m;
+  std::memcpy(&m, &bits, sizeof(V));
+  const auto small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const V z = m * m;
+  V y = splat<V>(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
+// a^p for a >= 0, p > 0 (0^p = 0). An integer p (ip = p, up to 8) is repeated
+// multiplication, exact and ~20x cheaper than exp(p log a); ip = 0 for any other p.
+TG_INLINE Vec<float>::type vpow(Vec<float>::type a, float p, int ip) {
+  using V = Vec<float>::type;
+  if (ip > 0) {
+    V r = a;
+    for (int i = 1; i < ip; ++i) r *= a;
+    return r;
+  }
+  const V one = splat<V>(1.0f);
+  return a > 0 ? vexp(p * vlog(a > 0 ? a : one)) : V{};
+}
+
+TG_INLINE int integer_exponent(double p) {
+  return p == std::round(p) && p >= 1 && p <= 8 ? int(p) : 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // score tiles: out[r][c] = reduce_d op(a[r][d], bt[d][c]) for rows r < rows, keys c < kKeys.
 // Keys run along the vector lanes (bt is k transposed), a[r][d] is broadcast; a register tile
 // of 4 rows x kKeys keys, the shape of a GEMM micro-kernel.
@@ -141,9 +213,24 @@ TG_INLINE void score_tile(const T* a, int64_t rows, const T* bt, int64_t ldb, in
   }
 }
 
-// lp has no cheap vector form (|x|^p); plain loops.
+// lp: sum_d |a - b|^p, with |x|^p = exp(p log |x|) on the lanes (float); plain loops (double).
 template <typename T>
 TG_INLINE void lp_tile(const T* a, int64_t rows, const T* bt, int64_t ldb, int64_t D, T p, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    using V = Vec<float>::type;
+    constexpr int W = Vec<float>::W, NV = kKeys / W;
+    const int ip = integer_exponent(p);
+    for (int64_t r = 0; r < rows; ++r) {
+      V acc[NV] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const V x = splat<V>(a[r * D + d]);
+        for (int j = 0; j < NV; ++j)
+          acc[j] += vpow(vabs(x - load<V>(bt + d * ldb + j * W)), p, ip);
+      }
+      for (int j = 0; j < NV; ++j) store(out + r * kKeys + j * W, acc[j]);
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     T* o = out + r * kKeys;
     for (int64_t c = 0; c < kKeys; ++c) o[c] = 0;
@@ -333,6 +420,32 @@ TG_INLINE void chebyshev_grad(const T* g, const T* dist, int64_t rows, int64_t c
   }
 }
 
+// lp backward, float, D along the lanes: dd/dq_d = sign(x) (|x| / d)^(p-1), 0 where x = 0
+TG_INLINE void lp_grad(float p, const float* g, const float* dist, int64_t rows, int64_t cols,
+                       const float* q, const float* k, int64_t D, float* dq, float* dk) {
+  using V = Vec<float>::type;
+  constexpr int W = Vec<float>::W;
+  const V zero{}, one = splat<V>(1.0f);
+  const int ip = integer_exponent(p);
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float gv = g[r * kKeys + c], dv = dist[r * kKeys + c];
+      if (gv == 0 || dv == 0) continue;
+      const V gp = splat<V>(gv), logd = splat<V>(std::log(dv));
+      const V gscaled = splat<V>(ip > 1 ? gv * std::pow(dv, 1.0f - p) : gv);  // g d^(1-p)
+      for (int64_t j = 0; j < D; j += W) {
+        const V x = load<V>(q + r * D + j) - load<V>(k + c * D + j);
+        const V ax = vabs(x);
+        V w = ip == 1   ? gp
+              : ip > 1 ? gscaled * vpow(ax, p - 1.0f, ip - 1)
+                       : gp * vexp((p - 1.0f) * (vlog(ax > 0 ? ax : one) - logd));
+        w = ax > 0 ? (x > 0 ? w : -w) : zero;
+        store(dq + r * D + j, load<V>(dq + r * D + j) + w);
+        store(dk + c * D + j, load<V>(dk + c * D + j) - w);
+      }
+    }
+}
+
 // chebyshev and lp backward (plain loops): g = dL/d dist;
 //   dq[r] += g * dd/dq,  dk[c] -= g * dd/dq,  dd/dq_d = sign(x) [|x| = d] (chebyshev: every
 // coordinate attaining the max), sign(x) (|x| / d)^(p-1) (lp), 0 where x = 0 or d = 0.
@@ -384,29 +497,6 @@ TG_INLINE T hsum(typename Vec<T>::type v) {
   T r = 0;
   for (int i = 0; i < Vec<T>::W; ++i) r += v[i];
   return r;
-}
-
-TG_INLINE Vec<float>::type vexp(Vec<float>::type x) {  // Cephes' expf, ~1 ulp; 0 below -87.3
-  using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
-  const V zero{};
-  const V xc = x < -87.3f ? splat<V>(-87.3f) : (x > 88.3f ? splat<V>(88.3f) : x);
-  V n = xc * 1.44269504088896341f;
-  const VI ni = __builtin_convertvector(n + (n < 0 ? splat<V>(-0.5f) : splat<V>(0.5f)), VI);
-  n = __builtin_convertvector(ni, V);
-  V r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V y = splat<V>(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const VI e = (ni + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &e, sizeof(V));
-  return x < -87.3f ? zero : y * scale;
 }
 
 // x[c] = exp(x[c] - shift); returns the sum
@@ -494,7 +584,13 @@ struct Problem {
         break;
       case kLp:
         lp_tile<T>(qr, rows, ktc, Tkp, D, p, s);
-        for (int64_t i = 0; i < n; ++i) s[i] = std::pow(s[i], T(1) / p);
+        if constexpr (std::is_same_v<T, float>) {  // d = (sum)^(1/p) on the lanes
+          using V = Vec<float>::type;
+          for (int64_t i = 0; i < n; i += Vec<float>::W)
+            store(s + i, vpow(load<V>(s + i), 1.0f / p, 0));
+        } else {
+          for (int64_t i = 0; i < n; ++i) s[i] = std::pow(s[i], T(1) / p);
+        }
         break;
     }
     if (kind != kL1) {
@@ -660,6 +756,8 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
         for (int64_t i = 0; i < rows * kKeys; ++i) s[i] *= -lam;  // dL/d dist
         if (P.kind == kChebyshev && NVd > 0)
           chebyshev_grad<T, NVd>(s, dist, rows, cols, qr, kc, D, dq + r0 * D, dk_acc.data());
+        else if constexpr (std::is_same_v<T, float> && NVd > 0)
+          lp_grad(P.p, s, dist, rows, cols, qr, kc, D, dq + r0 * D, dk_acc.data());
         else
           generic_grad<T>(P.kind, P.p, s, dist, rows, cols, qr, kc, D, dq + r0 * D,
                           dk_acc.data());
