@@ -108,8 +108,8 @@ def main() -> None:
             )
     result["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
-    name = "train" + (f".threads{args.threads}" if args.threads else "")
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    out_name = "train" + (f".threads{args.threads}" if args.threads else "")
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(result, indent=2) + "\n")
     load = ", ".join(f"{x:.2f}" for x in result["load_average_at_start"])
     load_end = ", ".join(f"{x:.2f}" for x in result["load_average_at_end"])
     lines = [
@@ -128,8 +128,8 @@ def main() -> None:
                 f"| {name} | {kind} | {row['tokens_per_s']:,.0f} | {row['ratio_to_dot']:.2f} "
                 f"| {row['mfu']:.1%} |"
             )
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS / name}.md")
+    (RESULTS / f"{out_name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / out_name}.md")
 
 
 if __name__ == "__main__":

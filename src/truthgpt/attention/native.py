@@ -39,7 +39,11 @@ def supports(q: Tensor) -> bool:
 
 
 class NativeDistanceAttention(torch.autograd.Function):
-    """out = softmax(−λ·d(q, k) + mask) · v; saves q, k, v, the output and the log-sum-exp."""
+    """out = softmax(−λ·d(q, k) + mask) · v; saves q, k, v, the output and the log-sum-exp.
+
+    q, k, v may be strided views (the model's are views of one projection): the kernel reads
+    them in place as long as the head dimension is contiguous.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, scale, kind, p, causal, bias, dropout_p, seed):
@@ -55,7 +59,7 @@ class NativeDistanceAttention(torch.autograd.Function):
         dq, dk, dv, dscale = torch.ops.truthgpt.distance_attention_backward(
             grad_out, q, k, v, out, lse, scale, *ctx.args
         )
-        dscale = dscale.sum(0) if ctx.needs_input_grad[3] else None
+        dscale = dscale if ctx.needs_input_grad[3] else None  # (H,): summed over the batch
         return dq, dk, dv, dscale, None, None, None, None, None, None
 
 

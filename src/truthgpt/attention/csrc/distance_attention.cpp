@@ -532,24 +532,39 @@ TG_INLINE float uniform(uint64_t seed, uint64_t index) {
 // the problem, shared by both passes
 
 template <typename T>
+struct Strided {  // a (B, H, T, D) tensor whose last dimension is contiguous
+  const T* data;
+  int64_t sb, sh, sr, H, D;
+
+  const T* row(int64_t bh, int64_t r) const { return data + bh / H * sb + bh % H * sh + r * sr; }
+  // rows [r0, r0 + n) of head bh, contiguous: in place when they are, else copied into buf
+  TG_INLINE const T* rows(int64_t bh, int64_t r0, int64_t n, T* buf) const {
+    if (sr == D) return row(bh, r0);
+    for (int64_t i = 0; i < n; ++i) std::memcpy(buf + i * D, row(bh, r0 + i), sizeof(T) * D);
+    return buf;
+  }
+};
+
+template <typename T>
 struct Problem {
   int64_t B, H, Tq, Tk, Tkp, D;  // Tkp: Tk rounded up to kKeys (kt and vt are zero-padded)
   Kind kind;
   T p;
   bool causal;
   int64_t offset;     // Tk - Tq: key c is visible to query r iff c <= r + offset
-  const T* q;         // (B, H, Tq, D)
-  const T* k;         // (B, H, Tk, D)
-  const T* v;         // (B, H, Tk, D)
+  // q (B, H, Tq, D), k and v (B, H, Tk, D), each with its own batch, head and row strides
+  // (the head dimension contiguous): the model's q, k, v are views of one projection, read
+  // in place; a tile's rows are gathered into a buffer when they are not contiguous.
+  Strided<T> q, k, v;
   const T* kt;        // (B, H, D, Tkp): k transposed, keys along the lanes
   const T* ksum;      // (B, H, Tkp): sum_d k (l1)
   const T* scale;     // (H,)
   const T* bias;      // additive user mask (B, H, Tq, Tk) by the strides below, or null
   int64_t bs0, bs1, bs2, bs3;
-  float dropout_p;
+  double dropout_p;  // kept in double: the 1 / (1 - p) rescaling is exact in float64
   uint64_t seed;
 
-  int64_t rows_at(int64_t bh) const { return bh * Tq * D; }
+  int64_t rows_at(int64_t bh) const { return bh * Tq * D; }  // in our contiguous outputs
   int64_t keys_at(int64_t bh) const { return bh * Tk * D; }
   // keys [0, key_end(r + 1)) are visible to row r
   int64_t key_end(int64_t r1) const { return causal ? std::min(Tk, r1 + offset) : Tk; }
@@ -558,8 +573,9 @@ struct Problem {
 
   // Scores s and distances dist (may be null) of rows [r0, r0 + rows) x keys [c0, c0 + kKeys);
   // masked scores are kMask. For l1, dist leaves out the row constant sum_d q_d.
-  TG_INLINE void scores(int64_t bh, int64_t r0, int64_t rows, int64_t c0, T* s, T* dist) const {
-    const T* qr = q + rows_at(bh) + r0 * D;
+  // qr: the rows' queries, contiguous (Strided::rows).
+  TG_INLINE void scores(int64_t bh, const T* qr, int64_t r0, int64_t rows, int64_t c0, T* s,
+                        T* dist) const {
     const T* ktc = kt + bh * D * Tkp + c0;
     const T lam = scale[bh % H];
     const int64_t n = rows * kKeys;
@@ -634,11 +650,12 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
   std::fill(o, o + rows * D, T(0));
   std::fill(m, m + rows, T(kMask));
   std::fill(l, l + rows, T(0));
-  const T* vb = P.v + P.keys_at(bh);
+  std::vector<T> qbuf(kRows * D), vbuf(kKeys * D);
+  const T* qr = P.q.rows(bh, r0, rows, qbuf.data());
   const int64_t kend = P.key_end(r0 + rows);
   for (int64_t c0 = 0; c0 < kend; c0 += kKeys) {
     const int64_t cols = std::min(kKeys, P.Tk - c0);
-    P.scores(bh, r0, rows, c0, s, nullptr);
+    P.scores(bh, qr, r0, rows, c0, s, nullptr);
     for (int64_t r = 0; r < rows; ++r) {  // online softmax
       T* sr = s + r * kKeys;
       const T mx = row_max(sr, m[r]);
@@ -649,7 +666,7 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
         for (int64_t d = 0; d < D; ++d) o[r * D + d] *= alpha;
     }
     if (P.dropout_p > 0) P.drop(bh, r0, rows, c0, cols, s);  // on what reaches v, not on l
-    rows_acc<T, NVd>(s, rows, cols, vb + c0 * D, D, o);
+    rows_acc<T, NVd>(s, rows, cols, P.v.rows(bh, c0, cols, vbuf.data()), D, o);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const bool dead = m[r] < T(kDeadRow);  // every key masked: zeros, and no gradient
@@ -666,14 +683,14 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
 
 template <typename T>
 struct Grads {
-  const T* dout;   // (B, H, Tq, D)
-  const T* delta;  // (B, H, Tq): dO . O
+  Strided<T> dout, out;  // (B, H, Tq, D)
   const T* lse;    // (B, H, Tq)
   const T* vt;     // (B, H, D, Tkp): v transposed
   T* dq;           // (groups, B, H, Tq, D); l1: sum dS [q < k], scaled by 2 lambda afterwards
   T* dk;           // (B, H, Tk, D)
   T* dv;           // (B, H, Tk, D)
   T* dscale;       // (groups, B, H)
+  const T* scale2;  // l1: 2 lambda per head, applied to this task's dq when it owns it
   int64_t groups;
 };
 
@@ -686,24 +703,28 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
   const int64_t nkt = (P.Tk + kKeys - 1) / kKeys;
   alignas(64) T s[kRows * kKeys], dist[kRows * kKeys], dp[kRows * kKeys], pd[kRows * kKeys];
   std::vector<T> dk_acc(kKeys * D), dv_acc(kKeys * D);
-  alignas(64) T colsum[kKeys];
+  std::vector<T> qbuf(kRows * D), kbuf(kKeys * D), dobuf(kRows * D), obuf(kRows * D);
+  alignas(64) T colsum[kKeys], delta[kRows];
   const T lam = P.scale[bh % P.H];
   T* dq = G.dq + (group * BH + bh) * P.Tq * D;
-  const T* qb = P.q + P.rows_at(bh);
-  const T* kb = P.k + P.keys_at(bh);
-  const T* dob = G.dout + P.rows_at(bh);
   double dscale = 0;  // a sum of many terms that cancel: double, even for float
   for (int64_t ti = group; ti < nkt; ti += G.groups) {
     const int64_t c0 = ti * kKeys, cols = std::min(kKeys, P.Tk - c0);
-    const T* kc = kb + c0 * D;
+    const T* kc = P.k.rows(bh, c0, cols, kbuf.data());
     std::fill(dk_acc.begin(), dk_acc.end(), T(0));
     std::fill(dv_acc.begin(), dv_acc.end(), T(0));
     std::fill(colsum, colsum + kKeys, T(0));
     for (int64_t r0 = P.row_begin(c0); r0 < P.Tq; r0 += kRows) {
       const int64_t rows = std::min(kRows, P.Tq - r0);
-      const T* qr = qb + r0 * D;
-      const T* dor = dob + r0 * D;
-      P.scores(bh, r0, rows, c0, s, dist);
+      const T* qr = P.q.rows(bh, r0, rows, qbuf.data());
+      const T* dor = G.dout.rows(bh, r0, rows, dobuf.data());
+      const T* orow = G.out.rows(bh, r0, rows, obuf.data());
+      for (int64_t r = 0; r < rows; ++r) {  // delta = dO . O (holds with dropout too)
+        T acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += dor[r * D + d] * orow[r * D + d];
+        delta[r] = acc;
+      }
+      P.scores(bh, qr, r0, rows, c0, s, dist);
       for (int64_t r = 0; r < rows; ++r)  // probabilities from the saved log-sum-exp
         exp_row(s + r * kKeys, G.lse[bh * P.Tq + r0 + r]);
       score_tile<T, Dot>(dor, rows, G.vt + bh * D * P.Tkp + c0, P.Tkp, D, dp);  // dP = dO v^T
@@ -717,7 +738,7 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
       }
       // dS = P (dP - delta), in s (zero on the padded keys); dscale -= dS . dist
       for (int64_t r = 0; r < rows; ++r) {
-        const V dl = splat<V>(G.delta[bh * P.Tq + r0 + r]);
+        const V dl = splat<V>(delta[r]);
         V row{};
         for (int64_t c = 0; c < kKeys; c += W) {
           const int64_t i = r * kKeys + c;
@@ -774,6 +795,10 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
         dkc[c * D + d] = x;
         dvc[c * D + d] = dv_acc[c * D + d];
       }
+  }
+  if (P.kind == kL1 && G.groups == 1) {  // this task owns every row of its dq
+    const T f = G.scale2[bh % P.H];
+    for (int64_t i = 0; i < P.Tq * D; ++i) dq[i] *= f;
   }
   G.dscale[group * BH + bh] = T(dscale);
 }
@@ -843,8 +868,32 @@ void run_tasks(int64_t n, const F& f) {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-at::Tensor transposed_padded(const at::Tensor& x, int64_t Tkp) {  // (B, H, T, D) -> (B, H, D, Tkp)
-  return at::constant_pad_nd(x, {0, 0, 0, Tkp - x.size(2)}).transpose(2, 3).contiguous();
+// The head dimension must be contiguous; anything else about the layout is read as it is.
+at::Tensor rows_contiguous(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
+
+template <typename T>
+Strided<T> strided(const at::Tensor& x) {
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), x.size(1), x.size(3)};
+}
+
+// xt (B, H, D, Tkp) = x transposed, zero-padded; xsum (B, H, Tkp) = sum_d x (if not null):
+// one task per head, in the kernel's own parallel region (no ATen copies).
+template <typename T>
+void transpose_keys(const Strided<T>& x, int64_t BH, int64_t Tk, int64_t Tkp, T* xt, T* xsum) {
+  const int64_t D = x.D;
+  run_tasks(BH, [&](int64_t bh) {
+    T* out = xt + bh * D * Tkp;
+    for (int64_t c = 0; c < Tkp; ++c) {
+      const T* row = c < Tk ? x.row(bh, c) : nullptr;
+      T sum = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const T value = row ? row[d] : T(0);
+        out[d * Tkp + c] = value;
+        sum += value;
+      }
+      if (xsum) xsum[bh * Tkp + c] = sum;
+    }
+  });
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -865,21 +914,21 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& kt, const at::Tensor& ksum, const at::Tensor& scale,
+                        const T* kt, const T* ksum, int64_t Tkp, const at::Tensor& scale,
                         const std::optional<at::Tensor>& bias, int64_t kind, double p,
                         bool causal, double dropout_p, int64_t seed) {
   Problem<T> P{};
   P.B = q.size(0), P.H = q.size(1), P.Tq = q.size(2), P.Tk = k.size(2), P.D = q.size(3);
-  P.Tkp = kt.size(3);
+  P.Tkp = Tkp;
   P.kind = Kind(kind), P.p = T(p), P.causal = causal, P.offset = P.Tk - P.Tq;
-  P.q = q.data_ptr<T>(), P.k = k.data_ptr<T>(), P.v = v.data_ptr<T>();
-  P.kt = kt.data_ptr<T>(), P.ksum = ksum.data_ptr<T>(), P.scale = scale.data_ptr<T>();
+  P.q = strided<T>(q), P.k = strided<T>(k), P.v = strided<T>(v);
+  P.kt = kt, P.ksum = ksum, P.scale = scale.data_ptr<T>();
   if (bias) {
     P.bias = bias->data_ptr<T>();
     P.bs0 = bias->stride(0), P.bs1 = bias->stride(1), P.bs2 = bias->stride(2);
     P.bs3 = bias->stride(3);
   }
-  P.dropout_p = float(dropout_p), P.seed = uint64_t(seed);
+  P.dropout_p = dropout_p, P.seed = uint64_t(seed);
   return P;
 }
 
@@ -895,19 +944,22 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tenso
                                            const std::optional<at::Tensor>& bias_,
                                            double dropout_p, int64_t seed) {
   check_inputs(q_, k_, v_, scale_, kind);
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
   const at::Tensor scale = scale_.to(q.scalar_type()).contiguous();
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
   TORCH_CHECK(!causal || Tk >= Tq, "causal attention needs Tk >= Tq");
   const int64_t Tkp = round_up(std::max<int64_t>(Tk, 1), kKeys);
-  const at::Tensor kt = transposed_padded(k, Tkp);
-  const at::Tensor ksum = at::constant_pad_nd(k.sum(-1), {0, Tkp - Tk}).contiguous();
   const auto bias = expanded_bias(bias_, q, Tk);
-  at::Tensor out = at::empty_like(q), lse = at::empty({B, H, Tq}, q.options());
+  at::Tensor out = at::empty({B, H, Tq, D}, q.options());
+  at::Tensor lse = at::empty({B, H, Tq}, q.options());
   if (q.numel() == 0 || Tk == 0) return {out.zero_(), lse.fill_(-kMask)};
+  at::Tensor kt = at::empty({B, H, D, Tkp}, q.options()), ksum = at::empty({B, H, Tkp}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "distance_attention_forward", [&] {
-    const auto P = make_problem<scalar_t>(q, k, v, kt, ksum, scale, bias, kind, p, causal,
-                                          dropout_p, seed);
+    transpose_keys(strided<scalar_t>(k), B * H, Tk, Tkp, kt.data_ptr<scalar_t>(),
+                   ksum.data_ptr<scalar_t>());
+    const auto P = make_problem<scalar_t>(q, k, v, kt.data_ptr<scalar_t>(),
+                                          ksum.data_ptr<scalar_t>(), Tkp, scale, bias, kind, p,
+                                          causal, dropout_p, seed);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* l = lse.data_ptr<scalar_t>();
     run_tasks(B * H * ((Tq + kRows - 1) / kRows),
@@ -916,42 +968,53 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tenso
   return {out, lse};
 }
 
+// Returns dq, dk, dv and dscale summed over the batch, (H,).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& scale_, int64_t kind,
     double p, bool causal, const std::optional<at::Tensor>& bias_, double dropout_p,
     int64_t seed) {
   check_inputs(q_, k_, v_, scale_, kind);
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const at::Tensor dout = dout_.to(q.scalar_type()).contiguous();
+  const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
+  const at::Tensor dout = rows_contiguous(dout_.to(q.scalar_type()));
+  const at::Tensor out = rows_contiguous(out_.to(q.scalar_type()));
   const at::Tensor lse = lse_.contiguous();
   const at::Tensor scale = scale_.to(q.scalar_type()).contiguous();
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
   const int64_t Tkp = round_up(std::max<int64_t>(Tk, 1), kKeys), BH = B * H;
-  const at::Tensor kt = transposed_padded(k, Tkp), vt = transposed_padded(v, Tkp);
-  const at::Tensor ksum = at::constant_pad_nd(k.sum(-1), {0, Tkp - Tk}).contiguous();
-  const at::Tensor delta = (dout * out_.to(q.scalar_type())).sum(-1).contiguous();
   const auto bias = expanded_bias(bias_, q, Tk);
   const int64_t threads = at::get_num_threads(), nkt = (Tk + kKeys - 1) / kKeys;
   const int64_t groups =
       BH >= 2 * threads ? 1 : std::clamp<int64_t>((2 * threads + BH - 1) / BH, 1, nkt);
   at::Tensor dq = at::zeros({groups, B, H, Tq, D}, q.options());
-  at::Tensor dk = at::zeros_like(k), dv = at::zeros_like(v);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   at::Tensor dscale = at::zeros({groups, B, H}, q.options());
-  if (q.numel() == 0 || Tk == 0) return {dq.sum(0), dk, dv, dscale.sum(0)};
+  if (q.numel() == 0 || Tk == 0) return {dq.sum(0), dk.zero_(), dv.zero_(), dscale.sum({0, 1})};
+  const at::Tensor scale2 = scale * 2;
+  at::Tensor kt = at::empty({B, H, D, Tkp}, q.options()), ksum = at::empty({B, H, Tkp}, q.options());
+  at::Tensor vt = at::empty({B, H, D, Tkp}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "distance_attention_backward", [&] {
-    const auto P = make_problem<scalar_t>(q, k, v, kt, ksum, scale, bias, kind, p, causal,
-                                          dropout_p, seed);
-    Grads<scalar_t> G{dout.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+    transpose_keys(strided<scalar_t>(k), BH, Tk, Tkp, kt.data_ptr<scalar_t>(),
+                   ksum.data_ptr<scalar_t>());
+    transpose_keys(strided<scalar_t>(v), BH, Tk, Tkp, vt.data_ptr<scalar_t>(),
+                   static_cast<scalar_t*>(nullptr));
+    const auto P = make_problem<scalar_t>(q, k, v, kt.data_ptr<scalar_t>(),
+                                          ksum.data_ptr<scalar_t>(), Tkp, scale, bias, kind, p,
+                                          causal, dropout_p, seed);
+    Grads<scalar_t> G{strided<scalar_t>(dout), strided<scalar_t>(out),
                       lse.data_ptr<scalar_t>(),  vt.data_ptr<scalar_t>(),
                       dq.data_ptr<scalar_t>(),   dk.data_ptr<scalar_t>(),
                       dv.data_ptr<scalar_t>(),   dscale.data_ptr<scalar_t>(),
-                      groups};
+                      scale2.data_ptr<scalar_t>(), groups};
     run_tasks(groups * BH, [&](int64_t t) { backward_tasks(P, G, t, t + 1); });
   });
-  at::Tensor dq_sum = groups == 1 ? dq.select(0, 0) : dq.sum(0);
-  if (kind == kL1) dq_sum.mul_(scale.view({1, H, 1, 1}) * 2);
-  return {dq_sum, dk, dv, dscale.sum(0)};
+  at::Tensor dq_sum = dq.select(0, 0);  // l1 with one group: already times 2 lambda
+  if (groups > 1) {
+    dq_sum = dq.sum(0);
+    if (kind == kL1) dq_sum.mul_(scale2.view({1, H, 1, 1}));
+  }
+  return {dq_sum, dk, dv, dscale.sum({0, 1})};
 }
 
 // The dropout keep-mask (1 = kept) the kernel uses for a seed: for tests and analysis.
@@ -959,7 +1022,7 @@ at::Tensor dropout_keep(int64_t seed, int64_t B, int64_t H, int64_t Tq, int64_t 
   at::Tensor keep = at::empty({B, H, Tq, Tk}, at::kFloat);
   float* out = keep.data_ptr<float>();
   for (int64_t i = 0; i < keep.numel(); ++i)
-    out[i] = uniform(uint64_t(seed), uint64_t(i)) >= float(p) ? 1.0f : 0.0f;
+    out[i] = uniform(uint64_t(seed), uint64_t(i)) >= p ? 1.0f : 0.0f;  // as Problem::drop
   return keep;
 }
 
