@@ -334,6 +334,48 @@ def test_dropout_zeroes_or_rescales_weights(kind, backend):
     assert not torch.allclose(a, distance_attention(q, k, v, kind, 0.5, p=P))
 
 
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_dropout_is_unbiased_and_drops_at_its_rate(kind, backend):
+    """With v = identity the output is the dropped weights themselves, so every fast path
+    (SDPA, native, eager) shows its mask."""
+    check_dropout_statistics(kind, need_weights=False)
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_materialising_dropout_is_unbiased_and_drops_at_its_rate(kind):
+    check_dropout_statistics(kind, need_weights=True)
+
+
+def check_dropout_statistics(kind, need_weights):
+    """Over 300 seeds the mean equals the weights without dropout, the share of zeroed
+    visible weights is p, and every kept weight is scaled by exactly 1 / (1 − p)."""
+    p_drop, T, n = 0.3, 16, 300
+    q, k, _ = make(B=1, H=2, Tq=T, Tk=T, D=T, dtype=torch.float64, seed=11)
+    v = torch.eye(T, dtype=torch.float64).expand(1, 2, T, T)
+
+    def attend(dropout_p):
+        out = distance_attention(
+            q, k, v, kind, 0.5, p=P, dropout_p=dropout_p, need_weights=need_weights
+        )
+        return out[0] if need_weights else out
+
+    clean = attend(0.0)
+    samples = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        samples.append(attend(p_drop))
+    samples = torch.stack(samples)
+    visible = clean > 0
+    # each entry is clean · Z / (1 − p), Z ~ Bernoulli(1 − p): its mean's std is
+    # clean · sqrt(p / (1 − p) / n); allow 5 of them
+    tolerance = 5 * clean * math.sqrt(p_drop / (1 - p_drop) / n)
+    assert ((samples.mean(0) - clean).abs() <= tolerance + 1e-12).all()
+    kept = samples[:, visible] != 0
+    assert abs(1 - kept.double().mean().item() - p_drop) < 0.01
+    scaled = samples[:, visible] * (1 - p_drop) / clean[visible]  # 0 or 1
+    assert ((scaled - 1).abs() < 1e-9)[kept].all()
+
+
 def test_eager_l1_kernel_dropout_matches_reference_with_its_masks():
     """One key block, one row chunk: the output is the reference weights times the kernel's
     multipliers."""

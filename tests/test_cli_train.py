@@ -92,3 +92,34 @@ def test_train_errors_are_named(tmp_path, data_dir, capsys):
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_resume_repeats_the_uninterrupted_run_exactly(tmp_path, data_dir):
+    """`train --resume` after a stop at step 5 gives the losses and weights of one run to 8
+    (the schedule decays over 8 steps in both, so the stop does not change it). Dropout is on,
+    so the restored RNG state matters too."""
+    import torch
+
+    from truthgpt.checkpoint import load_core
+
+    def train(run, steps, *extra):
+        args = ["train", "--data", str(data_dir), "--out", str(run), "--distance", "l1"]
+        args += ["--max-steps", str(steps), *TINY, "--set", "lr_decay_steps=8"]
+        args += ["--set", "hidden_dropout_prob=0.1", "--set", "attention_probs_dropout_prob=0.1"]
+        assert main([*args, *extra]) == 0
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["event"] == "train"}
+
+    train(tmp_path / "straight", 8)
+    train(tmp_path / "stopped", 5)
+    assert main(["train", "--resume", str(tmp_path / "stopped"), "--max-steps", "8"]) == 0
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[s] for s in range(6, 9)] == [straight[s] for s in range(6, 9)]
+    a = load_core(tmp_path / "straight").model.state_dict()
+    b = load_core(tmp_path / "stopped").model.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -164,3 +164,30 @@ def test_bits_per_char(data_dir: Path) -> None:
     assert bits_per_char(math.log(2), meta) == pytest.approx(1.0)
     fake = {"splits": {"val": {"tokens": 300, "chars": 1200}}}
     assert bits_per_char(2.0, fake) == pytest.approx(2.0 / math.log(2) * 0.25)
+
+
+def test_bits_per_char_on_gpt2_tokens_against_meta_json(tmp_path: Path) -> None:
+    """GPT-2 tokens hold several characters each, so a formula using chars/token where it
+    needs tokens/char gives a different number (with one char per token both agree)."""
+    from truthgpt import TruthGPTOptimizationCore, TruthGPTOptimizationCoreConfig
+
+    src = tmp_path / "corpus.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    prepare_data([str(src)], "gpt2", tmp_path / "data")
+    data = load_prepared(tmp_path / "data")
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    tokens, chars = meta["splits"]["val"]["tokens"], meta["splits"]["val"]["chars"]
+    assert chars / tokens > 2.5, "the test needs several characters per token"
+    config = TruthGPTOptimizationCoreConfig(
+        vocab_size=data.tokenizer.vocab_size,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        block_size=16,
+        batch_size=2,
+        peak_flops=1e12,
+    )
+    result = TruthGPTOptimizationCore(config).evaluate(data.val, max_batches=2)
+    by_hand = result["loss"] / math.log(2) * tokens / chars
+    assert result["bits_per_char"] == pytest.approx(by_hand, rel=1e-12)
+    assert bits_per_char(result["loss"], meta) == pytest.approx(by_hand, rel=1e-12)

@@ -20,7 +20,9 @@ def test_demo_runs_every_workflow(tmp_path, capsys):
         metrics["persistence"]["weights_bytes"] > 4 * metrics["runs"]["l1"]["num_parameters"] * 0.9
     )
     tuning = metrics["lambda_tuning"]
-    assert tuning["val_loss_after"] <= tuning["val_loss_before"]
+    better = "tuned" if tuning["val_loss_tuned"] < tuning["val_loss_before"] else "original"
+    assert tuning["kept"] == better
+    assert tuning["val_loss_after"] == min(tuning["val_loss_tuned"], tuning["val_loss_before"])
     assert metrics["sample"]["text"].startswith("Romeo:\n")
     assert len(metrics["sample"]["text"]) > 300
     report = (out / "report.md").read_text()
@@ -30,3 +32,15 @@ def test_demo_runs_every_workflow(tmp_path, capsys):
     # The report quotes this run's numbers, not canned ones.
     assert f"{metrics['runs']['l1']['final_eval']['loss']:.4f}" in report
     assert str(out / "report.md") in capsys.readouterr().out
+
+
+def test_plan_training_fits_the_budget_and_drops_a_short_baseline():
+    from truthgpt.demo import MAX_STEPS, plan_training
+
+    per_step = {"l1": 0.0625, "dot": 0.0625}  # 0.125 s per step of both (exact in binary)
+    assert plan_training(per_step, 100.0) == (["l1", "dot"], 800)
+    assert plan_training(per_step, 25.0) == (["l1", "dot"], 200)  # exactly the minimum
+    # 24.9 s gives both only 199 steps: the baseline goes, l1 takes the whole budget
+    assert plan_training(per_step, 24.9) == (["l1"], 398)
+    assert plan_training(per_step, 1e6) == (["l1", "dot"], MAX_STEPS)
+    assert plan_training({"l1": 0.05}, 0.01) == (["l1"], 1)  # at least one step

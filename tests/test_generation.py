@@ -117,6 +117,26 @@ def test_sliding_window_rebuilds_cache_exactly(kind: str, monkeypatch) -> None:
     assert torch.equal(no_cache, tokens)
 
 
+@pytest.mark.parametrize("kind", ["dot", "l1"])
+def test_sliding_window_follows_the_documented_rule(kind: str) -> None:
+    """An independent greedy loop of plain full forwards, written from the README's rule: a
+    full window of 12 slides to its newest 12 − 12 // 4 = 9 tokens. `generate` (cached or
+    not) must produce the same tokens."""
+    window, kept = 12, 9
+    model = tiny_model(kind, window=window)
+    tokens, first, slides = prompt(5)[0].tolist(), 0, 0
+    with torch.no_grad():
+        for _ in range(30):
+            if len(tokens) - first > window:
+                first, slides = len(tokens) - kept, slides + 1
+            logits = model(torch.tensor([tokens[first:]])).logits[0, -1]
+            tokens.append(int(logits.argmax()))
+    assert slides >= 2
+    for use_cache in (True, False):
+        out = model.generate(prompt(5), 30, do_sample=False, use_cache=use_cache)
+        assert out[0].tolist() == tokens
+
+
 def test_prompt_longer_than_window_is_kept_whole() -> None:
     model = tiny_model("l2", window=8)
     ids = prompt(20)

@@ -139,8 +139,43 @@ def test_evaluate_is_deterministic_and_consistent():
 
 def test_bf16_autocast_trains_on_cpu():
     core = TruthGPTOptimizationCore(tiny_config(precision="bf16", distance_type="l1"))
+    seen = []
+    hook = core.model.blocks[0].mlp.c_fc.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
     losses = [core.train_step(batch_at(i))["loss"] for i in range(30)]
+    hook.remove()
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert seen and set(seen) == {torch.bfloat16}, "the matmuls did not run in bf16"
+    assert core.model.blocks[0].mlp.c_fc.weight.dtype == torch.float32  # master weights
+    fp32 = TruthGPTOptimizationCore(tiny_config(distance_type="l1"))
+    seen.clear()
+    hook = fp32.model.blocks[0].mlp.c_fc.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
+    fp32.train_step(batch_at(0))
+    hook.remove()
+    assert set(seen) == {torch.float32}
+
+
+def test_bf16_run_checkpoints_and_resumes_exactly(tmp_path):
+    from truthgpt.checkpoint import load_core, save_checkpoint
+
+    config = tiny_config(precision="bf16", distance_type="l1")
+    straight = TruthGPTOptimizationCore(config)
+    losses = [straight.train_step(batch_at(i))["loss"] for i in range(6)]
+    first = TruthGPTOptimizationCore(config)
+    for i in range(3):
+        first.train_step(batch_at(i))
+    save_checkpoint(first, tmp_path / "c")
+    resumed = load_core(tmp_path / "c")
+    assert resumed.config.precision == "bf16"
+    again = [resumed.train_step(batch_at(i))["loss"] for i in range(3, 6)]
+    assert again == losses[3:]
+    for (name, a), b in zip(
+        straight.model.named_parameters(), resumed.model.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
 
 
 def test_fp16_on_cpu_is_refused_with_a_clear_error():

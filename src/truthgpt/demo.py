@@ -32,12 +32,28 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+MIN_BASELINE_STEPS = 200  # a baseline trained for fewer steps says nothing
+
+
 def plan_steps(
     seconds_per_step: dict[str, float], budget_s: float, max_steps: int = MAX_STEPS
 ) -> int:
     """Steps each model can train so that all of them together fit `budget_s`."""
     per_step = sum(seconds_per_step.values())
     return max(1, min(max_steps, int(budget_s / per_step)))
+
+
+def plan_training(
+    seconds_per_step: dict[str, float], budget_s: float, max_steps: int = MAX_STEPS
+) -> tuple[list[str], int]:
+    """(kinds to train, steps each): every kind if each gets MIN_BASELINE_STEPS within the
+    budget, else only the first (the demo's own distance) with the whole budget."""
+    kinds = list(seconds_per_step)
+    steps = plan_steps(seconds_per_step, budget_s, max_steps)
+    if len(kinds) > 1 and steps < MIN_BASELINE_STEPS:
+        kinds = kinds[:1]
+        steps = plan_steps({kinds[0]: seconds_per_step[kinds[0]]}, budget_s, max_steps)
+    return kinds, steps
 
 
 def time_steps(config: Any, data: Any, n: int = 20, warmup: int = 5) -> float:
@@ -116,10 +132,7 @@ def run_demo(
         log("== 2. timing a few steps to fit the time budget")
         per_step = {k: time_steps(config_for(k, MAX_STEPS), data) for k in kinds}
         left = budget_s * TRAIN_SHARE - (time.perf_counter() - demo_start)
-        steps = plan_steps(per_step, left)
-        if len(kinds) > 1 and steps < 200:  # a baseline trained for too few steps says nothing
-            kinds = kinds[:1]
-            steps = plan_steps({distance: per_step[distance]}, left)
+        kinds, steps = plan_training(per_step, left)
         metrics["timing_s_per_step"] = per_step
         log(
             "   "
@@ -209,6 +222,15 @@ def _val_batches(data: Any, core: TruthGPTOptimizationCore) -> Any:
     return sequential_batches(data.val, core.train_config.block_size, 4, max_batches=1)
 
 
+def _eval_tokens(metrics: dict[str, Any]) -> int:
+    return int(next(iter(metrics["runs"].values()))["final_eval"]["tokens"])
+
+
+def _val_share(metrics: dict[str, Any]) -> float:
+    data = metrics["data"]
+    return data["val_tokens"] / (data["train_tokens"] + data["val_tokens"])
+
+
 def _fmt(value: Any, spec: str = ".4f") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -256,8 +278,8 @@ def write_report(
     lines += [
         "",
         f"For scale: a model that learned nothing scores ln {vocab} = {math.log(vocab):.2f} "
-        "nats/char. Validation loss is measured on 200 fixed batches of the last 10 % of the "
-        "text.",
+        f"nats/char. Validation loss is measured on {_eval_tokens(metrics):,} tokens of the last "
+        f"{_val_share(metrics):.0%} of the text, the same for every model.",
         "",
         *[f"![training curves {k}](training_{k}.png)" for k in kinds],
         "",
