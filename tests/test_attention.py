@@ -303,7 +303,6 @@ def test_failed_compilation_warns_once_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(kernels, "KERNELS", kernels._Kernels())
     monkeypatch.setattr(kernels.torch, "compile", broken_compile)
-    monkeypatch.setenv("TRUTHGPT_COMPILE", "1")
     q, k, v = make(Tq=6, Tk=6, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="compiling the L1 attention kernels failed"):
         out = kernels.l1_attention(q, k, v, 0.5)

@@ -109,9 +109,13 @@ def native_attention(
         seed = int(torch.randint(0, 2**62, ()).item())
     exponent = float(p) if kind == "lp" else 0.0
     bias = _additive_bias(attn_mask, q.dtype)
-    out = NativeDistanceAttention.apply(
-        q, k, v, scale_t, kind, exponent, causal, bias, float(dropout_p), seed or 0
-    )
+    args = (kind, exponent, causal, bias, float(dropout_p), seed or 0)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, scale_t)):
+        out = NativeDistanceAttention.apply(q, k, v, scale_t, *args)
+    else:  # inference (decoding): the operator alone, no autograd bookkeeping
+        out, _ = torch.ops.truthgpt.distance_attention_forward(
+            q, k, v, scale_t, KIND_CODES[kind], *args[1:]
+        )
     return out.to(dtype)
 
 

@@ -40,6 +40,7 @@ namespace {
 
 constexpr int64_t kRows = 64;  // query rows per tile
 constexpr int64_t kKeys = 64;  // keys per tile (a multiple of every vector width)
+constexpr int64_t kDecodeRows = 8;  // at most this many queries: a decoding step
 constexpr double kMask = -1e30;  // masked score: finite, so exp(m_old - m_new) stays defined
 constexpr double kDeadRow = kMask / 2;  // a row whose running max stayed below saw no key
 
@@ -574,15 +575,16 @@ struct Problem {
   // Scores s and distances dist (may be null) of rows [r0, r0 + rows) x keys [c0, c0 + kKeys);
   // masked scores are kMask. For l1, dist leaves out the row constant sum_d q_d.
   // qr: the rows' queries, contiguous (Strided::rows).
-  TG_INLINE void scores(int64_t bh, const T* qr, int64_t r0, int64_t rows, int64_t c0, T* s,
-                        T* dist) const {
-    const T* ktc = kt + bh * D * Tkp + c0;
+  // ktb, ksb: this head's kt and ksum (P.kt, P.ksum, or the task's own copy).
+  TG_INLINE void scores(int64_t bh, const T* qr, const T* ktb, const T* ksb, int64_t r0,
+                        int64_t rows, int64_t c0, T* s, T* dist) const {
+    const T* ktc = ktb + c0;
     const T lam = scale[bh % H];
     const int64_t n = rows * kKeys;
     switch (kind) {
       case kL1: {
         score_tile<T, MinSum>(qr, rows, ktc, Tkp, D, s);
-        const T* ks = ksum + bh * Tkp + c0;
+        const T* ks = ksb + c0;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < kKeys; ++c) {
             const T d = ks[c] - 2 * s[r * kKeys + c];
@@ -636,6 +638,23 @@ struct Problem {
   }
 };
 
+// xt (D, Tkp) = head bh of x transposed, zero-padded; xsum (Tkp) = sum_d x (if not null)
+template <typename T>
+TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64_t Tkp, T* xt,
+                              T* xsum) {
+  const int64_t D = x.D;
+  for (int64_t c = 0; c < Tkp; ++c) {
+    const T* row = c < Tk ? x.row(bh, c) : nullptr;
+    T sum = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const T value = row ? row[d] : T(0);
+      xt[d * Tkp + c] = value;
+      sum += value;
+    }
+    if (xsum) xsum[c] = sum;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward: one task per (batch*head, row tile), the heaviest (last rows, causal) first
 
@@ -650,12 +669,19 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
   std::fill(o, o + rows * D, T(0));
   std::fill(m, m + rows, T(kMask));
   std::fill(l, l + rows, T(0));
-  std::vector<T> qbuf(kRows * D), vbuf(kKeys * D);
+  std::vector<T> qbuf(kRows * D), vbuf(kKeys * D), own_kt, own_ksum;
   const T* qr = P.q.rows(bh, r0, rows, qbuf.data());
+  const T* ktb = P.kt ? P.kt + bh * D * P.Tkp : nullptr;
+  const T* ksb = P.kt ? P.ksum + bh * P.Tkp : nullptr;
+  if (!ktb) {  // one task per head (short queries, e.g. decoding): transpose k right here
+    own_kt.resize(D * P.Tkp), own_ksum.resize(P.Tkp);
+    transpose_head(P.k, bh, P.Tk, P.Tkp, own_kt.data(), own_ksum.data());
+    ktb = own_kt.data(), ksb = own_ksum.data();
+  }
   const int64_t kend = P.key_end(r0 + rows);
   for (int64_t c0 = 0; c0 < kend; c0 += kKeys) {
     const int64_t cols = std::min(kKeys, P.Tk - c0);
-    P.scores(bh, qr, r0, rows, c0, s, nullptr);
+    P.scores(bh, qr, ktb, ksb, r0, rows, c0, s, nullptr);
     for (int64_t r = 0; r < rows; ++r) {  // online softmax
       T* sr = s + r * kKeys;
       const T mx = row_max(sr, m[r]);
@@ -724,7 +750,7 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
         for (int64_t d = 0; d < D; ++d) acc += dor[r * D + d] * orow[r * D + d];
         delta[r] = acc;
       }
-      P.scores(bh, qr, r0, rows, c0, s, dist);
+      P.scores(bh, qr, P.kt + bh * D * P.Tkp, P.ksum + bh * P.Tkp, r0, rows, c0, s, dist);
       for (int64_t r = 0; r < rows; ++r)  // probabilities from the saved log-sum-exp
         exp_row(s + r * kKeys, G.lse[bh * P.Tq + r0 + r]);
       score_tile<T, Dot>(dor, rows, G.vt + bh * D * P.Tkp + c0, P.Tkp, D, dp);  // dP = dO v^T
@@ -880,19 +906,8 @@ Strided<T> strided(const at::Tensor& x) {
 // one task per head, in the kernel's own parallel region (no ATen copies).
 template <typename T>
 void transpose_keys(const Strided<T>& x, int64_t BH, int64_t Tk, int64_t Tkp, T* xt, T* xsum) {
-  const int64_t D = x.D;
   run_tasks(BH, [&](int64_t bh) {
-    T* out = xt + bh * D * Tkp;
-    for (int64_t c = 0; c < Tkp; ++c) {
-      const T* row = c < Tk ? x.row(bh, c) : nullptr;
-      T sum = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        const T value = row ? row[d] : T(0);
-        out[d * Tkp + c] = value;
-        sum += value;
-      }
-      if (xsum) xsum[bh * Tkp + c] = sum;
-    }
+    transpose_head(x, bh, Tk, Tkp, xt + bh * x.D * Tkp, xsum ? xsum + bh * Tkp : nullptr);
   });
 }
 
@@ -953,13 +968,18 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tenso
   at::Tensor out = at::empty({B, H, Tq, D}, q.options());
   at::Tensor lse = at::empty({B, H, Tq}, q.options());
   if (q.numel() == 0 || Tk == 0) return {out.zero_(), lse.fill_(-kMask)};
-  at::Tensor kt = at::empty({B, H, D, Tkp}, q.options()), ksum = at::empty({B, H, Tkp}, q.options());
+  // Decoding (a few queries, one task per head): each task transposes its own keys, saving a
+  // parallel region per call; otherwise the heads' row tiles share one transposition.
+  const bool shared_keys = Tq > kDecodeRows;
+  at::Tensor kt, ksum;
+  if (shared_keys)
+    kt = at::empty({B, H, D, Tkp}, q.options()), ksum = at::empty({B, H, Tkp}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "distance_attention_forward", [&] {
-    transpose_keys(strided<scalar_t>(k), B * H, Tk, Tkp, kt.data_ptr<scalar_t>(),
-                   ksum.data_ptr<scalar_t>());
-    const auto P = make_problem<scalar_t>(q, k, v, kt.data_ptr<scalar_t>(),
-                                          ksum.data_ptr<scalar_t>(), Tkp, scale, bias, kind, p,
-                                          causal, dropout_p, seed);
+    scalar_t* kt_data = shared_keys ? kt.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ksum_data = shared_keys ? ksum.data_ptr<scalar_t>() : nullptr;
+    if (shared_keys) transpose_keys(strided<scalar_t>(k), B * H, Tk, Tkp, kt_data, ksum_data);
+    const auto P = make_problem<scalar_t>(q, k, v, kt_data, ksum_data, Tkp, scale, bias, kind,
+                                          p, causal, dropout_p, seed);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* l = lse.data_ptr<scalar_t>();
     run_tasks(B * H * ((Tq + kRows - 1) / kRows),
