@@ -292,8 +292,8 @@ def dropout_multipliers(seed: int, r0: int, j: int, shape, p: float, dtype, devi
     return keep.to(dtype) / (1.0 - p)
 
 
-def _user_bias(attn_mask: Tensor | None, Tk: int, block: int, dtype) -> Tensor | None:
-    """User mask as an additive float tensor, broadcastable to (B, H, Tq, Tk_pad)."""
+def additive_bias(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The user mask as a 4-D additive float tensor (masked = MASK_VALUE), or None."""
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
@@ -303,6 +303,14 @@ def _user_bias(attn_mask: Tensor | None, Tk: int, block: int, dtype) -> Tensor |
         bias = attn_mask.to(dtype).clamp(min=MASK_VALUE)
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
+    return bias
+
+
+def _user_bias(attn_mask: Tensor | None, Tk: int, block: int, dtype) -> Tensor | None:
+    """User mask as an additive float tensor, broadcastable to (B, H, Tq, Tk_pad)."""
+    bias = additive_bias(attn_mask, dtype)
+    if bias is None:
+        return None
     pad_k = (-Tk) % block if bias.shape[-1] != 1 else 0
     if pad_k:  # padded keys are masked by the plan itself
         bias = torch.nn.functional.pad(bias, (0, pad_k))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from truthgpt.attention.kernels import additive_bias
+
 try:
     from truthgpt.attention import _native  # noqa: F401  (registers torch.ops.truthgpt.*)
 except ImportError as err:  # not built: no compiler at install time, another platform
@@ -24,8 +26,6 @@ else:
     UNAVAILABLE = None
 
 KIND_CODES = {"l1": 0, "l2": 1, "chebyshev": 2, "lp": 3}
-# Masked scores; finite, so that the online softmax never computes inf − inf.
-MASK_VALUE = -1e30
 
 
 def available() -> bool:
@@ -63,20 +63,6 @@ class NativeDistanceAttention(torch.autograd.Function):
         return dq, dk, dv, dscale, None, None, None, None, None, None
 
 
-def _additive_bias(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """The user mask as a 4-D additive float tensor (masked = MASK_VALUE)."""
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        bias = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
-        bias = bias.masked_fill(~attn_mask, MASK_VALUE)
-    else:
-        bias = attn_mask.to(dtype).clamp(min=MASK_VALUE)
-    while bias.dim() < 4:
-        bias = bias.unsqueeze(0)
-    return bias
-
-
 @torch.compiler.disable
 def native_attention(
     q: Tensor,
@@ -108,7 +94,7 @@ def native_attention(
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     exponent = float(p) if kind == "lp" else 0.0
-    bias = _additive_bias(attn_mask, q.dtype)
+    bias = additive_bias(attn_mask, q.dtype)
     args = (kind, exponent, causal, bias, float(dropout_p), seed or 0)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, scale_t)):
         out = NativeDistanceAttention.apply(q, k, v, scale_t, *args)
