@@ -294,7 +294,9 @@ def test_loop_checkpoints_from_rank_0_and_resumes_in_one_process(two_ranks, caps
     assert state["step"] == 6 and state["tokens_seen"] == 4 * 2 * 2 * 16 + 2 * 2 * 16
 
 
-def test_cli_nproc_runs_fsdp_under_torchrun_and_resumes_alone(tmp_path: Path, capfd) -> None:
+def test_cli_nproc_runs_fsdp_under_torchrun_and_resumes_alone_and_with_fsdp(
+    tmp_path: Path, capfd
+) -> None:
     (tmp_path / "corpus.txt").write_text(TEXT * 20, encoding="utf-8")
     prepare_data([str(tmp_path / "corpus.txt")], "char", tmp_path / "data", val_fraction=0.2)
     settings = [
@@ -315,6 +317,13 @@ def test_cli_nproc_runs_fsdp_under_torchrun_and_resumes_alone(tmp_path: Path, ca
 
     assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "3"]) == 0
     assert "done: step 3" in capfd.readouterr().out
+
+    # and back under two FSDP processes, from the one-process checkpoint
+    resume = ["train", "--resume", str(tmp_path / "run"), "--max-steps", "4"]
+    assert main([*resume, "--nproc", "2", "--strategy", "fsdp"]) == 0
+    printed = capfd.readouterr()
+    assert "done: step 4" in printed.out and "Traceback" not in printed.err
+    assert read_trainer_state(tmp_path / "run")["step"] == 4
 
 
 def test_a_rendezvous_nobody_joins_fails_with_what_to_check(monkeypatch) -> None:
