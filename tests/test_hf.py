@@ -201,3 +201,43 @@ def test_transformers_stays_optional() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert truthgpt.hf.TruthGPTHFConfig.model_type == "truthgpt"
+
+
+def test_sampling_through_transformers_is_seeded_and_cache_safe(exported) -> None:
+    """`generate(do_sample=True)` under one seed gives the same tokens with and without the
+    cache (so the cached logits are right while sampling), and differs from greedy."""
+    _, out = exported
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    prompt = AutoTokenizer.from_pretrained(out)("Before we", return_tensors="pt")
+    new = WINDOW - prompt["input_ids"].shape[1]
+    runs = []
+    for use_cache in (True, False, True):
+        torch.manual_seed(7)
+        runs.append(
+            theirs.generate(
+                **prompt,
+                max_new_tokens=new,
+                do_sample=True,
+                top_k=5,
+                temperature=1.5,
+                use_cache=use_cache,
+            ).tolist()
+        )
+    assert runs[0] == runs[1] == runs[2]
+    greedy = theirs.generate(**prompt, max_new_tokens=new, do_sample=False).tolist()
+    assert runs[0] != greedy
+
+
+def test_bpe_export_generates_like_truthgpt(tmp_path: Path) -> None:
+    ours_tokenizer = build_tokenizer("bpe:300", TEXT * 4)
+    make_run(tmp_path / "run", ours_tokenizer)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "run")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    prompt = AutoTokenizer.from_pretrained(tmp_path / "hf")("Before we", return_tensors="pt")
+    assert prompt["input_ids"][0].tolist() == ours_tokenizer.encode("Before we")
+    new = WINDOW - prompt["input_ids"].shape[1]
+    expected = ours.generate(prompt["input_ids"], max_new_tokens=new, do_sample=False)
+    assert theirs.generate(**prompt, max_new_tokens=new, do_sample=False).tolist() == (
+        expected.tolist()
+    )
