@@ -241,3 +241,25 @@ def test_bpe_export_generates_like_truthgpt(tmp_path: Path) -> None:
     assert theirs.generate(**prompt, max_new_tokens=new, do_sample=False).tolist() == (
         expected.tolist()
     )
+
+
+def test_left_padded_batch_generates_what_each_row_generates_alone(exported) -> None:
+    """transformers' batched generation pads on the left and passes an attention mask; each
+    row must continue as it would alone (padding neither attended to nor counted as a
+    position)."""
+    _, out = exported
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rows = [tokenizer(text, return_tensors="pt")["input_ids"] for text in ("Before we", "hear me")]
+    width = max(r.shape[1] for r in rows) + 2
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - r.shape[1] :], mask[i, width - r.shape[1] :] = r[0], 1
+    new = WINDOW - width
+    batch = theirs.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0
+    )
+    for i, r in enumerate(rows):
+        alone = theirs.generate(input_ids=r, max_new_tokens=new, do_sample=False)
+        assert batch[i, width - r.shape[1] :].tolist() == alone[0].tolist()

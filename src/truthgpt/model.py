@@ -133,7 +133,8 @@ class TruthGPTModel(nn.Module):
 
         `labels` follow the Hugging Face convention: equal to the inputs (the model shifts
         them), with −100 marking positions to ignore. `attention_mask` (B, T_past + T) marks
-        real tokens with 1 and padding with 0.
+        real tokens with 1 and padding with 0; positions count real tokens only, so a
+        left-padded row gives the logits it would give unpadded.
         """
         batch, length = self._check_input_ids(input_ids)
         past_length = past_key_values[0][0].shape[-2] if past_key_values else 0
@@ -149,7 +150,11 @@ class TruthGPTModel(nn.Module):
             )
         attn_mask = self._padding_mask(attention_mask, batch, total)
 
-        positions = torch.arange(past_length, total, device=input_ids.device)
+        if attention_mask is None:
+            positions = torch.arange(past_length, total, device=input_ids.device)  # (T,)
+        else:  # a left-padded row counts positions from its first real token, like unpadded
+            counted = attention_mask.to(torch.long).cumsum(-1) - 1
+            positions = counted.clamp(min=0)[:, past_length:total]  # (B, T)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
         presents: list[tuple[Tensor, Tensor]] = []
         attentions: list[Tensor] = []
