@@ -365,3 +365,46 @@ def test_bad_strategy_and_nproc_are_refused(capsys) -> None:
     assert distributed.parallelize(core, World(), "fsdp").model is core.raw_model  # one process
     assert main(["train", "--nproc", "0", "--data", "d", "--out", "o"]) == 2
     assert "--nproc: must be at least 1" in capsys.readouterr().err
+
+
+def test_an_interrupted_fsdp_run_keeps_its_last_periodic_checkpoint(tmp_path: Path) -> None:
+    """Ctrl-C during a two-process FSDP run: no final save is possible (every rank must gather
+    the shards), but the last periodic checkpoint stays complete and resumable."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "corpus.txt").write_text(TEXT * 20, encoding="utf-8")
+    prepare_data([str(tmp_path / "corpus.txt")], "char", tmp_path / "data", val_fraction=0.2)
+    run = tmp_path / "run"
+    settings = [
+        "hidden_size=32", "num_hidden_layers=1", "num_attention_heads=2", "block_size=16",
+        "batch_size=2", "warmup_steps=1", "eval_interval=1000", "eval_batches=1",
+        "checkpoint_every=2", "log_interval=1", "peak_flops=1e12",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "truthgpt", "train", "--data", str(tmp_path / "data")]
+    cmd += ["--out", str(run), "--device", "cpu", "--max-steps", "100000"]
+    cmd += ["--nproc", "2", "--strategy", "fsdp"]
+    for item in settings:
+        cmd += ["--set", item]
+    # its own process group, which gets the SIGINT, as a terminal's Ctrl-C would send it
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "latest").exists():  # the first periodic checkpoint
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within two minutes"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0, err
+    state = read_trainer_state(run)
+    assert state["step"] >= 2 and state["step"] % 2 == 0  # a periodic one
+    core = load_core(run)  # complete and verified
+    assert core.step == state["step"]
