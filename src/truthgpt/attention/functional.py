@@ -11,8 +11,10 @@ Two paths compute the same thing:
   readable definition and the one used when the caller asks for the attention weights.
 * the fast paths: dot, cosine and squared L2 become one call to
   `F.scaled_dot_product_attention` (cosine on normalised q, k; squared L2 on q, k augmented
-  by one column, exactly); l1, l2, chebyshev and lp run a blocked kernel with an online
-  softmax that never holds the weights (`truthgpt.attention.kernels`, dropout included).
+  by one column, exactly); l1, l2, chebyshev and lp run a flash-style kernel with an online
+  softmax that never holds the weights, dropout included: the native C++ kernel
+  (`truthgpt.attention.native`) or the blocked PyTorch one, compiled or eager
+  (`truthgpt.attention.kernels`); see BACKENDS.
   The plain path computes distances with `torch.cdist`, whose backward holds O(Tq·Tk) per
   head, never O(Tq·Tk·D).
 
@@ -326,7 +328,7 @@ def distance_attention(
         output (B, H, Tq, D), or (output, weights) when need_weights.
     """
     _check_args(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
-    backend = resolve_backend(backend, q)
+    backend = _backend_name(backend)  # checked for every kind, used by the blocked ones
     if kind == "lp" and p in (1, 2):  # same math, faster paths
         kind, p = ("l1" if p == 1 else "l2"), None
     if need_weights:
@@ -338,6 +340,7 @@ def distance_attention(
     if kind == "cosine":
         return _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
     # l1, l2, chebyshev, lp
+    backend = resolve_backend(backend, q)
     if backend == "native":  # also the decoding step (Tq = 1): one parallel pass over heads
         return native.native_attention(q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p)
     if q.shape[2] == 1:  # one decoding step holds only Tk scores per head: plain is cheap
@@ -352,16 +355,22 @@ def distance_attention(
 _warned: set[str] = set()
 
 
+def _backend_name(backend: str | None) -> str:
+    """The backend asked for (argument, else TRUTHGPT_ATTENTION_BACKEND, else auto), checked."""
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    if name not in BACKENDS:
+        source = "backend" if backend is not None else BACKEND_ENV
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
 def resolve_backend(backend: str | None, q: Tensor) -> str:
     """The backend that will run for q: the one asked for, or auto's first available one.
 
     auto falls back from native to compiled with one warning naming what is missing; a
     backend asked for by name is used as it is (native raises if it was not built).
     """
-    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
-    if name not in BACKENDS:
-        source = "backend" if backend is not None else BACKEND_ENV
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    name = _backend_name(backend)
     if name != "auto":
         return name
     if native.available() and native.supports(q):
