@@ -7,6 +7,7 @@ Everything else about the package is in pyproject.toml.
 
 import os
 import sys
+from pathlib import Path
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -32,6 +33,7 @@ class OptionalBuildExtension(BuildExtension):
 native = CppExtension(
     "truthgpt.attention._native",
     ["src/truthgpt/attention/csrc/distance_attention.cpp"],
+    depends=[str(p) for p in sorted(Path("src/truthgpt/attention/csrc").glob("*.h"))],
     # -fno-math-errno lets sqrt vectorise; nothing here changes the floating-point
     # environment (no -ffast-math: it would flush subnormals to zero process-wide).
     extra_compile_args=["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wno-unused-function"],
