@@ -92,6 +92,16 @@ def reference(q, k, v, kind, scale, causal=True, attn_mask=None, p=P):
     return weights @ v
 
 
+def assert_same_gradients(out, expected, inputs):
+    """The gradients of `out` and of the reference `expected` with respect to `inputs` agree,
+    for one random output gradient."""
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    want = torch.autograd.grad(expected, inputs, grad_out)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def make(B=2, H=3, Tq=6, Tk=6, D=5, dtype=torch.float32, seed=0, grad=False):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=dtype) for T in (Tq, Tk, Tk))
@@ -243,11 +253,7 @@ def test_eager_blocked_kernel_property(B, H, Tq, extra, D, block, rows, causal, 
     out = eager_blocked(q, k, v, kind, scale, causal, p=P, block_size=block, row_chunk=rows)
     expected = reference(q, k, v, kind, scale, causal)
     torch.testing.assert_close(out, expected)
-    grad_out = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
-    want = torch.autograd.grad(expected, (q, k, v, scale), grad_out)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_gradients(out, expected, (q, k, v, scale))
 
 
 def test_eager_l1_ties_use_zero_subgradient():

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_attention import P, eager_blocked, head_scale, make, reference
+from test_attention import P, assert_same_gradients, eager_blocked, head_scale, make, reference
 from truthgpt.attention import distance_attention, functional, native
 from truthgpt.attention.kernels import BLOCKED_KINDS
 
@@ -94,11 +94,7 @@ def test_property(B, H, Tq, extra, D, causal, seed, kind, masked):
     out = run(q, k, v, kind, scale, P, causal=causal, attn_mask=mask)
     expected = reference(q, k, v, kind, scale, causal, mask)
     torch.testing.assert_close(out, expected)
-    grad_out = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
-    want = torch.autograd.grad(expected, (q, k, v, scale), grad_out)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_gradients(out, expected, (q, k, v, scale))
 
 
 def test_additive_mask_and_float_scale_gradcheck():
@@ -123,11 +119,7 @@ def test_l1_tie_takes_subgradient_plus_one():
     scores = (-scale.view(1, -1, 1, 1) * dist).masked_fill(~keep, -torch.inf)
     expected = torch.softmax(scores, -1) @ v
     torch.testing.assert_close(out, expected)
-    grad_out = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
-    want = torch.autograd.grad(expected, (q, k, v, scale), grad_out)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_gradients(out, expected, (q, k, v, scale))
 
 
 @pytest.mark.parametrize("kind", ["l2", "chebyshev", "lp"])
@@ -161,11 +153,7 @@ def test_dropout_uses_its_hash_mask_in_forward_and_backward():
     expected = (weights * keep / 0.6) @ v
     torch.testing.assert_close(out, expected)
     assert 0.5 < keep.mean() < 0.7
-    grad_out = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, scale), grad_out)
-    want = torch.autograd.grad(expected, (q, k, v, scale), grad_out)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_gradients(out, expected, (q, k, v, scale))
 
 
 def test_dropout_seed_from_global_generator():
