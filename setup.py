@@ -1,4 +1,4 @@
-"""Builds the native CPU attention kernel (truthgpt.attention._native) at install time.
+"""Builds the native CPU attention kernel (truthgpt.nn.attention._native) at install time.
 
 The kernel is optional: if it cannot be built (no C++ compiler, an unsupported platform), the
 install goes on with a warning and truthgpt falls back to the compiled or eager kernels.
@@ -31,9 +31,9 @@ class OptionalBuildExtension(BuildExtension):
 
 
 native = CppExtension(
-    "truthgpt.attention._native",
-    ["src/truthgpt/attention/csrc/distance_attention.cpp"],
-    depends=[str(p) for p in sorted(Path("src/truthgpt/attention/csrc").glob("*.h"))],
+    "truthgpt.nn.attention._native",
+    ["src/truthgpt/nn/attention/csrc/distance_attention.cpp"],
+    depends=[str(p) for p in sorted(Path("src/truthgpt/nn/attention/csrc").glob("*.h"))],
     # -fno-math-errno lets sqrt vectorise; nothing here changes the floating-point
     # environment (no -ffast-math: it would flush subnormals to zero process-wide).
     extra_compile_args=["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wno-unused-function"],

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from truthgpt.attention import DISTANCE_KINDS, default_lambda, distance_attention
+from truthgpt.nn.attention import DISTANCE_KINDS, default_lambda, distance_attention
 
 B, H, D = 4, 8, 64
 P = 3.0  # exponent for kind="lp"

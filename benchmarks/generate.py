@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from truthgpt.config import TruthGPTConfig, preset
-from truthgpt.model import TruthGPTModel
+from truthgpt.nn.model import TruthGPTModel
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT_TOKENS = 16

@@ -12,7 +12,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from truthgpt.compare import compare_kinds
+from truthgpt.workflows.compare import compare_kinds
 
 RESULTS = Path(__file__).parent / "results"
 

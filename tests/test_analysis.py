@@ -14,17 +14,16 @@ from hypothesis import strategies as st
 from truthgpt.analysis import (
     analyze_attention,
     attention_statistics,
-    format_table,
     layer_weights,
-    plot_attended_distance,
-    plot_attention_heatmaps,
     summarize_heads,
     token_labels,
 )
 from truthgpt.analysis.patterns import _merge, _row_sums, _sample_windows
 from truthgpt.config import TruthGPTConfig
 from truthgpt.data import CharTokenizer, TokenSplit
-from truthgpt.model import TruthGPTModel
+from truthgpt.nn.model import TruthGPTModel
+from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
+from truthgpt.workflows.report import format_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

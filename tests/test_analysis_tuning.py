@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from truthgpt.analysis import tune_lambda
-from truthgpt.attention import LAMBDA_MAX, LAMBDA_MIN
 from truthgpt.config import TruthGPTOptimizationCoreConfig
 from truthgpt.data import RandomBatches, load_prepared, prepare_data
+from truthgpt.nn.attention import LAMBDA_MAX, LAMBDA_MIN
 from truthgpt.training import TruthGPTOptimizationCore
 
 TEXT = "".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(300))

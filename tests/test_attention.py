@@ -16,9 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from truthgpt.attention import DISTANCE_KINDS, distance_attention, native
-from truthgpt.attention.functional import BACKEND_ENV
-from truthgpt.attention.kernels import (
+from truthgpt.nn.attention import DISTANCE_KINDS, distance_attention, native
+from truthgpt.nn.attention.functional import BACKEND_ENV
+from truthgpt.nn.attention.kernels import (
     BLOCKED_KINDS,
     blocked_attention,
     dropout_multipliers,
@@ -299,7 +299,7 @@ def test_lp_with_p_one_or_two_equals_l1_or_l2(backend):
 
 
 def test_failed_compilation_warns_once_and_falls_back(monkeypatch):
-    from truthgpt.attention import kernels
+    from truthgpt.nn.attention import kernels
 
     def broken_compile(fn, **kwargs):
         def call(*args):

@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from test_attention import reference
-from truthgpt.attention.kernels import KERNELS, blocked_attention
+from truthgpt.nn.attention.kernels import KERNELS, blocked_attention
 
 
 def compiled(q, k, v, kind, scale, *args, **kwargs):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from truthgpt.attention import (
+from truthgpt.nn.attention import (
     DISTANCE_KINDS,
     LAMBDA_MAX,
     LAMBDA_MIN,

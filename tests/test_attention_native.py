@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from test_attention import P, assert_same_gradients, eager_blocked, head_scale, make, reference
-from truthgpt.attention import distance_attention, functional, native
-from truthgpt.attention.kernels import BLOCKED_KINDS
+from truthgpt.nn.attention import distance_attention, functional, native
+from truthgpt.nn.attention.kernels import BLOCKED_KINDS
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel not built: {native.UNAVAILABLE}"
@@ -182,7 +182,7 @@ def test_subnormal_floats_survive_an_l1_call():
     compiled call has set it."""
     code = (
         "import torch\n"
-        "from truthgpt.attention import native\n"
+        "from truthgpt.nn.attention import native\n"
         "q = torch.randn(1, 2, 80, 16, requires_grad=True)\n"
         "native.native_attention(q, q, q, 'l1', 0.5).sum().backward()\n"
         "x = 1e-39\n"
@@ -259,7 +259,7 @@ def test_no_t_by_t_matrix_is_held_on_a_long_sequence():
     code = (
         "import torch\n"
         "from pathlib import Path\n"
-        "from truthgpt.attention import native\n"
+        "from truthgpt.nn.attention import native\n"
         "def status(field):\n"
         "    for line in Path('/proc/self/status').read_text().splitlines():\n"
         "        if line.startswith(field + ':'):\n"

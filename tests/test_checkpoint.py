@@ -23,7 +23,7 @@ from truthgpt.checkpoint import (
 )
 from truthgpt.config import TruthGPTConfig, TruthGPTOptimizationCoreConfig
 from truthgpt.data import build_tokenizer
-from truthgpt.model import TruthGPTModel
+from truthgpt.nn.model import TruthGPTModel
 from truthgpt.training.core import TruthGPTOptimizationCore
 
 VOCAB, BLOCK, BATCH = 50, 16, 4

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from truthgpt.cli import main
-from truthgpt.compare import compare_kinds
+from truthgpt.workflows.compare import compare_kinds
 
 TINY = {
     "hidden_size": 32,

@@ -35,7 +35,7 @@ def test_demo_runs_every_workflow(tmp_path, capsys):
 
 
 def test_plan_training_fits_the_budget_and_drops_a_short_baseline():
-    from truthgpt.demo import MAX_STEPS, plan_training
+    from truthgpt.workflows.demo import MAX_STEPS, plan_training
 
     per_step = {"l1": 0.0625, "dot": 0.0625}  # 0.125 s per step of both (exact in binary)
     assert plan_training(per_step, 100.0) == (["l1", "dot"], 800)

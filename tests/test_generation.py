@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import truthgpt.generation as generation
+import truthgpt.nn.generation as generation
 from truthgpt.config import DISTANCE_TYPES, TruthGPTConfig
-from truthgpt.generation import TextStreamer, filter_logits, next_token, slide_keep
-from truthgpt.model import TruthGPTModel
+from truthgpt.nn.generation import TextStreamer, filter_logits, next_token, slide_keep
+from truthgpt.nn.model import TruthGPTModel
 
 VOCAB = 17
 

@@ -19,13 +19,13 @@ transformers = pytest.importorskip(
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-import truthgpt.hf  # noqa: E402
+import truthgpt.workflows.hf  # noqa: E402
 from truthgpt.checkpoint import CheckpointManager, load_pretrained, save_pretrained  # noqa: E402
 from truthgpt.cli import main  # noqa: E402
 from truthgpt.config import TruthGPTOptimizationCoreConfig  # noqa: E402
 from truthgpt.data import build_tokenizer  # noqa: E402
-from truthgpt.hf import TruthGPTForCausalLM, TruthGPTHFConfig, export_hf, hf_tokenizer  # noqa: E402
 from truthgpt.training.core import TruthGPTOptimizationCore  # noqa: E402
+from truthgpt.workflows.hf import TruthGPTForCausalLM, TruthGPTHFConfig, export_hf, hf_tokenizer  # noqa: E402
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 WINDOW = 32
@@ -191,16 +191,16 @@ def test_export_of_a_missing_run_is_a_clear_error(tmp_path: Path, capsys) -> Non
 
 
 def test_transformers_stays_optional() -> None:
-    """Only truthgpt.hf imports transformers; the library and CLI work without it."""
+    """Only truthgpt.workflows.hf imports transformers; the library and CLI work without it."""
     code = (
-        "import sys, truthgpt, truthgpt.checkpoint, truthgpt.model, truthgpt.training, "
+        "import sys, truthgpt, truthgpt.checkpoint, truthgpt.nn.model, truthgpt.training, "
         "truthgpt.data, truthgpt.cli\n"
         "truthgpt.cli.build_parser()\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert truthgpt.hf.TruthGPTHFConfig.model_type == "truthgpt"
+    assert truthgpt.workflows.hf.TruthGPTHFConfig.model_type == "truthgpt"
 
 
 def test_sampling_through_transformers_is_seeded_and_cache_safe(exported) -> None:

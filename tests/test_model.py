@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from truthgpt.attention import default_lambda
 from truthgpt.config import (
     DISTANCE_TYPES,
     ConfigError,
@@ -17,7 +16,8 @@ from truthgpt.config import (
     TruthGPTConfig,
     TruthGPTOptimizationCoreConfig,
 )
-from truthgpt.model import TruthGPTModel
+from truthgpt.nn.attention import default_lambda
+from truthgpt.nn.model import TruthGPTModel
 
 V, C, L, H, P = 23, 32, 2, 4, 16
 

@@ -2,19 +2,29 @@
 
 score(i, j) = -λ_h · d(q_i, k_j) for d in L1, L2, squared L2, Chebyshev, Lp, plus cosine and
 the dot-product baseline, causal and multi-head, with a learnable positive λ per head.
+
+The names below load on first use, so `import truthgpt.config` or `import truthgpt.nn`
+loads only what it needs (not the trainer).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from truthgpt.attention import DistanceAttention, distance_attention
-from truthgpt.config import (
-    ConfigError,
-    TrainConfig,
-    TruthGPTConfig,
-    TruthGPTOptimizationCoreConfig,
-)
-from truthgpt.model import CausalLMOutput, TruthGPTModel
-from truthgpt.training import TruthGPTOptimizationCore
+_EXPORTS = {
+    "ConfigError": "truthgpt.config",
+    "TrainConfig": "truthgpt.config",
+    "TruthGPTConfig": "truthgpt.config",
+    "TruthGPTOptimizationCoreConfig": "truthgpt.config",
+    "DistanceAttention": "truthgpt.nn.attention",
+    "distance_attention": "truthgpt.nn.attention",
+    "CausalLMOutput": "truthgpt.nn.model",
+    "TruthGPTModel": "truthgpt.nn.model",
+    "TruthGPTOptimizationCore": "truthgpt.training",
+}
 
 __all__ = [
     "CausalLMOutput",
@@ -28,3 +38,22 @@ __all__ = [
     "__version__",
     "distance_attention",
 ]
+
+if TYPE_CHECKING:
+    from truthgpt.config import (
+        ConfigError,
+        TrainConfig,
+        TruthGPTConfig,
+        TruthGPTOptimizationCoreConfig,
+    )
+    from truthgpt.nn.attention import DistanceAttention, distance_attention
+    from truthgpt.nn.model import CausalLMOutput, TruthGPTModel
+    from truthgpt.training import TruthGPTOptimizationCore
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'truthgpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -49,7 +49,7 @@ from truthgpt.config import (
 )
 
 if TYPE_CHECKING:
-    from truthgpt.model import TruthGPTModel
+    from truthgpt.nn.model import TruthGPTModel
     from truthgpt.training.core import TruthGPTOptimizationCore
 
 FORMAT = "truthgpt-checkpoint"
@@ -457,7 +457,7 @@ def _model_config(reader: _Reader) -> TruthGPTConfig:
 def _build_model(config: TruthGPTConfig) -> TruthGPTModel:
     """A model of the given shape, without disturbing the global RNG (initial weights are
     overwritten anyway)."""
-    from truthgpt.model import TruthGPTModel
+    from truthgpt.nn.model import TruthGPTModel
 
     with torch.random.fork_rng(devices=[]):
         return TruthGPTModel(config)

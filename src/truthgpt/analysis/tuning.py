@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from truthgpt.attention import LAMBDA_MAX, LAMBDA_MIN
+from truthgpt.nn.attention import LAMBDA_MAX, LAMBDA_MIN
 
 # Adam's step is about lr in log λ per update: small, because a trained model's λ is already
 # near a minimum and larger steps mostly add noise.

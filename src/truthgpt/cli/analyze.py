@@ -33,17 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from truthgpt.analysis import (
-        analyze_attention,
-        format_table,
-        layer_weights,
-        plot_attended_distance,
-        plot_attention_heatmaps,
-        rich_table,
-    )
+    from truthgpt.analysis import analyze_attention, layer_weights
     from truthgpt.checkpoint import load_core
     from truthgpt.cli.common import data_for_run
     from truthgpt.training.loop import json_safe
+    from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
+    from truthgpt.workflows.report import format_table, rich_table
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -46,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from truthgpt.compare import compare_kinds
     from truthgpt.training import parse_overrides
+    from truthgpt.workflows.compare import compare_kinds
 
     compare_kinds(
         [k.strip() for k in args.kinds.split(",") if k.strip()],

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from truthgpt.demo import run_demo
+    from truthgpt.workflows.demo import run_demo
 
     compare = None if args.compare.lower() == "none" else args.compare
     run_demo(

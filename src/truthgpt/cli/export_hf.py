@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from truthgpt.hf import export_hf
+        from truthgpt.workflows.hf import export_hf
     except ImportError as err:
         print(f"truthgpt export-hf: error: {err}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from truthgpt.checkpoint import load_pretrained, read_tokenizer, resolve_checkpoint
-    from truthgpt.generation import TextStreamer, check_sampling_args
+    from truthgpt.nn.generation import TextStreamer, check_sampling_args
     from truthgpt.training.hardware import resolve_device
 
     # Check everything the user typed before loading anything, naming the flag.

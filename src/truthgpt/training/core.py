@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from truthgpt.config import TrainConfig, TruthGPTConfig, TruthGPTOptimizationCoreConfig
-from truthgpt.model import TruthGPTModel
+from truthgpt.nn.model import TruthGPTModel
 from truthgpt.training.hardware import measure_peak_flops, memory_mb, resolve_device
 
 Batch = Mapping[str, Tensor] | tuple[Tensor, Tensor] | list[Tensor]

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from truthgpt.attention.functional import DISTANCE_KINDS, distance_attention
+from truthgpt.nn.attention.functional import DISTANCE_KINDS, distance_attention
 
 # λ lives in log space and is clamped to this range when used: wide enough for every kind's
 # default (cosine at √D for D up to 10^6, l1 at 2/√D for D up to 4·10^6), narrow enough that a

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from truthgpt.model import PastKeyValues, TruthGPTModel
+    from truthgpt.nn.model import PastKeyValues, TruthGPTModel
 
 
 class Streamer(Protocol):

@@ -4,8 +4,8 @@
 owns the projections, the per-head λ and the KV cache.
 """
 
-from truthgpt.attention.functional import DISTANCE_KINDS, distance_attention
-from truthgpt.attention.module import (
+from truthgpt.nn.attention.functional import DISTANCE_KINDS, distance_attention
+from truthgpt.nn.attention.module import (
     LAMBDA_MAX,
     LAMBDA_MIN,
     AttentionOutput,

@@ -13,8 +13,8 @@ Two paths compute the same thing:
   `F.scaled_dot_product_attention` (cosine on normalised q, k; squared L2 on q, k augmented
   by one column, exactly); l1, l2, chebyshev and lp run a flash-style kernel with an online
   softmax that never holds the weights, dropout included: the native C++ kernel
-  (`truthgpt.attention.native`) or the blocked PyTorch one, compiled or eager
-  (`truthgpt.attention.kernels`); see BACKENDS.
+  (`truthgpt.nn.attention.native`) or the blocked PyTorch one, compiled or eager
+  (`truthgpt.nn.attention.kernels`); see BACKENDS.
   The plain path computes distances with `torch.cdist`, whose backward holds O(Tq·Tk) per
   head, never O(Tq·Tk·D).
 
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from truthgpt.attention import native
-from truthgpt.attention.kernels import blocked_attention
+from truthgpt.nn.attention import native
+from truthgpt.nn.attention.kernels import blocked_attention
 
 DISTANCE_KINDS: tuple[str, ...] = ("dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp")
 

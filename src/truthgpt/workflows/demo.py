@@ -84,13 +84,12 @@ def run_demo(
     """Run the whole demo into `out_dir`; returns the metrics written to `metrics.json`."""
     from truthgpt.analysis import (
         analyze_attention,
-        format_table,
         layer_weights,
-        plot_attended_distance,
-        plot_attention_heatmaps,
         tune_lambda,
     )
-    from truthgpt.model import TruthGPTModel
+    from truthgpt.nn.model import TruthGPTModel
+    from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
+    from truthgpt.workflows.report import format_table
 
     if not minutes > 0:
         raise ValueError(f"--minutes: must be positive, got {minutes!r}")

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from truthgpt.attention import DistanceAttention
 from truthgpt.config import TruthGPTConfig
+from truthgpt.nn.attention import DistanceAttention
 
 # One (k, v) pair per layer, each (B, H, T_past, head_dim).
 PastKeyValues = tuple[tuple[Tensor, Tensor], ...]
@@ -283,8 +283,8 @@ class TruthGPTModel(nn.Module):
         streamer: object | None = None,
         use_cache: bool = True,
     ) -> Tensor:
-        """Continue `input_ids` (B, T) by up to `max_new_tokens`; see `truthgpt.generation`."""
-        from truthgpt.generation import generate
+        """Continue `input_ids` (B, T) by up to `max_new_tokens`; see `truthgpt.nn.generation`."""
+        from truthgpt.nn.generation import generate
 
         return generate(
             self,

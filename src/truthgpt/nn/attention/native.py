@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from truthgpt.attention.kernels import additive_bias
+from truthgpt.nn.attention.kernels import additive_bias
 
 try:
-    from truthgpt.attention import _native  # noqa: F401  (registers torch.ops.truthgpt.*)
+    from truthgpt.nn.attention import _native  # noqa: F401  (registers torch.ops.truthgpt.*)
 except ImportError as err:  # not built: no compiler at install time, another platform
     UNAVAILABLE: str | None = f"{type(err).__name__}: {err}"
 else:
