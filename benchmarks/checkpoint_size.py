@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from truthgpt.checkpoint import load_core, load_pretrained, save_checkpoint
 from truthgpt.config import TruthGPTOptimizationCoreConfig, preset
 from truthgpt.data import build_tokenizer, load_corpus
 from truthgpt.data.tokenization import GPT2_VOCAB_SIZE
+from truthgpt.nn.model import TruthGPTModel
+from truthgpt.training import load_core
 from truthgpt.training.core import TruthGPTOptimizationCore
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,13 +48,13 @@ def measure(name: str, vocab_size: int, repeats: int, workdir: Path) -> dict[str
     for i in range(repeats):
         folder = workdir / f"{name}-{i}"
         start = time.perf_counter()
-        save_checkpoint(core, folder)
+        core.save_checkpoint(folder)
         save_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         loaded = load_core(folder)
         load_times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        load_pretrained(folder)
+        TruthGPTModel.from_pretrained(folder)
         model_load_times.append(time.perf_counter() - start)
         assert loaded.step == 1
     sizes = {p.name: p.stat().st_size for p in folder.iterdir()}

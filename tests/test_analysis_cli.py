@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from truthgpt.checkpoint import load_core
 from truthgpt.cli import main
 from truthgpt.data import load_prepared, prepare_data
-from truthgpt.training import TruthGPTOptimizationCore, build_config, train
+from truthgpt.training import TruthGPTOptimizationCore, build_config, load_core, train
 
 TEXT = "".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(300))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

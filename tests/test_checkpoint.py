@@ -10,20 +10,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from truthgpt.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    load_checkpoint,
-    load_core,
-    load_pretrained,
-    read_trainer_state,
-    resolve_checkpoint,
-    save_checkpoint,
-    save_pretrained,
-)
 from truthgpt.config import TruthGPTConfig, TruthGPTOptimizationCoreConfig
 from truthgpt.data import build_tokenizer
+from truthgpt.io import CheckpointError, resolve_checkpoint
 from truthgpt.nn.model import TruthGPTModel
+from truthgpt.training import load_core
+from truthgpt.training.checkpoint import CheckpointManager, read_trainer_state
 from truthgpt.training.core import TruthGPTOptimizationCore
 
 VOCAB, BLOCK, BATCH = 50, 16, 4
@@ -108,7 +100,7 @@ def test_loading_a_model_leaves_the_global_rng_alone(tmp_path: Path) -> None:
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    load_pretrained(tmp_path / "m")
+    TruthGPTModel.from_pretrained(tmp_path / "m")
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -119,7 +111,7 @@ def test_load_pretrained_accepts_checkpoint_checkpoints_and_run_folders(tmp_path
     core.model.eval()
     for where in (path, tmp_path / "run" / "checkpoints", tmp_path / "run"):
         assert resolve_checkpoint(where) == path
-        assert torch.equal(load_pretrained(where)(x).logits, core.model(x).logits)
+        assert torch.equal(TruthGPTModel.from_pretrained(where)(x).logits, core.model(x).logits)
 
 
 def test_resolve_checkpoint_rejects_other_folders(tmp_path: Path) -> None:
@@ -136,7 +128,7 @@ def test_resolve_checkpoint_rejects_other_folders(tmp_path: Path) -> None:
     (tmp_path / "hf").mkdir()
     safetensors.torch.save_file({"w": torch.zeros(1)}, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"manifest\.json: missing"):
-        load_pretrained(tmp_path / "hf")
+        TruthGPTModel.from_pretrained(tmp_path / "hf")
 
 
 def test_save_pretrained_refuses_to_overwrite_foreign_folder(tmp_path: Path) -> None:
@@ -144,16 +136,16 @@ def test_save_pretrained_refuses_to_overwrite_foreign_folder(tmp_path: Path) -> 
     folder.mkdir()
     (folder / "thesis.tex").write_text("precious")
     with pytest.raises(FileExistsError, match="not a truthgpt checkpoint"):
-        save_pretrained(trained_core(0).raw_model, folder)
+        trained_core(0).raw_model.save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no temporary left behind
 
 
 def test_save_pretrained_replaces_an_earlier_save(tmp_path: Path) -> None:
     first, second = trained_core(0), trained_core(2)
-    save_pretrained(first.raw_model, tmp_path / "m")
-    save_pretrained(second.raw_model, tmp_path / "m")
-    loaded = load_pretrained(tmp_path / "m")
+    first.raw_model.save_pretrained(tmp_path / "m")
+    second.raw_model.save_pretrained(tmp_path / "m")
+    loaded = TruthGPTModel.from_pretrained(tmp_path / "m")
     second.model.eval()
     x = batch(1)["input_ids"]
     assert torch.equal(loaded(x).logits, second.model(x).logits)
@@ -166,7 +158,7 @@ def test_save_pretrained_replaces_an_earlier_save(tmp_path: Path) -> None:
 def test_checkpoint_files_are_json_and_safetensors(tmp_path: Path) -> None:
     core = trained_core(2)
     core.record_eval({"loss": 3.5})
-    path = save_checkpoint(core, tmp_path / "c", note="hello")
+    path = core.save_checkpoint(tmp_path / "c", note="hello")
     names = sorted(p.name for p in path.iterdir())
     assert names == [
         "config.json",
@@ -200,14 +192,14 @@ def test_checkpoint_files_are_json_and_safetensors(tmp_path: Path) -> None:
 def test_load_checkpoint_restores_everything(tmp_path: Path) -> None:
     core = trained_core(3)
     core.record_eval({"loss": 2.5})
-    core.bad_steps_total = 4
-    core.bad_steps_in_a_row = 1
-    path = save_checkpoint(core, tmp_path / "c", epoch=7)
+    core.state.bad_steps_total = 4
+    core.state.bad_steps_in_a_row = 1
+    path = core.save_checkpoint(tmp_path / "c", epoch=7)
     fresh = TruthGPTOptimizationCore(tiny_config())
-    state = load_checkpoint(fresh, path)
+    state = fresh.load_checkpoint(path)
     assert state["extra"] == {"epoch": 7}
     assert (fresh.step, fresh.tokens_seen, fresh.best_val_loss) == (3, 3 * BATCH * BLOCK, 2.5)
-    assert (fresh.bad_steps_total, fresh.bad_steps_in_a_row) == (4, 1)
+    assert (fresh.state.bad_steps_total, fresh.state.bad_steps_in_a_row) == (4, 1)
     assert fresh.eval_history == core.eval_history
     for name, tensor in core.model.state_dict().items():
         assert torch.equal(fresh.model.state_dict()[name], tensor), name
@@ -222,10 +214,10 @@ def test_load_checkpoint_restores_everything(tmp_path: Path) -> None:
 
 def test_checkpoint_of_a_core_before_any_step(tmp_path: Path) -> None:
     core = trained_core(0)
-    path = save_checkpoint(core, tmp_path / "c")
+    path = core.save_checkpoint(tmp_path / "c")
     assert not (path / "optimizer.safetensors").exists()
     fresh = TruthGPTOptimizationCore(tiny_config())
-    load_checkpoint(fresh, path)
+    fresh.load_checkpoint(path)
     assert fresh.step == 0 and fresh.optimizer is not None
 
 
@@ -281,23 +273,23 @@ def test_load_core_brings_back_tokenizer_and_chars_per_token(tmp_path: Path) -> 
 
 
 def test_load_core_refuses_a_model_only_folder(tmp_path: Path) -> None:
-    save_pretrained(trained_core(0).raw_model, tmp_path / "m")
+    trained_core(0).raw_model.save_pretrained(tmp_path / "m")
     with pytest.raises(CheckpointError, match="no training config"):
         load_core(tmp_path / "m")
 
 
 def test_extra_state_must_be_json(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="extra_state"):
-        save_checkpoint(trained_core(1), tmp_path / "c", bad=object())
+        trained_core(1).save_checkpoint(tmp_path / "c", bad=object())
     assert list(tmp_path.iterdir()) == []
 
 
 def test_load_checkpoint_rejects_a_different_model(tmp_path: Path) -> None:
-    path = save_checkpoint(trained_core(1), tmp_path / "c")
+    path = trained_core(1).save_checkpoint(tmp_path / "c")
     other = TruthGPTOptimizationCore(tiny_config(distance_type="l2"))
     before = weights(other.model)
     with pytest.raises(CheckpointError, match="distance_type='l1' \\(checkpoint\\) vs 'l2'"):
-        load_checkpoint(other, path)
+        other.load_checkpoint(path)
     assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
     assert other.optimizer is None
 

@@ -14,14 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from truthgpt.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_core,
-    load_pretrained,
-    save_checkpoint,
-)
 from truthgpt.config import TruthGPTOptimizationCoreConfig
+from truthgpt.io import CheckpointError
+from truthgpt.nn.model import TruthGPTModel
+from truthgpt.training import load_core
 from truthgpt.training.core import TruthGPTOptimizationCore
 
 VOCAB, BLOCK, BATCH = 40, 8, 2
@@ -56,7 +52,7 @@ def train(core: TruthGPTOptimizationCore, steps: int) -> TruthGPTOptimizationCor
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A good checkpoint, copied by each test before it is damaged."""
     path = tmp_path_factory.mktemp("good") / "ckpt"
-    return save_checkpoint(train(make_core(), 2), path)
+    return train(make_core(), 2).save_checkpoint(path)
 
 
 @pytest.fixture
@@ -77,7 +73,7 @@ def snapshot(core: TruthGPTOptimizationCore) -> dict:
         "optimizer": {
             (i, k): v.clone() for i, s in optimizer["state"].items() for k, v in s.items()
         },
-        "counters": (core.step, core.tokens_seen, core.best_val_loss, core.bad_steps_total),
+        "counters": (core.step, core.tokens_seen, core.best_val_loss, core.state.bad_steps_total),
         "rng": torch.get_rng_state(),
     }
 
@@ -108,7 +104,7 @@ def resign(folder: Path) -> None:
 def expect_error(core: TruthGPTOptimizationCore, folder: Path, pattern: str) -> str:
     before = snapshot(core)
     with pytest.raises(CheckpointError, match=pattern) as info:
-        load_checkpoint(core, folder)
+        core.load_checkpoint(folder)
     assert_unchanged(core, before)
     return str(info.value)
 
@@ -155,7 +151,7 @@ def test_damaged_file_is_caught(ckpt: Path, target, name: str, damage: str) -> N
 def test_damaged_weights_fail_load_pretrained(ckpt: Path, damage: str) -> None:
     DAMAGE[damage][0](ckpt / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
-        load_pretrained(ckpt)
+        TruthGPTModel.from_pretrained(ckpt)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +211,7 @@ def test_any_single_bit_flip_is_caught(saved: Path, tmp_path: Path, name, where,
     core = make_core(seed=3)
     before = snapshot(core)
     try:
-        load_checkpoint(core, folder)
+        core.load_checkpoint(folder)
     except CheckpointError:
         assert_unchanged(core, before)
     else:
@@ -238,13 +234,13 @@ def good_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_weights_of_another_shape(ckpt: Path, target, tmp_path: Path) -> None:
-    other = save_checkpoint(make_core(hidden_size=32), tmp_path / "other")
+    other = make_core(hidden_size=32).save_checkpoint(tmp_path / "other")
     shutil.copy(other / "model.safetensors", ckpt / "model.safetensors")
     resign(ckpt)
     message = expect_error(target, ckpt, r"model\.safetensors: tensors do not fit")
     assert "shape mismatch" in message and "wte.weight (40, 32) vs (40, 16)" in message
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        load_pretrained(ckpt)
+        TruthGPTModel.from_pretrained(ckpt)
 
 
 def test_weights_of_another_dtype(ckpt: Path, target) -> None:
@@ -287,7 +283,7 @@ def test_config_of_a_different_size(ckpt: Path, target) -> None:
     expect_error(target, ckpt, r"config\.json: a different model: hidden_size=32")
     # Loading the model alone finds the weights disagree with the config.
     with pytest.raises(CheckpointError, match=r"model\.safetensors: .*shape mismatch"):
-        load_pretrained(ckpt)
+        TruthGPTModel.from_pretrained(ckpt)
 
 
 @pytest.mark.parametrize(
@@ -305,7 +301,7 @@ def test_bad_config(ckpt: Path, target, edit, pattern: str) -> None:
     edit_json(ckpt / "config.json", edit)
     assert "config.json" in expect_error(target, ckpt, pattern)
     with pytest.raises(CheckpointError, match=pattern):
-        load_pretrained(ckpt)
+        TruthGPTModel.from_pretrained(ckpt)
     with pytest.raises(CheckpointError, match=pattern):
         load_core(ckpt)
 
@@ -327,7 +323,7 @@ def test_bad_training_config_in_load_core(ckpt: Path) -> None:
     [
         (lambda s: s.update(step="three"), "'step' must be an integer"),
         (lambda s: s.update(tokens_seen=-5), "'tokens_seen' must be an integer"),
-        (lambda s: s.update(best_val_loss="low"), "'best_val_loss' must be a number"),
+        (lambda s: s.update(best_val_loss="low"), "'best_val_loss' must be a finite number"),
         (lambda s: s.update(extra=[1]), "'extra' must be an object"),
         (lambda s: s["rng"].update(torch_cpu="AAAA"), "invalid random state"),
         (lambda s: s["rng"].update(python=[3, [1, 2], None]), "invalid random state"),
@@ -390,7 +386,7 @@ def test_fresh_core_keeps_no_optimizer_after_failed_load(ckpt: Path) -> None:
     truncate(ckpt / "optimizer.safetensors")
     core = make_core()
     with pytest.raises(CheckpointError, match=r"optimizer\.safetensors"):
-        load_checkpoint(core, ckpt)
+        core.load_checkpoint(ckpt)
     assert core.optimizer is None and core.step == 0
 
 
@@ -401,7 +397,7 @@ def test_bad_tokenizer_file(tmp_path: Path) -> None:
     core = TruthGPTOptimizationCore(
         make_core().config.replace(vocab_size=tokenizer.vocab_size), tokenizer=tokenizer
     )
-    path = save_checkpoint(core, tmp_path / "ckpt")
+    path = core.save_checkpoint(tmp_path / "ckpt")
     assert load_core(path).tokenizer.encode("abc") == tokenizer.encode("abc")
     flipped = Path(shutil.copytree(path, tmp_path / "flipped"))
     flip_middle(flipped / "tokenizer.json")

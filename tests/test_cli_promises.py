@@ -8,8 +8,8 @@ import json
 import pytest
 
 from test_cli_train import TINY
-from truthgpt.checkpoint import load_core
 from truthgpt.cli import COMMANDS, main
+from truthgpt.training import load_core
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_cli_resume_repeats_the_uninterrupted_run_exactly(tmp_path, data_dir):
     so the restored RNG state matters too."""
     import torch
 
-    from truthgpt.checkpoint import load_core
+    from truthgpt.training import load_core
 
     def train(run, steps, *extra):
         args = ["train", "--data", str(data_dir), "--out", str(run), "--distance", "l1"]

@@ -18,11 +18,11 @@ import safetensors.torch
 import torch
 import torch.multiprocessing as mp
 
-from truthgpt.checkpoint import CheckpointManager, load_core, read_trainer_state
 from truthgpt.cli import main
 from truthgpt.config import TruthGPTOptimizationCoreConfig
 from truthgpt.data import load_prepared, prepare_data
-from truthgpt.training import TruthGPTOptimizationCore, World, distributed, train
+from truthgpt.training import TruthGPTOptimizationCore, World, distributed, load_core, train
+from truthgpt.training.checkpoint import CheckpointManager, read_trainer_state
 
 VOCAB = 40
 STEPS = 3

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from truthgpt.checkpoint import CheckpointManager, load_pretrained, save_pretrained
 from truthgpt.cli import main
 from truthgpt.config import TruthGPTOptimizationCoreConfig
 from truthgpt.data import load_prepared, prepare_data
 from truthgpt.data.dataset import RandomBatches
+from truthgpt.nn.model import TruthGPTModel
+from truthgpt.training.checkpoint import CheckpointManager
 from truthgpt.training.core import TruthGPTOptimizationCore
 
 TEXT = "the quick brown fox jumps over the lazy dog.\nto be or not to be, that is the question.\n"
@@ -59,10 +60,11 @@ def test_greedy_prints_prompt_then_the_models_continuation(run_dir: Path, capsys
     )
     assert code == 0 and err == ""
     # The same continuation from the library.
-    from truthgpt.checkpoint import read_tokenizer
+    from truthgpt.nn.model import TruthGPTModel
+    from truthgpt.training.checkpoint import read_tokenizer
 
     tokenizer = read_tokenizer(run_dir)
-    model = load_pretrained(run_dir)
+    model = TruthGPTModel.from_pretrained(run_dir)
     ids = model.generate(torch.tensor([tokenizer.encode("to be")]), 40, do_sample=False)
     assert out == "to be" + tokenizer.decode(ids[0, 5:].tolist()) + "\n"
     assert len(out) == len("to be") + 40 + 1  # char tokenizer: one character per token
@@ -152,6 +154,6 @@ def test_bad_values_are_clean_errors(run_dir: Path, capsys, args: list[str], mes
 def test_missing_run_and_missing_tokenizer(tmp_path: Path, run_dir: Path, capsys) -> None:
     code, _, err = generate_cli(capsys, "--run", str(tmp_path / "nope"), "--prompt", "a")
     assert code == 2 and "no such checkpoint" in err
-    save_pretrained(load_pretrained(run_dir), tmp_path / "bare")
+    TruthGPTModel.from_pretrained(run_dir).save_pretrained(tmp_path / "bare")
     code, _, err = generate_cli(capsys, "--run", str(tmp_path / "bare"), "--prompt", "a")
     assert code == 2 and "holds no tokenizer.json" in err

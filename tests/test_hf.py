@@ -20,10 +20,11 @@ transformers = pytest.importorskip(
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import truthgpt.workflows.hf  # noqa: E402
-from truthgpt.checkpoint import CheckpointManager, load_pretrained, save_pretrained  # noqa: E402
 from truthgpt.cli import main  # noqa: E402
 from truthgpt.config import TruthGPTOptimizationCoreConfig  # noqa: E402
 from truthgpt.data import build_tokenizer  # noqa: E402
+from truthgpt.nn.model import TruthGPTModel  # noqa: E402
+from truthgpt.training.checkpoint import CheckpointManager  # noqa: E402
 from truthgpt.training.core import TruthGPTOptimizationCore  # noqa: E402
 from truthgpt.workflows.hf import TruthGPTForCausalLM, TruthGPTHFConfig, export_hf, hf_tokenizer  # noqa: E402
 
@@ -77,7 +78,7 @@ def test_export_writes_a_transformers_folder(exported) -> None:
 
 def test_logits_and_loss_match_truthgpt(exported) -> None:
     run, out = exported
-    ours = load_pretrained(run)
+    ours = TruthGPTModel.from_pretrained(run)
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(
         0, ours.config.vocab_size, (2, WINDOW), generator=torch.Generator().manual_seed(0)
@@ -91,7 +92,7 @@ def test_logits_and_loss_match_truthgpt(exported) -> None:
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_greedy_generate_matches_truthgpt(exported, use_cache: bool) -> None:
     run, out = exported
-    ours = load_pretrained(run)
+    ours = TruthGPTModel.from_pretrained(run)
     theirs = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = tokenizer("Before we", return_tensors="pt")
@@ -163,7 +164,7 @@ def test_gpt2_tokenizer_export(tmp_path: Path) -> None:
 
 def test_export_of_a_model_only_folder(tmp_path: Path) -> None:
     core = make_run(tmp_path / "run", build_tokenizer("char", TEXT))
-    save_pretrained(core.raw_model, tmp_path / "model")
+    core.raw_model.save_pretrained(tmp_path / "model")
     out = export_hf(tmp_path / "model", tmp_path / "hf")
     assert not (out / "tokenizer.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -193,7 +194,7 @@ def test_export_of_a_missing_run_is_a_clear_error(tmp_path: Path, capsys) -> Non
 def test_transformers_stays_optional() -> None:
     """Only truthgpt.workflows.hf imports transformers; the library and CLI work without it."""
     code = (
-        "import sys, truthgpt, truthgpt.checkpoint, truthgpt.nn.model, truthgpt.training, "
+        "import sys, truthgpt, truthgpt.training.checkpoint, truthgpt.nn.model, truthgpt.training, "
         "truthgpt.data, truthgpt.cli\n"
         "truthgpt.cli.build_parser()\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
@@ -232,7 +233,7 @@ def test_bpe_export_generates_like_truthgpt(tmp_path: Path) -> None:
     ours_tokenizer = build_tokenizer("bpe:300", TEXT * 4)
     make_run(tmp_path / "run", ours_tokenizer)
     export_hf(tmp_path / "run", tmp_path / "hf")
-    ours = load_pretrained(tmp_path / "run")
+    ours = TruthGPTModel.from_pretrained(tmp_path / "run")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     prompt = AutoTokenizer.from_pretrained(tmp_path / "hf")("Before we", return_tensors="pt")
     assert prompt["input_ids"][0].tolist() == ours_tokenizer.encode("Before we")

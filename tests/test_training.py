@@ -122,7 +122,7 @@ def test_non_finite_step_is_skipped_then_run_stops():
             assert torch.equal(p, before[name]), f"{name} changed on a skipped step"
     with pytest.raises(TrainingDiverged, match="3 consecutive"):
         core.train_step(batch_at(5))
-    assert core.bad_steps_total == 3
+    assert core.state.bad_steps_total == 3
 
 
 def test_evaluate_is_deterministic_and_consistent():
@@ -159,7 +159,7 @@ def test_bf16_autocast_trains_on_cpu():
 
 
 def test_bf16_run_checkpoints_and_resumes_exactly(tmp_path):
-    from truthgpt.checkpoint import load_core, save_checkpoint
+    from truthgpt.training import load_core
 
     config = tiny_config(precision="bf16", distance_type="l1")
     straight = TruthGPTOptimizationCore(config)
@@ -167,7 +167,7 @@ def test_bf16_run_checkpoints_and_resumes_exactly(tmp_path):
     first = TruthGPTOptimizationCore(config)
     for i in range(3):
         first.train_step(batch_at(i))
-    save_checkpoint(first, tmp_path / "c")
+    first.save_checkpoint(tmp_path / "c")
     resumed = load_core(tmp_path / "c")
     assert resumed.config.precision == "bf16"
     again = [resumed.train_step(batch_at(i))["loss"] for i in range(3, 6)]

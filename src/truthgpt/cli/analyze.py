@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 
@@ -34,9 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from truthgpt.analysis import analyze_attention, layer_weights
-    from truthgpt.checkpoint import load_core
     from truthgpt.cli.common import data_for_run
-    from truthgpt.training.loop import json_safe
+    from truthgpt.io import json_safe
+    from truthgpt.io.atomic import write_files_into
+    from truthgpt.training import load_core
     from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
     from truthgpt.workflows.report import format_table, rich_table
 
@@ -64,21 +62,15 @@ def run(args: argparse.Namespace) -> int:
 
     weights = [w[0] for w in layer_weights(model, torch.tensor([sample["token_ids"]]))]
 
-    # Everything goes to a temporary folder first, so a failure leaves --out as it was.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         (tmp / "analysis.json").write_text(
             json.dumps(json_safe(analysis), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         plot_attention_heatmaps(weights, sample["tokens"], tmp, lambdas=model.lambdas().tolist())
         plot_attended_distance(analysis, tmp / "attention_distance.png")
-        out.mkdir(exist_ok=True)
-        for path in sorted(tmp.iterdir()):
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # Everything is written first, so a failure leaves --out as it was.
+    write_files_into(out, write)
 
     if sys.stdout.isatty():
         from rich.console import Console

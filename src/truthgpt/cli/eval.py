@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from truthgpt.checkpoint import load_core
     from truthgpt.cli.common import data_for_run
+    from truthgpt.training import load_core
 
     core = load_core(args.run, **({"device": args.device} if args.device else {}))
     data = data_for_run(args.run, args.data)

@@ -38,8 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from truthgpt.checkpoint import load_pretrained, read_tokenizer, resolve_checkpoint
+    from truthgpt.io import resolve_checkpoint
     from truthgpt.nn.generation import TextStreamer, check_sampling_args
+    from truthgpt.nn.model import TruthGPTModel
+    from truthgpt.training.checkpoint import read_tokenizer
     from truthgpt.training.hardware import resolve_device
 
     # Check everything the user typed before loading anything, naming the flag.
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             f"--run: {folder} holds no tokenizer.json, so the prompt cannot be encoded; "
             "use a run or checkpoint folder written by training"
         )
-    model = load_pretrained(folder, map_location=device)
+    model = TruthGPTModel.from_pretrained(folder, map_location=device)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(
             f"--run: the tokenizer has {tokenizer.vocab_size} tokens but the model's "

@@ -76,13 +76,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, world: World) -> int:
-    from truthgpt.checkpoint import load_core
     from truthgpt.cli.common import data_for_run
     from truthgpt.data import load_prepared
     from truthgpt.training import (
         TruthGPTOptimizationCore,
         build_config,
         distributed,
+        load_core,
         parse_overrides,
         train,
     )

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +69,11 @@ def format_lambdas(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from truthgpt.analysis import tune_lambda
-    from truthgpt.checkpoint import CheckpointManager, load_core
     from truthgpt.cli.common import data_for_run, find_run_info
-    from truthgpt.training.loop import json_safe
+    from truthgpt.io import json_safe
+    from truthgpt.io.atomic import write_folder_atomically
+    from truthgpt.training import load_core
+    from truthgpt.training.checkpoint import CheckpointManager
 
     source, out = Path(args.run), Path(args.out)
     if not source.exists():
@@ -101,22 +100,15 @@ def run(args: argparse.Namespace) -> int:
         "tuned_from": str(source.resolve()),
     }
 
-    # Build the whole run folder under a temporary name, then move it into place.
-    check_out_dir(out, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    def write(tmp: Path) -> None:
         CheckpointManager(tmp).save(core, val_loss=result["val_loss_after"])
         (tmp / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
         (tmp / "tune_lambda.json").write_text(
             json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8"
         )
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # The whole run folder appears at once, or not at all.
+    write_folder_atomically(out, write, check=lambda target: check_out_dir(target, source))
 
     print(format_lambdas(result))
     if result["clamped"]:

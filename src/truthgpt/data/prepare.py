@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 
 from truthgpt.data.corpus import check_val_fraction, iter_sources, load_corpus, split_text
 from truthgpt.data.tokenization import Tokenizer, build_tokenizer, parse_tokenizer_spec
+from truthgpt.io.atomic import write_folder_atomically
 
 DATA_FORMAT = "truthgpt-data"
 DATA_FORMAT_VERSION = 1
@@ -99,32 +98,12 @@ def prepare_data(
         "sources": list(iter_sources(corpus)),
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         for name in SPLITS:
             ids[name].astype(dtype).tofile(tmp / f"{name}.bin")
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    # Checked again just before the rename: something may have appeared while encoding.
+    write_folder_atomically(out_dir, write, check=lambda target: _check_target(target, force))
     return meta
-
-
-def _replace_dir(new: Path, target: Path, force: bool) -> None:
-    """Move `new` to `target`; an existing `target` is kept until the move has succeeded."""
-    _check_target(target, force)  # again: something may have appeared while encoding
-    if not target.exists():
-        new.rename(target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-    target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    shutil.rmtree(old)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from truthgpt.config import TruthGPTConfig
+from truthgpt.io import pretrained
 from truthgpt.nn.attention import DistanceAttention
 
 # One (k, v) pair per layer, each (B, H, T_past, head_dim).
@@ -303,16 +304,19 @@ class TruthGPTModel(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` (atomically); see `truthgpt.checkpoint`."""
-        from truthgpt.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory)
+        """Write `config.json` + `model.safetensors` (+ manifest), atomically."""
+        return pretrained.save_model_folder(directory, self.config, self)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, map_location: str | torch.device = "cpu"
     ) -> TruthGPTModel:
-        """Rebuild a model from a folder written by `save_pretrained` (no config needed)."""
-        from truthgpt.checkpoint import load_pretrained
+        """Rebuild a model, in eval mode, from `save_pretrained` output, a checkpoint or a run.
 
-        return load_pretrained(directory, map_location=map_location)
+        Every file is verified and every tensor checked before any is copied in."""
+        reader = pretrained.open_folder(directory)
+        config = pretrained.read_model_config(reader)
+        with torch.random.fork_rng(devices=[]):  # initial weights are overwritten anyway
+            model = cls(config)
+        pretrained.copy_weights(model, pretrained.read_weights(reader, model))
+        return model.to(map_location).eval()

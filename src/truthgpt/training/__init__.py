@@ -1,15 +1,19 @@
-"""Training: the optimization core, the loop, monitoring."""
+"""Training: the optimization core, its state and checkpoints, the loop, distribution."""
 
-from truthgpt.training.core import TrainingDiverged, TruthGPTOptimizationCore, lr_at
-from truthgpt.training.loop import World, build_config, parse_overrides, train
+from truthgpt.training.core import TrainingDiverged, TruthGPTOptimizationCore, load_core, lr_at
+from truthgpt.training.distributed import World
+from truthgpt.training.loop import build_config, parse_overrides, train
 from truthgpt.training.monitoring import Monitor
+from truthgpt.training.state import TrainState
 
 __all__ = [
     "Monitor",
+    "TrainState",
     "TrainingDiverged",
     "TruthGPTOptimizationCore",
     "World",
     "build_config",
+    "load_core",
     "lr_at",
     "parse_overrides",
     "train",

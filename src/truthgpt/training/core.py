@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from truthgpt.config import TrainConfig, TruthGPTConfig, TruthGPTOptimizationCoreConfig
+from truthgpt.analysis import analyze_attention, tune_lambda
+from truthgpt.config import (
+    ConfigError,
+    TrainConfig,
+    TruthGPTConfig,
+    TruthGPTOptimizationCoreConfig,
+)
+from truthgpt.data import sequential_batches
+from truthgpt.io.manifest import CheckpointError
+from truthgpt.io.pretrained import copy_weights, read_model_config, read_weights
 from truthgpt.nn.model import TruthGPTModel
+from truthgpt.training import checkpoint
+from truthgpt.training.batches import Batch, input_shape, micro_batches, split_batch
 from truthgpt.training.hardware import measure_peak_flops, memory_mb, resolve_device
-
-Batch = Mapping[str, Tensor] | tuple[Tensor, Tensor] | list[Tensor]
+from truthgpt.training.optim_state import OPTIMIZER_FILE, read_optimizer
+from truthgpt.training.state import TrainState
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,7 +77,6 @@ class TruthGPTOptimizationCore:
         self.model_config: TruthGPTConfig = config.model_config
         self.train_config: TrainConfig = config.train_config
         self.device = resolve_device(config.device)
-        self.chars_per_token = chars_per_token
         self.tokenizer = tokenizer  # saved with checkpoints so a run can be sampled later
 
         start = time.perf_counter()
@@ -77,18 +87,35 @@ class TruthGPTOptimizationCore:
 
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
-        self.step = 0  # optimiser updates applied so far
-        self.tokens_seen = 0
-        self.best_val_loss: float | None = None
-        self.bad_steps_total = 0
-        self.bad_steps_in_a_row = 0
+        self.state = TrainState(chars_per_token=chars_per_token)  # what checkpoints carry
         self.history: list[dict[str, float]] = []  # one entry per train_step
-        self.eval_history: list[dict[str, float]] = []
         # Processes training this model together (set by `distributed.parallelize`): losses
         # and token counts are then summed over them.
         self.world_size = 1
         self._peak_flops: float | None = config.peak_flops
         self._check_precision()
+
+    # The counters users read most, kept as attributes of the core.
+    @property
+    def step(self) -> int:
+        """Optimiser updates applied so far."""
+        return self.state.step
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.state.tokens_seen
+
+    @property
+    def best_val_loss(self) -> float | None:
+        return self.state.best_val_loss
+
+    @property
+    def eval_history(self) -> list[dict[str, float]]:
+        return self.state.eval_history
+
+    @property
+    def chars_per_token(self) -> float | None:
+        return self.state.chars_per_token
 
     # ------------------------------------------------------------------ setup
 
@@ -131,43 +158,10 @@ class TruthGPTOptimizationCore:
 
     # ------------------------------------------------------------------ batches
 
-    def _split_batch(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-        """(input_ids, labels, attention_mask, labels_already_shifted) on the right device."""
-        if isinstance(batch, Mapping):
-            if "input_ids" not in batch:
-                raise ValueError("batch: a dict batch needs an 'input_ids' tensor")
-            input_ids = batch["input_ids"]
-            labels = batch.get("labels", input_ids)
-            mask = batch.get("attention_mask")
-            shifted = False
-        elif isinstance(batch, tuple | list) and len(batch) == 2:
-            input_ids, labels = batch
-            mask, shifted = None, True
-        else:
-            raise ValueError(
-                "batch: expected a dict with 'input_ids' (and 'labels') or an (x, y) tuple, "
-                f"got {type(batch).__name__}"
-            )
-        for name, t in (("input_ids", input_ids), ("labels", labels)):
-            if not isinstance(t, Tensor) or t.dim() != 2:
-                raise ValueError(f"batch: {name} must be a (batch, length) tensor")
-        if labels.shape != input_ids.shape:
-            raise ValueError(
-                f"batch: labels shape {tuple(labels.shape)} differs from input_ids "
-                f"{tuple(input_ids.shape)}"
-            )
-        dev = self.device
-        mask = mask.to(dev, non_blocking=True) if mask is not None else None
-        return (
-            input_ids.to(dev, non_blocking=True),
-            labels.to(dev, non_blocking=True),
-            mask,
-            shifted,
-        )
-
-    def compute_loss(self, batch: Batch) -> tuple[Tensor, int]:
-        """Mean next-token loss of one batch and the number of tokens it was averaged over."""
-        input_ids, labels, mask, shifted = self._split_batch(batch)
+    def compute_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Mean next-token loss of one batch and the number of tokens it was averaged over
+        (a tensor, so that nothing waits for the device)."""
+        input_ids, labels, mask, shifted = split_batch(batch, self.device)
         with self.autocast():
             if shifted:
                 logits = self.model(input_ids, attention_mask=mask).logits
@@ -176,37 +170,11 @@ class TruthGPTOptimizationCore:
                     labels.reshape(-1),
                     ignore_index=-100,
                 )
-                counted = int((labels != -100).sum())
+                counted = (labels != -100).sum()
             else:
                 loss = self.model(input_ids, labels=labels, attention_mask=mask).loss
-                counted = int((labels[:, 1:] != -100).sum())
+                counted = (labels[:, 1:] != -100).sum()
         return loss, counted
-
-    def _micro_batches(self, batch: Batch | Sequence[Batch]) -> list[Batch]:
-        """A list of micro-batches as given, or one batch cut into `gradient_accumulation_steps`."""
-        if isinstance(batch, list) and batch and not isinstance(batch[0], Tensor):
-            return batch
-        accum = self.train_config.gradient_accumulation_steps
-        if accum == 1:
-            return [batch]  # type: ignore[list-item]
-        input_ids, labels, mask, shifted = self._split_batch(batch)  # type: ignore[arg-type]
-        if input_ids.size(0) % accum:
-            raise ValueError(
-                f"batch: batch size {input_ids.size(0)} is not divisible by "
-                f"gradient_accumulation_steps={accum}"
-            )
-        parts = []
-        for ids, lab, m in zip(
-            input_ids.chunk(accum),
-            labels.chunk(accum),
-            mask.chunk(accum) if mask is not None else [None] * accum,
-            strict=True,
-        ):
-            if shifted:
-                parts.append((ids, lab))
-            else:
-                parts.append({"input_ids": ids, "labels": lab, "attention_mask": m})
-        return parts
 
     # ------------------------------------------------------------------ training
 
@@ -226,10 +194,9 @@ class TruthGPTOptimizationCore:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        micro = self._micro_batches(batch)
+        micro = micro_batches(batch, cfg.gradient_accumulation_steps, self.device)
         tokens = 0
-        loss_sum = 0.0
-        finite = True
+        loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro):
             # Backward runs even on a non-finite loss: under DDP every rank must join the
             # gradient all-reduce, and the NaN it spreads makes every rank skip together.
@@ -240,23 +207,25 @@ class TruthGPTOptimizationCore:
                     self.scaler.scale(scaled).backward()
                 else:
                     scaled.backward()
-            loss_value = float(loss.detach())
-            finite = finite and math.isfinite(loss_value)
-            loss_sum += loss_value
-            tokens += self._input_shape(mb).numel()
+            loss_sum += loss.detach().float()
+            tokens += input_shape(mb).numel()
         if self.world_size > 1:
             # Report the global batch's loss and tokens; every rank then agrees on skipping.
             loss_sum, tokens = self._sum_over_ranks(loss_sum, tokens)
-            finite = math.isfinite(loss_sum)
 
-        grad_norm = float("nan")
-        if finite:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            finite = math.isfinite(grad_norm)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, the same value on every rank
+            norm = norm.full_tensor()
+        # The step's one wait for the device: a non-finite loss makes the gradient norm
+        # non-finite too, so both are read together and decide whether to apply the update.
+        loss_total, grad_norm = torch.stack([loss_sum, norm.float()]).tolist()
+        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+        if not finite:
+            grad_norm = float("nan")
 
         if finite:
             if self.scaler is not None:
@@ -264,36 +233,36 @@ class TruthGPTOptimizationCore:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            self.bad_steps_in_a_row = 0
+            self.state.bad_steps_in_a_row = 0
         else:
             if self.scaler is not None:
                 self.scaler.update()  # lowers the scale after an overflow
-            self.bad_steps_total += 1
-            self.bad_steps_in_a_row += 1
+            self.state.bad_steps_total += 1
+            self.state.bad_steps_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
 
         self._sync_device()
         elapsed = time.perf_counter() - start
-        self.step += 1
-        self.tokens_seen += tokens
+        self.state.step += 1
+        self.state.tokens_seen += tokens
         tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
         metrics = {
             "step": self.step,
-            "loss": loss_sum / (len(micro) * self.world_size) if finite else float("nan"),
+            "loss": loss_total / (len(micro) * self.world_size) if finite else float("nan"),
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.mfu(tokens_per_s / self.world_size, self._input_shape(micro[0])[1]),
+            "mfu": self.mfu(tokens_per_s / self.world_size, input_shape(micro[0])[1]),
             "memory_mb": memory_mb(self.device),
             "skipped": 0.0 if finite else 1.0,
         }
         self.history.append(metrics)
-        if self.bad_steps_in_a_row >= cfg.max_bad_steps:
+        if self.state.bad_steps_in_a_row >= cfg.max_bad_steps:
             raise TrainingDiverged(
-                f"{self.bad_steps_in_a_row} consecutive steps had a non-finite loss or gradient "
-                f"(last at step {self.step}); parameters were left as they were before them. "
-                "Lower learning_rate, raise warmup_steps or use fp32."
+                f"{self.state.bad_steps_in_a_row} consecutive steps had a non-finite loss or "
+                f"gradient (last at step {self.step}); parameters were left as they were before "
+                "them. Lower learning_rate, raise warmup_steps or use fp32."
             )
         return metrics
 
@@ -304,17 +273,13 @@ class TruthGPTOptimizationCore:
             return contextlib.nullcontext()
         return no_sync()
 
-    def _sum_over_ranks(self, loss_sum: float, tokens: int) -> tuple[float, int]:
+    def _sum_over_ranks(self, loss_sum: Tensor, tokens: int) -> tuple[Tensor, int]:
         import torch.distributed as dist
 
-        totals = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
+        totals = torch.cat([loss_sum.double().reshape(1), counts])
         dist.all_reduce(totals)
-        return float(totals[0]), int(totals[1])
-
-    @staticmethod
-    def _input_shape(batch: Batch) -> torch.Size:
-        """(B, T) of a batch `compute_loss` already checked, read without checking it again."""
-        return (batch["input_ids"] if isinstance(batch, Mapping) else batch[0]).shape
+        return totals[0].float(), int(totals[1])
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":
@@ -344,20 +309,20 @@ class TruthGPTOptimizationCore:
         batches = self._eval_batches(data, max_batches)
         was_training = self.model.training
         self.model.eval()
-        total_loss = 0.0
-        total_tokens = 0
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        total_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         try:
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
                 loss, counted = self.compute_loss(batch)
-                total_loss += float(loss) * counted
+                total_loss += loss.double() * counted
                 total_tokens += counted
         finally:
             self.model.train(was_training)
-        if total_tokens == 0:
+        if int(total_tokens) == 0:
             raise ValueError("data: evaluation saw no tokens")
-        loss = total_loss / total_tokens
+        loss = float(total_loss) / int(total_tokens)
         result = {
             "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)),
@@ -373,8 +338,6 @@ class TruthGPTOptimizationCore:
 
     def _eval_batches(self, data: Any, max_batches: int | None) -> Iterable[Batch]:
         if hasattr(data, "tokens"):
-            from truthgpt.data import sequential_batches
-
             return sequential_batches(
                 data, self.train_config.block_size, self.train_config.batch_size, max_batches
             )
@@ -386,10 +349,10 @@ class TruthGPTOptimizationCore:
 
     def record_eval(self, metrics: dict[str, float]) -> bool:
         """Remember an evaluation; True when it is the best validation loss so far."""
-        self.eval_history.append({"step": float(self.step), **metrics})
+        self.state.eval_history.append({"step": float(self.step), **metrics})
         best = self.best_val_loss is None or metrics["loss"] < self.best_val_loss
         if best:
-            self.best_val_loss = metrics["loss"]
+            self.state.best_val_loss = metrics["loss"]
         return best
 
     # ------------------------------------------------------------------ reporting
@@ -416,7 +379,7 @@ class TruthGPTOptimizationCore:
             / 2**20,
             "init_time_s": self.init_time_s,
             "steps": self.step,
-            "skipped_steps": self.bad_steps_total,
+            "skipped_steps": self.state.bad_steps_total,
             "tokens_seen": self.tokens_seen,
             "total_train_time_s": sum(m["step_time_s"] for m in self.history),
             "avg_step_time_s": mean("step_time_s", steady),
@@ -437,26 +400,141 @@ class TruthGPTOptimizationCore:
 
     def analyze_attention_patterns(self, data: Any, num_samples: int = 100) -> dict[str, Any]:
         """Per-layer and per-head attention statistics on real text; see `truthgpt.analysis`."""
-        from truthgpt.analysis import analyze_attention
-
         return analyze_attention(
             self.raw_model, data, num_samples=num_samples, block_size=self.train_config.block_size
         )
 
     def optimize_attention_parameters(self, data: Any, num_epochs: int = 5, **kwargs: Any) -> dict:
         """Tune only the per-head λ on `data`; see `truthgpt.analysis.tune_lambda`."""
-        from truthgpt.analysis import tune_lambda
-
         return tune_lambda(self, data, num_epochs=num_epochs, **kwargs)
 
-    def save_checkpoint(self, directory: str | Path, **extra_state: Any) -> Path:
-        """Write a complete, resumable checkpoint folder; see `truthgpt.checkpoint`."""
-        from truthgpt.checkpoint import save_checkpoint
+    # ------------------------------------------------------------------ checkpoints
 
-        return save_checkpoint(self, directory, **extra_state)
+    def save_checkpoint(
+        self,
+        directory: str | Path,
+        *,
+        full_state: checkpoint.FullState | None = None,
+        **extra_state: Any,
+    ) -> Path:
+        """Write a complete, resumable checkpoint folder; `extra_state` (JSON values) comes
+        back from `load_checkpoint` under "extra". `full_state`: see
+        `truthgpt.training.distributed.gather_full_state`."""
+        return checkpoint.save_checkpoint(
+            directory,
+            model=self.raw_model,
+            model_config=self.model_config,
+            train_config=self.train_config,
+            state=self.state,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            full_state=full_state,
+            extra=extra_state,
+        )
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
-        """Restore model, optimiser, schedule and counters from a checkpoint folder."""
-        from truthgpt.checkpoint import load_checkpoint
+        """Restore model, optimiser, GradScaler, counters and RNG states from a checkpoint.
 
-        return load_checkpoint(self, directory)
+        Everything is read and checked first; on any error the core is left as it was.
+        Returns the trainer state (with the saved extra values under "extra").
+        """
+        return self._load(checkpoint.open_checkpoint(directory))
+
+    def _load(self, reader: Any) -> dict[str, Any]:
+        model = self.raw_model
+        checkpoint.check_same_model(reader, model.config)
+        resume = checkpoint.read_resume_state(reader)
+        weights = read_weights(reader, model)
+
+        had_optimizer = self.optimizer is not None
+        scaler_before = self.scaler
+        optimizer = self.optimizer or self.setup_optimizer()
+        try:
+            optimizer_state, scaler_state = (
+                read_optimizer(reader, optimizer) if reader.has(OPTIMIZER_FILE) else (None, None)
+            )
+            if (
+                scaler_state is not None
+                and self.scaler is not None
+                and set(scaler_state) != set(self.scaler.state_dict())
+            ):
+                raise CheckpointError(
+                    f"{reader.path(OPTIMIZER_FILE)}: GradScaler state is malformed"
+                )
+            previous = optimizer.state_dict()
+            if optimizer_state is not None:
+                try:
+                    optimizer.load_state_dict(optimizer_state)
+                except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                    optimizer.load_state_dict(previous)
+                    raise CheckpointError(f"{reader.path(OPTIMIZER_FILE)}: {err}") from None
+        except BaseException:
+            if not had_optimizer:
+                self.optimizer, self.scaler = None, scaler_before
+            raise
+
+        # Everything is verified: apply it.
+        copy_weights(model, weights)
+        if scaler_state is not None and self.scaler is not None:
+            self.scaler.load_state_dict(scaler_state)
+        state = resume.state
+        if self.state.chars_per_token is not None:  # the data's own ratio, when it is known
+            state.chars_per_token = self.state.chars_per_token
+        self.state = state
+        resume.restore_rng()
+        return {**resume.raw, **state.state_dict(), "extra": resume.extra}
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, *, device: str | None = None, **train_overrides: Any
+    ) -> TruthGPTOptimizationCore:
+        """A core rebuilt from a checkpoint (or a run folder's latest), state and tokenizer
+        loaded. `train_overrides` change training fields only (e.g. max_steps=… to extend a
+        run); the model is fixed by the checkpoint."""
+        reader = checkpoint.open_checkpoint(path)
+        model_config = read_model_config(reader)
+        config_path = reader.path(checkpoint.CONFIG_FILE)
+        train = checkpoint.read_train_config(reader)
+        if device is not None:
+            train_overrides["device"] = device
+        for key in train_overrides:
+            if key in _MODEL_FIELDS:
+                raise CheckpointError(
+                    f"{key}: a model field, fixed by the checkpoint "
+                    f"({getattr(model_config, key)!r}); only training fields can be overridden"
+                )
+            if key not in _TRAIN_FIELDS:
+                raise CheckpointError(
+                    f"{key}: not a training field; valid: {', '.join(sorted(_TRAIN_FIELDS))}"
+                )
+        saved_device = str(train.get("device", "auto"))
+        if (
+            "device" not in train_overrides
+            and saved_device.startswith("cuda")
+            and not torch.cuda.is_available()
+        ):
+            train_overrides["device"] = "cpu"  # a GPU run can still be evaluated on a CPU
+        try:
+            train_config = TrainConfig.from_dict({**train, **train_overrides})
+        except (ConfigError, TypeError) as err:
+            raise CheckpointError(f"{config_path}: invalid training config: {err}") from None
+        config = TruthGPTOptimizationCoreConfig.from_parts(model_config, train_config)
+        tokenizer = checkpoint.read_checkpoint_tokenizer(reader)
+        resume = checkpoint.read_resume_state(reader)
+        core = cls(config, chars_per_token=resume.state.chars_per_token, tokenizer=tokenizer)
+        core._load(reader)
+        return core
+
+
+_MODEL_FIELDS = frozenset(TruthGPTConfig.__dataclass_fields__)
+_TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
+
+
+def load_core(
+    path: str | Path, *, device: str | None = None, **train_overrides: Any
+) -> TruthGPTOptimizationCore:
+    """`TruthGPTOptimizationCore.from_checkpoint`: a trainer ready to resume, evaluate or
+    sample."""
+    return TruthGPTOptimizationCore.from_checkpoint(path, device=device, **train_overrides)

@@ -28,15 +28,29 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from truthgpt.training.core import TruthGPTOptimizationCore
-from truthgpt.training.loop import World
+if TYPE_CHECKING:
+    from truthgpt.training.core import TruthGPTOptimizationCore
+
+
+@dataclass
+class World:
+    """Where this process stands in a (possibly distributed) run."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
 
 STRATEGIES = ("ddp", "fsdp")
 DEFAULT_TIMEOUT_S = 600.0

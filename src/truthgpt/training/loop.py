@@ -8,9 +8,7 @@ uninterrupted run would have drawn.
 from __future__ import annotations
 
 import json
-import math
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +19,13 @@ from truthgpt.config import (
     TruthGPTOptimizationCoreConfig,
     preset,
 )
+from truthgpt.data import RandomBatches
+from truthgpt.io.atomic import write_file_atomically
+from truthgpt.io.jsonio import json_bytes, json_safe
+from truthgpt.training.checkpoint import CheckpointManager
 from truthgpt.training.core import TrainingDiverged, TruthGPTOptimizationCore
+from truthgpt.training.distributed import World, gather_full_state, is_sharded
 from truthgpt.training.monitoring import Monitor
-
-
-@dataclass
-class World:
-    """Where this process stands in a (possibly distributed) run."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def build_config(
@@ -122,10 +113,6 @@ def train(
     logs and writes checkpoints. Every rank evaluates, on the same batches, so all agree on
     the result: under FSDP a forward pass needs every rank, and under DDP they would only wait.
     """
-    from truthgpt.checkpoint import CheckpointManager
-    from truthgpt.data import RandomBatches
-    from truthgpt.training.distributed import gather_full_state, is_sharded
-
     world = world or World()
     cfg = core.train_config
     run_dir = Path(run_dir)
@@ -185,9 +172,7 @@ def train(
     report = core.get_performance_report()
     report["final_eval"] = last_eval
     if world.is_main:
-        (run_dir / "report.json").write_text(
-            json.dumps(json_safe(report), indent=2) + "\n", encoding="utf-8"
-        )
+        write_file_atomically(run_dir / "report.json", json_bytes(json_safe(report)))
     return report
 
 
@@ -201,14 +186,3 @@ def _check_val_split(data: Any, block_size: int) -> None:
         raise ValueError(
             f"val split: {len(data.val)} tokens is shorter than block_size + 1 = {block_size + 1}"
         )
-
-
-def json_safe(value: Any) -> Any:
-    """Replace NaN/inf by None (strict JSON has neither), recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value

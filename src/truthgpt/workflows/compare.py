@@ -17,8 +17,8 @@ from typing import Any
 
 from truthgpt.config import DISTANCE_TYPES, preset
 from truthgpt.data import load_prepared, prepare_data
+from truthgpt.io import json_safe
 from truthgpt.training import Monitor, TruthGPTOptimizationCore, build_config, train
-from truthgpt.training.loop import json_safe
 
 
 def _prepared(out: Path, data_dir: str | Path | None, corpus: Sequence[str] | None) -> Any:

@@ -20,8 +20,8 @@ import torch
 
 from truthgpt.config import preset
 from truthgpt.data import load_prepared, prepare_data
+from truthgpt.io import json_safe
 from truthgpt.training import TruthGPTOptimizationCore, build_config, train
-from truthgpt.training.loop import json_safe
 
 MAX_STEPS = 2000  # nanoGPT's char-level Shakespeare budget; the demo never trains longer
 TRAIN_SHARE = 0.72  # of the time budget, for training; the rest is everything else

@@ -40,14 +40,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
-from truthgpt.checkpoint import (
-    load_pretrained,
-    read_tokenizer,
-    resolve_checkpoint,
-    write_folder_atomically,
-)
 from truthgpt.config import TruthGPTConfig
+from truthgpt.io import resolve_checkpoint
+from truthgpt.io.atomic import refuse_non_empty, refuse_non_folder, write_folder_atomically
 from truthgpt.nn.model import TruthGPTModel
+from truthgpt.training.checkpoint import read_tokenizer
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(TruthGPTConfig))
 
@@ -201,7 +198,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
     folder = resolve_checkpoint(source)
-    model = load_pretrained(folder)
+    model = TruthGPTModel.from_pretrained(folder)
     saved_tokenizer = read_tokenizer(folder)
     tokenizer = hf_tokenizer(saved_tokenizer) if saved_tokenizer is not None else None
 
@@ -226,4 +223,5 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return write_folder_atomically(out_dir, write, manifest=False, replace_any=overwrite)
+    check = refuse_non_folder if overwrite else refuse_non_empty
+    return write_folder_atomically(out_dir, write, check=check)

@@ -1,0 +1,149 @@
+"""Writes that a crash cannot leave half done.
+
+A folder is filled under a temporary name beside its destination, every file and the folder
+fsynced, then renamed into place: a reader sees the old folder or the complete new one. Every
+writer in truthgpt (checkpoints, prepared data, analyses, tuned runs, exports) goes through
+`write_folder_atomically`; small files (pointers, reports) through `write_file_atomically`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"  # folders and files being written or deleted; never valid output
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or folder to disk (a folder's fsync makes the renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def refuse_non_folder(target: Path) -> None:
+    """A file or a link is never replaced by a folder."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"{target}: exists and is not a folder; refusing to replace it")
+
+
+def refuse_non_empty(target: Path) -> None:
+    """The default rule: only a missing or empty folder may be replaced."""
+    refuse_non_folder(target)
+    if target.is_dir() and any(target.iterdir()):
+        raise FileExistsError(f"{target}: folder is not empty; refusing to replace it")
+
+
+def write_folder_atomically(
+    target: str | Path,
+    write: Callable[[Path], None],
+    *,
+    check: Callable[[Path], None] = refuse_non_empty,
+    finish: Callable[[Path], None] | None = None,
+) -> Path:
+    """Run `write(tmp)` to fill a temporary folder beside `target`, then move it into place.
+
+    `check(target)` raises when `target` may not be replaced; it runs before any work and
+    again just before the rename (something may have appeared meanwhile). `finish(tmp)` runs
+    after `write`, e.g. to add a manifest of what was written.
+    """
+    target = Path(target)
+    check(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f"{TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if finish is not None:
+            finish(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                fsync_path(path)
+        fsync_path(tmp)
+        check(target)
+        if target.exists():
+            # Two renames: there is no atomic swap of non-empty folders in the standard library.
+            # Between them the old copy still exists under its .tmp- name.
+            old = parent / f"{TMP_PREFIX}{target.name}-old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        fsync_path(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def write_files_into(folder: str | Path, write: Callable[[Path], None]) -> list[Path]:
+    """Run `write(tmp)` in a temporary folder beside `folder`, then move each file it made
+    into `folder` (created if needed), replacing files of the same name and keeping the rest.
+
+    Each file is replaced atomically and only once all of them are written and fsynced, so
+    a failure while writing leaves `folder` as it was.
+    """
+    folder = Path(folder)
+    refuse_non_folder(folder)
+    done: list[Path] = []
+
+    def move_in(tmp: Path) -> None:
+        write(tmp)
+        for path in sorted(tmp.iterdir()):
+            fsync_path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, folder / path.name)
+            done.append(folder / path.name)
+        fsync_path(folder)
+
+    staging = folder.parent / f"{TMP_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    try:
+        move_in(staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return done
+
+
+def write_file_atomically(path: str | Path, data: bytes) -> Path:
+    """Replace one file with `data`: a reader sees the old contents or the new, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def remove_folder(path: Path) -> None:
+    """Delete a folder so that an interruption never leaves part of it under its own name:
+    rename first, then delete."""
+    doomed = path.with_name(f"{TMP_PREFIX}{path.name}-del-{uuid.uuid4().hex[:8]}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Temporary folders and files of a write or delete that was interrupted."""
+    for path in folder.iterdir():
+        if path.name.startswith(TMP_PREFIX):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

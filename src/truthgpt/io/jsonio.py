@@ -1,0 +1,46 @@
+"""JSON as truthgpt writes and reads it: sorted, strict (no NaN), errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class JSONFileError(ValueError):
+    """A file that should hold JSON does not."""
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Indented, key-sorted UTF-8 JSON: files diff well and hash the same every time."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def parse_json(path: Path, data: bytes, error: type[ValueError] = JSONFileError) -> Any:
+    """`data` (read from `path`) as JSON; raises `error` naming the file."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/inf by None (strict JSON has neither), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

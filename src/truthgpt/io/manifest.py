@@ -1,0 +1,174 @@
+"""Verified folders: `manifest.json` lists the size and sha256 of every file, and a reader
+checks each file against it before parsing it.
+
+Nothing is ever unpickled, so reading a folder cannot run code; a missing, truncated, edited
+or foreign file raises `CheckpointError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from torch import Tensor
+
+from truthgpt.io.jsonio import is_int, json_bytes, parse_json
+
+FORMAT = "truthgpt-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, foreign or does not fit the model; names the file."""
+
+
+def format_header(**fields: Any) -> dict[str, Any]:
+    """The fields that mark a JSON file as truthgpt's, and which version of the format."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **fields}
+
+
+def check_format(obj: Any, path: Path) -> None:
+    """Raise unless `obj` is a JSON object of this format, in a version this code reads."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a truthgpt checkpoint file (format={obj.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    version = obj.get("format_version")
+    if not is_int(version) or version < 1:
+        raise CheckpointError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version} is newer than this truthgpt reads "
+            f"({FORMAT_VERSION}); upgrade truthgpt"
+        )
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file of `folder` with its size and sha256 (the last file written)."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        files[path.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / MANIFEST_FILE).write_bytes(json_bytes(format_header(files=files)))
+
+
+def check_replaceable(target: Path) -> None:
+    """Only an empty folder or an earlier verified folder may be replaced by a new one."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"{target}: exists and is not a folder; refusing to replace it")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
+        raise FileExistsError(
+            f"{target}: folder exists and is not a truthgpt checkpoint (no {MANIFEST_FILE}); "
+            "refusing to overwrite it"
+        )
+
+
+class FolderReader:
+    """One folder whose files are checked against manifest.json as they are read.
+
+    `known_files` are the names a writer may put there: one present on disk but absent from
+    the manifest is an error, so a lost manifest entry is never taken for an optional part.
+    """
+
+    def __init__(self, folder: Path, known_files: Iterable[str] = ()) -> None:
+        self.folder = folder
+        self.files = self._read_manifest()
+        self._json: dict[str, dict[str, Any]] = {}
+        for name in self.files:
+            self._check_size(name)
+        for name in known_files:
+            if name not in self.files and (folder / name).exists():
+                raise CheckpointError(f"{folder / name}: not listed in {MANIFEST_FILE}")
+
+    def _check_size(self, name: str) -> None:
+        path = self.folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        size = path.stat().st_size
+        if size != self.files[name]["size"]:
+            raise CheckpointError(
+                f"{path}: {size} bytes, but {self.files[name]['size']} were saved; the file was "
+                "truncated or replaced"
+            )
+
+    def _read_manifest(self) -> dict[str, dict[str, Any]]:
+        path = self.folder / MANIFEST_FILE
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path}: missing; {self.folder} is not a complete truthgpt checkpoint"
+            )
+        manifest = parse_json(path, path.read_bytes(), CheckpointError)
+        check_format(manifest, path)
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise CheckpointError(f"{path}: 'files' must be an object of file name -> hash")
+        for name, entry in files.items():
+            ok = (
+                isinstance(entry, dict)
+                and is_int(entry.get("size"))
+                and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str)
+                and _SHA256.fullmatch(entry["sha256"]) is not None
+                and _NAME.fullmatch(name) is not None
+            )
+            if not ok:
+                raise CheckpointError(f"{path}: entry {name!r} is malformed: {entry!r}")
+        return files
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def bytes(self, name: str) -> bytes:
+        """The file's contents, after checking its size and sha256 against the manifest."""
+        path = self.folder / name
+        if name not in self.files:
+            raise CheckpointError(
+                f"{path}: not listed in {MANIFEST_FILE}; the checkpoint is incomplete"
+            )
+        entry = self.files[name]
+        self._check_size(name)
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise CheckpointError(
+                f"{path}: contents differ from what was saved (sha256 {digest[:16]}…, expected "
+                f"{entry['sha256'][:16]}…); the file is corrupt or was edited"
+            )
+        return data
+
+    def json(self, name: str) -> dict[str, Any]:
+        """A verified JSON file that must hold an object."""
+        if name not in self._json:
+            path = self.folder / name
+            data = parse_json(path, self.bytes(name), CheckpointError)
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+            self._json[name] = data
+        return self._json[name]
+
+    def tensors(self, name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """A verified safetensors file: its tensors (fresh CPU copies) and its metadata."""
+        path = self.folder / name
+        data = self.bytes(name)
+        try:
+            tensors = safetensors.torch.load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + header_len])
+            metadata = header.get("__metadata__") or {}
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        return tensors, metadata

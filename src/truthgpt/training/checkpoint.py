@@ -1,0 +1,251 @@
+"""A run's checkpoint: a model folder plus what resuming needs, written atomically, verified
+on load.
+
+    config.json            format version, the model config and the training config
+    model.safetensors      the weights; a tied lm_head is stored once, as wte.weight
+    tokenizer.json         the run's tokenizer, when it has one
+    trainer_state.json     `TrainState`, the RNG states and the caller's extra values
+    optimizer.safetensors  AdamW's moments; hyper-parameters and GradScaler state as metadata
+    manifest.json          the size and sha256 of every file above
+
+Reading a checkpoint checks everything first (`read_resume_state`) and applies nothing;
+`TruthGPTOptimizationCore.load_checkpoint` applies it once it is all known to fit, so a bad
+checkpoint leaves the trainer as it was. A run keeps its checkpoints in
+RUN_DIR/checkpoints/step-NNNNNNN with `latest` and `best` pointers (`CheckpointManager`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from truthgpt.config import TrainConfig, TruthGPTConfig
+from truthgpt.io.atomic import remove_folder, remove_leftovers, write_file_atomically
+from truthgpt.io.atomic import write_folder_atomically as _write_folder
+from truthgpt.io.jsonio import is_int, json_bytes
+from truthgpt.io.manifest import (
+    CheckpointError,
+    FolderReader,
+    check_replaceable,
+    write_manifest,
+)
+from truthgpt.io.pretrained import (
+    CONFIG_FILE,
+    open_folder,
+    read_model_config,
+    unique_tensors,
+    write_model_files,
+)
+from truthgpt.io.runs import (
+    BEST,
+    CHECKPOINTS_DIR,
+    LATEST,
+    latest_in,
+    read_pointer,
+    step_folders,
+    step_name,
+)
+from truthgpt.training.optim_state import OPTIMIZER_FILE, optimizer_bytes
+from truthgpt.training.rng import parse_rng_state, rng_state
+from truthgpt.training.state import TrainState
+
+if TYPE_CHECKING:
+    from truthgpt.training.core import TruthGPTOptimizationCore
+
+TOKENIZER_FILE = "tokenizer.json"
+STATE_FILE = "trainer_state.json"
+RUN_FILES = (TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE)
+
+FullState = tuple[dict[str, Tensor], dict[str, Any] | None]
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    model_config: TruthGPTConfig,
+    train_config: TrainConfig,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: torch.amp.GradScaler | None,
+    tokenizer: Any,
+    device: torch.device,
+    full_state: FullState | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write everything needed to resume exactly; `extra` (JSON values) is stored in
+    trainer_state.json under "extra".
+
+    `full_state` (model state dict, optimizer state dict) replaces the model's and optimizer's
+    own when the model is sharded: see `truthgpt.training.distributed.gather_full_state`.
+    """
+    config = {"model": model_config.to_dict(), "train": train_config.to_dict()}
+    trainer_state = {**state.state_dict(), "rng": rng_state(device), "extra": extra or {}}
+    try:
+        state_bytes = json_bytes(trainer_state)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"extra_state: values must be JSON-serialisable ({err})") from None
+    if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):
+        raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no save(path) method")
+    model_state, optimizer_state = full_state or (None, None)
+    weights = unique_tensors(model, model_state)
+    optimizer_file = (
+        optimizer_bytes(optimizer, scaler, optimizer_state) if optimizer is not None else None
+    )
+
+    def write(tmp: Path) -> None:
+        write_model_files(tmp, config, weights)
+        (tmp / STATE_FILE).write_bytes(state_bytes)
+        if optimizer_file is not None:
+            (tmp / OPTIMIZER_FILE).write_bytes(optimizer_file)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_FILE)
+
+    return _write_folder(directory, write, check=check_replaceable, finish=write_manifest)
+
+
+def open_checkpoint(path: str | Path) -> FolderReader:
+    """The verified checkpoint folder `path` means (a checkpoint, a run, a pointer)."""
+    return open_folder(path, RUN_FILES)
+
+
+@dataclass
+class ResumeState:
+    """What trainer_state.json holds, checked: counters, extra values, RNG restore."""
+
+    state: TrainState
+    extra: dict[str, Any]
+    restore_rng: Callable[[], None]
+    raw: dict[str, Any]
+
+
+def read_resume_state(reader: FolderReader) -> ResumeState:
+    path = reader.path(STATE_FILE)
+    saved = reader.json(STATE_FILE)
+    for name in ("step", "tokens_seen", "bad_steps_total", "bad_steps_in_a_row"):
+        if name not in saved:  # required since format 1; later fields may be absent
+            raise CheckpointError(f"{path}: '{name}' is missing")
+    extra = saved.get("extra", {})
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: 'extra' must be an object")
+    return ResumeState(
+        state=TrainState.from_state_dict(saved, path),
+        extra=extra,
+        restore_rng=parse_rng_state(saved.get("rng"), path),
+        raw=saved,
+    )
+
+
+def read_train_config(reader: FolderReader) -> dict[str, Any]:
+    """The raw training config of a checkpoint (validated by the caller, with overrides)."""
+    train = reader.json(CONFIG_FILE).get("train")
+    if not isinstance(train, dict):
+        raise CheckpointError(
+            f"{reader.path(CONFIG_FILE)}: no training config ('train'); it was written by "
+            "save_pretrained, which keeps the model only: load it with "
+            "TruthGPTModel.from_pretrained"
+        )
+    return train
+
+
+def check_same_model(reader: FolderReader, config: TruthGPTConfig) -> None:
+    """Raise, naming every differing field, unless the checkpoint holds a model like this."""
+    saved = read_model_config(reader).to_dict()
+    ours = config.to_dict()
+    if saved != ours:
+        diff = ", ".join(
+            f"{k}={v!r} (checkpoint) vs {ours[k]!r}" for k, v in saved.items() if ours[k] != v
+        )
+        raise CheckpointError(f"{reader.path(CONFIG_FILE)}: a different model: {diff}")
+
+
+def read_checkpoint_tokenizer(reader: FolderReader) -> Any:
+    """The tokenizer saved in a verified folder, or None when there is none."""
+    from truthgpt.data import load_tokenizer
+
+    if not reader.has(TOKENIZER_FILE):
+        return None
+    reader.bytes(TOKENIZER_FILE)  # verify against the manifest before parsing
+    try:
+        return load_tokenizer(reader.path(TOKENIZER_FILE))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def read_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved with a checkpoint (or a run's latest), or None when there is none."""
+    return read_checkpoint_tokenizer(open_checkpoint(path))
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state (counters, `extra` values) of a checkpoint, run or checkpoints folder."""
+    resume = read_resume_state(open_checkpoint(path))
+    return {**resume.raw, **resume.state.state_dict(), "extra": resume.extra}
+
+
+class CheckpointManager:
+    """A run's checkpoints: RUN_DIR/checkpoints/step-NNNNNNN plus `latest` and `best` pointers.
+
+    Keeps the newest `keep_last` checkpoints and the best one by validation loss.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2) -> None:
+        if not is_int(keep_last) or keep_last < 1:
+            raise ValueError(f"keep_last: must be a positive integer, got {keep_last!r}")
+        self.run_dir = Path(run_dir)
+        self.directory = self.run_dir / CHECKPOINTS_DIR
+        self.keep_last = keep_last
+
+    def save(
+        self,
+        core: TruthGPTOptimizationCore,
+        *,
+        val_loss: float | None = None,
+        full_state: FullState | None = None,
+    ) -> Path:
+        """Write a checkpoint of `core` at its current step; returns its folder.
+
+        `full_state`: the gathered state of a sharded model (see `save_checkpoint`)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.directory)
+        name = step_name(core.step)
+        extra = {"val_loss": val_loss} if val_loss is not None else {}
+        path = core.save_checkpoint(self.directory / name, full_state=full_state, **extra)
+        write_file_atomically(self.directory / LATEST, (name + "\n").encode("utf-8"))
+        if val_loss is not None and math.isfinite(val_loss):
+            best = self.best_val_loss()
+            if best is None or val_loss < best:
+                write_file_atomically(self.directory / BEST, (name + "\n").encode("utf-8"))
+        self._prune()
+        return path
+
+    def latest(self) -> Path | None:
+        return latest_in(self.directory) if self.directory.is_dir() else None
+
+    def best(self) -> Path | None:
+        return read_pointer(self.directory / BEST) if self.directory.is_dir() else None
+
+    def best_val_loss(self) -> float | None:
+        """The validation loss recorded with the best checkpoint, if there is one."""
+        best = self.best()
+        if best is None:
+            return None
+        try:
+            value = read_trainer_state(best).get("extra", {}).get("val_loss")
+        except CheckpointError:
+            return None
+        return float(value) if isinstance(value, int | float) else None
+
+    def _prune(self) -> None:
+        steps = step_folders(self.directory)
+        keep = set(steps[-self.keep_last :])
+        keep.update(p for p in (self.latest(), self.best()) if p is not None)
+        for path in steps:
+            if path not in keep:
+                remove_folder(path)
