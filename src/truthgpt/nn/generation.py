@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Protocol, TextIO
 import torch
 from torch import Tensor
 
+from truthgpt.nn.inputs import check_token_ids
+
 if TYPE_CHECKING:
     from truthgpt.nn.model import PastKeyValues, TruthGPTModel
 
@@ -176,6 +178,8 @@ def generate(
             f"input_ids: expected a non-empty (batch, length) prompt, got shape "
             f"{tuple(input_ids.shape)}"
         )
+    if input_ids.device.type == "cpu":  # checked once here, not at every decoding step
+        check_token_ids(input_ids, model.config.vocab_size)
     device = model.device
     tokens = input_ids.to(device=device, dtype=torch.long)
     generator = None

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from truthgpt.config import TruthGPTConfig
 from truthgpt.io import pretrained
 from truthgpt.nn.attention import DistanceAttention
+from truthgpt.nn.inputs import check_token_ids
 
 # One (k, v) pair per layer, each (B, H, T_past, head_dim).
 PastKeyValues = tuple[tuple[Tensor, Tensor], ...]
@@ -137,7 +138,7 @@ class TruthGPTModel(nn.Module):
         real tokens with 1 and padding with 0; positions count real tokens only, so a
         left-padded row gives the logits it would give unpadded.
         """
-        batch, length = self._check_input_ids(input_ids)
+        batch, length = self._check_input_ids(input_ids, decoding=past_key_values is not None)
         past_length = past_key_values[0][0].shape[-2] if past_key_values else 0
         if past_key_values is not None and len(past_key_values) != len(self.blocks):
             raise ValueError(
@@ -200,7 +201,11 @@ class TruthGPTModel(nn.Module):
             ignore_index=-100,
         )
 
-    def _check_input_ids(self, input_ids: Tensor) -> tuple[int, int]:
+    def _check_input_ids(self, input_ids: Tensor, decoding: bool) -> tuple[int, int]:
+        """Shape and dtype always; the id range only where reading it costs no wait for a
+        device (CPU tensors) and the ids are not the model's own samples (decoding steps).
+        On an accelerator the ids are checked where they enter: prepared data on load, the
+        trainer's batches before they are copied over, prompts before generation."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
             raise ValueError(f"input_ids: expected a (batch, length) tensor, got {shape}")
@@ -208,12 +213,8 @@ class TruthGPTModel(nn.Module):
             raise ValueError(f"input_ids: expected integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids: empty input")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"input_ids: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
-            )
+        if input_ids.device.type == "cpu" and not decoding:
+            check_token_ids(input_ids, self.config.vocab_size)
         return input_ids.shape[0], input_ids.shape[1]
 
     @staticmethod

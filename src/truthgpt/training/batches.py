@@ -8,11 +8,18 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from truthgpt.nn.inputs import check_token_ids
+
 Batch = Mapping[str, Tensor] | tuple[Tensor, Tensor] | list[Tensor]
 
 
-def split_batch(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-    """(input_ids, labels, attention_mask, labels_already_shifted), checked, on `device`."""
+def split_batch(
+    batch: Batch, device: torch.device, vocab_size: int | None = None
+) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """(input_ids, labels, attention_mask, labels_already_shifted), checked, on `device`.
+
+    With `vocab_size`, host-side ids bound for an accelerator are range-checked before the
+    copy (the model checks CPU inputs itself, and cannot check device ones without a wait)."""
     if isinstance(batch, Mapping):
         if "input_ids" not in batch:
             raise ValueError("batch: a dict batch needs an 'input_ids' tensor")
@@ -36,6 +43,8 @@ def split_batch(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, Ten
             f"batch: labels shape {tuple(labels.shape)} differs from input_ids "
             f"{tuple(input_ids.shape)}"
         )
+    if vocab_size is not None and device.type != "cpu" and input_ids.device.type == "cpu":
+        check_token_ids(input_ids, vocab_size)
     mask = mask.to(device, non_blocking=True) if mask is not None else None
     return (
         input_ids.to(device, non_blocking=True),

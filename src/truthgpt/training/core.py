@@ -93,6 +93,7 @@ class TruthGPTOptimizationCore:
         # and token counts are then summed over them.
         self.world_size = 1
         self._peak_flops: float | None = config.peak_flops
+        self._flops_per_token: dict[int, float] = {}
         self._check_precision()
 
     # The counters users read most, kept as attributes of the core.
@@ -161,7 +162,9 @@ class TruthGPTOptimizationCore:
     def compute_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Mean next-token loss of one batch and the number of tokens it was averaged over
         (a tensor, so that nothing waits for the device)."""
-        input_ids, labels, mask, shifted = split_batch(batch, self.device)
+        input_ids, labels, mask, shifted = split_batch(
+            batch, self.device, self.model_config.vocab_size
+        )
         with self.autocast():
             if shifted:
                 logits = self.model(input_ids, attention_mask=mask).logits
@@ -188,7 +191,8 @@ class TruthGPTOptimizationCore:
             self.setup_optimizer()
         assert self.optimizer is not None
         cfg = self.train_config
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         start = time.perf_counter()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
@@ -289,7 +293,9 @@ class TruthGPTOptimizationCore:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
         if self._peak_flops is None:
             self._peak_flops = measure_peak_flops(self.device, self.config.precision)
-        return self.raw_model.flops_per_token(sequence_length) * tokens_per_s / self._peak_flops
+        if sequence_length not in self._flops_per_token:  # it walks the parameters: once
+            self._flops_per_token[sequence_length] = self.raw_model.flops_per_token(sequence_length)
+        return self._flops_per_token[sequence_length] * tokens_per_s / self._peak_flops
 
     @property
     def raw_model(self) -> TruthGPTModel:
