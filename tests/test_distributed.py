@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -90,15 +91,20 @@ def _worker(rank: int, port: int, out: str, data_dir: str) -> None:
 
 
 def _scenarios(world: World, out: Path, data_dir: str) -> int:
+    def global_loss(metrics: dict) -> dict:
+        """Each process reports its own share's loss; the run's loss is their mean."""
+        loss = distributed.mean_over_ranks(metrics["loss"], world, torch.device("cpu"))
+        return {**metrics, "loss": loss}
+
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     rank = world.rank
     report: dict = {}
 
     # DDP: 2 ranks × 2 micro-batches of one example; gradients are all-reduced once a step.
-    core = distributed.parallelize(
-        TruthGPTOptimizationCore(tiny_config(gradient_accumulation_steps=2)), world, "ddp"
-    )
+    ddp = partial(distributed.parallelize, world=world, strategy="ddp")
+    fsdp = partial(distributed.parallelize, world=world, strategy="fsdp")
+    core = TruthGPTOptimizationCore(tiny_config(gradient_accumulation_steps=2), parallelize=ddp)
     hook_calls = []
 
     def counting_allreduce(state, bucket):
@@ -107,22 +113,20 @@ def _scenarios(world: World, out: Path, data_dir: str) -> int:
 
     core.model.register_comm_hook(None, counting_allreduce)
     metrics = [
-        core.train_step([as_batch([example(step, 2 * rank + i)]) for i in range(2)])
+        global_loss(core.train_step([as_batch([example(step, 2 * rank + i)]) for i in range(2)]))
         for step in range(STEPS)
     ]
     report["ddp"] = {"metrics": metrics, "hook_calls": hook_calls, "tokens": core.tokens_seen}
     safetensors.torch.save_file(params(core.raw_model), out / f"ddp-rank{rank}.safetensors")
 
     # FSDP: 2 ranks × one batch of two examples.
-    core = distributed.parallelize(
-        TruthGPTOptimizationCore(tiny_config(batch_size=2)), world, "fsdp"
-    )
+    core = TruthGPTOptimizationCore(tiny_config(batch_size=2), parallelize=fsdp)
     metrics = [
-        core.train_step(as_batch([example(step, 2 * rank + i) for i in range(2)]))
+        global_loss(core.train_step(as_batch([example(step, 2 * rank + i) for i in range(2)])))
         for step in range(STEPS)
     ]
     report["fsdp"] = {"metrics": metrics}
-    full_state = distributed.gather_full_state(core)  # every rank takes part
+    full_state = distributed.gather_full_state(core.model, core.optimizer)  # every rank
     if world.is_main:
         try:
             CheckpointManager(out / "unused").save(core)  # a sharded model needs full_state
@@ -132,10 +136,10 @@ def _scenarios(world: World, out: Path, data_dir: str) -> int:
     torch.distributed.barrier()  # the checkpoint is complete before any rank reads it
 
     # Resume that checkpoint under FSDP on both ranks: AdamW's state is sharded again.
-    core = distributed.parallelize(load_core(out / "fsdp-run"), world, "fsdp")
+    core = load_core(out / "fsdp-run", parallelize=fsdp)
     step = core.train_step(as_batch([example(STEPS, 2 * rank + i) for i in range(2)]))
-    report["fsdp"]["resumed_step"] = step
-    full_state = distributed.gather_full_state(core)
+    report["fsdp"]["resumed_step"] = global_loss(step)
+    full_state = distributed.gather_full_state(core.model, core.optimizer)
     if world.is_main:
         CheckpointManager(out / "fsdp-resumed").save(core, full_state=full_state)
 
@@ -150,14 +154,12 @@ def _scenarios(world: World, out: Path, data_dir: str) -> int:
         checkpoint_every=2,
         log_interval=1,
     )
-    core = TruthGPTOptimizationCore(config, tokenizer=data.tokenizer)
-    distributed.parallelize(core, world, "ddp")
+    core = TruthGPTOptimizationCore(config, tokenizer=data.tokenizer, parallelize=ddp)
     loop_report = train(core, data, out / "loop-run", world=world)
     report["loop"] = {"eval_history": core.eval_history, "tokens": loop_report["tokens_seen"]}
 
     # Both ranks resume from the step-2 checkpoint: steps 3 and 4 come out bit for bit again.
-    resumed = load_core(out / "loop-run" / "checkpoints" / "step-0000002")
-    distributed.parallelize(resumed, world, "ddp")
+    resumed = load_core(out / "loop-run" / "checkpoints" / "step-0000002", parallelize=ddp)
     train(resumed, data, out / "loop-resumed", world=world)
     report["loop"]["resumed_losses"] = [m["loss"] for m in resumed.history]
     report["loop"]["losses"] = [m["loss"] for m in core.history]
@@ -361,8 +363,8 @@ def test_setup_names_a_bad_environment_variable(monkeypatch, env, match) -> None
 def test_bad_strategy_and_nproc_are_refused(capsys) -> None:
     core = TruthGPTOptimizationCore(tiny_config())
     with pytest.raises(ValueError, match="strategy: expected one of ddp, fsdp"):
-        distributed.parallelize(core, World(0, 2), "zero")
-    assert distributed.parallelize(core, World(), "fsdp").model is core.raw_model  # one process
+        distributed.parallelize(core.model, World(0, 2), "zero")
+    assert distributed.parallelize(core.model, World(), "fsdp") is core.model  # one process
     assert main(["train", "--nproc", "0", "--data", "d", "--out", "o"]) == 2
     assert "--nproc: must be at least 1" in capsys.readouterr().err
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,7 @@ def _train(args: argparse.Namespace, world: World) -> int:
     )
 
     say = print if world.is_main else _quiet
+    wrap = partial(distributed.parallelize, world=world, strategy=args.strategy)
     if args.resume:
         run_dir = Path(args.resume)
         train_overrides = {
@@ -95,7 +97,7 @@ def _train(args: argparse.Namespace, world: World) -> int:
             for k, v in _flag_overrides(args).items()
             if k in ("max_steps", "device", "precision", "checkpoint_every")
         }
-        core = load_core(run_dir, **train_overrides)
+        core = load_core(run_dir, parallelize=wrap, **train_overrides)
         data = data_for_run(run_dir, args.data)
         say(f"resuming {run_dir} at step {core.step} → {core.train_config.max_steps}")
     else:
@@ -116,6 +118,7 @@ def _train(args: argparse.Namespace, world: World) -> int:
             config,
             tokenizer=data.tokenizer,
             chars_per_token=data.val.num_chars / len(data.val),
+            parallelize=wrap,
         )
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +130,6 @@ def _train(args: argparse.Namespace, world: World) -> int:
         say(f"model: {n:,} parameters ({n * 4 / 2**20:.1f} MB in fp32) on {core.device}")
 
     if world.world_size > 1:
-        distributed.parallelize(core, world, args.strategy)
         say(f"distributed: {world.world_size} processes, strategy {args.strategy}")
     report = train(core, data, run_dir, world=world)
     final = report.get("final_eval") or {}

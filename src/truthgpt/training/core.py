@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from truthgpt.analysis import analyze_attention, tune_lambda
 from truthgpt.config import (
@@ -29,7 +29,7 @@ from truthgpt.data import sequential_batches
 from truthgpt.io.manifest import CheckpointError
 from truthgpt.io.pretrained import copy_weights, read_model_config, read_weights
 from truthgpt.nn.model import TruthGPTModel
-from truthgpt.training import checkpoint
+from truthgpt.training import checkpoint, distributed
 from truthgpt.training.batches import Batch, input_shape, micro_batches, split_batch
 from truthgpt.training.hardware import measure_peak_flops, memory_mb, resolve_device
 from truthgpt.training.optim_state import OPTIMIZER_FILE, read_optimizer
@@ -68,6 +68,7 @@ class TruthGPTOptimizationCore:
         *,
         chars_per_token: float | None = None,
         tokenizer: Any = None,
+        parallelize: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         if not isinstance(config, TruthGPTOptimizationCoreConfig):
             raise TypeError(
@@ -89,12 +90,14 @@ class TruthGPTOptimizationCore:
         self.scaler: torch.amp.GradScaler | None = None
         self.state = TrainState(chars_per_token=chars_per_token)  # what checkpoints carry
         self.history: list[dict[str, float]] = []  # one entry per train_step
-        # Processes training this model together (set by `distributed.parallelize`): losses
-        # and token counts are then summed over them.
+        # Processes training this model together, each on its own batches (the model is
+        # wrapped by `parallelize`): tokens are counted over all of them.
         self.world_size = 1
         self._peak_flops: float | None = config.peak_flops
         self._flops_per_token: dict[int, float] = {}
         self._check_precision()
+        if parallelize is not None:
+            self._parallelize(parallelize)
 
     # The counters users read most, kept as attributes of the core.
     @property
@@ -157,7 +160,28 @@ class TruthGPTOptimizationCore:
             self.scaler = torch.amp.GradScaler(self.device.type)
         return self.optimizer
 
-    # ------------------------------------------------------------------ batches
+    def _parallelize(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Wrap the model for data-parallel training (`distributed.parallelize`). An
+        optimizer that already exists (a resumed run) keeps its state: over a sharded model
+        it is rebuilt, with that state sharded alike."""
+        model = self.raw_model
+        saved = (
+            distributed.full_optimizer_state(model, self.optimizer)
+            if self.optimizer is not None
+            else None
+        )
+        self.model = wrap(model)
+        if distributed.is_sharded(self.model):
+            if self.config.precision == "fp16":
+                raise ValueError(
+                    "precision: fp16 (its GradScaler) is not supported with strategy fsdp; use bf16"
+                )
+            if self.optimizer is not None:  # it points at the tensors fully_shard replaced
+                self.optimizer = None
+                optimizer = self.setup_optimizer()
+                if saved is not None:
+                    distributed.load_full_optimizer_state(self.model, optimizer, saved)
+        self.world_size = distributed.replicas(self.model)
 
     def compute_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Mean next-token loss of one batch and the number of tokens it was averaged over
@@ -212,10 +236,7 @@ class TruthGPTOptimizationCore:
                 else:
                     scaled.backward()
             loss_sum += loss.detach().float()
-            tokens += input_shape(mb).numel()
-        if self.world_size > 1:
-            # Report the global batch's loss and tokens; every rank then agrees on skipping.
-            loss_sum, tokens = self._sum_over_ranks(loss_sum, tokens)
+            tokens += input_shape(mb).numel() * self.world_size  # every process, same shapes
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -226,6 +247,7 @@ class TruthGPTOptimizationCore:
             norm = norm.full_tensor()
         # The step's one wait for the device: a non-finite loss makes the gradient norm
         # non-finite too, so both are read together and decide whether to apply the update.
+        # Gradients are averaged over processes, so every process decides alike.
         loss_total, grad_norm = torch.stack([loss_sum, norm.float()]).tolist()
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
         if not finite:
@@ -252,7 +274,7 @@ class TruthGPTOptimizationCore:
         tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
         metrics = {
             "step": self.step,
-            "loss": loss_total / (len(micro) * self.world_size) if finite else float("nan"),
+            "loss": loss_total / len(micro) if finite else float("nan"),  # this process's
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time_s": elapsed,
@@ -276,14 +298,6 @@ class TruthGPTOptimizationCore:
         if no_sync is None or last:
             return contextlib.nullcontext()
         return no_sync()
-
-    def _sum_over_ranks(self, loss_sum: Tensor, tokens: int) -> tuple[Tensor, int]:
-        import torch.distributed as dist
-
-        counts = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
-        totals = torch.cat([loss_sum.double().reshape(1), counts])
-        dist.all_reduce(totals)
-        return totals[0].float(), int(totals[1])
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":
@@ -494,11 +508,17 @@ class TruthGPTOptimizationCore:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, *, device: str | None = None, **train_overrides: Any
+        cls,
+        path: str | Path,
+        *,
+        device: str | None = None,
+        parallelize: Callable[[nn.Module], nn.Module] | None = None,
+        **train_overrides: Any,
     ) -> TruthGPTOptimizationCore:
         """A core rebuilt from a checkpoint (or a run folder's latest), state and tokenizer
         loaded. `train_overrides` change training fields only (e.g. max_steps=… to extend a
-        run); the model is fixed by the checkpoint."""
+        run); the model is fixed by the checkpoint. `parallelize` wraps the model once the
+        checkpoint is loaded into it (see `distributed.parallelize`)."""
         reader = checkpoint.open_checkpoint(path)
         model_config = read_model_config(reader)
         config_path = reader.path(checkpoint.CONFIG_FILE)
@@ -531,6 +551,8 @@ class TruthGPTOptimizationCore:
         resume = checkpoint.read_resume_state(reader)
         core = cls(config, chars_per_token=resume.state.chars_per_token, tokenizer=tokenizer)
         core._load(reader)
+        if parallelize is not None:
+            core._parallelize(parallelize)
         return core
 
 
@@ -539,8 +561,14 @@ _TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
 
 
 def load_core(
-    path: str | Path, *, device: str | None = None, **train_overrides: Any
+    path: str | Path,
+    *,
+    device: str | None = None,
+    parallelize: Callable[[nn.Module], nn.Module] | None = None,
+    **train_overrides: Any,
 ) -> TruthGPTOptimizationCore:
     """`TruthGPTOptimizationCore.from_checkpoint`: a trainer ready to resume, evaluate or
     sample."""
-    return TruthGPTOptimizationCore.from_checkpoint(path, device=device, **train_overrides)
+    return TruthGPTOptimizationCore.from_checkpoint(
+        path, device=device, parallelize=parallelize, **train_overrides
+    )

@@ -1,11 +1,11 @@
 """Training on several processes and machines: join, wrap, gather, leave.
 
-Parallelism is applied to a `TruthGPTOptimizationCore` from outside (the model never mentions
-ranks), the way torchtitan does it:
+Parallelism is applied to the model from outside (the model never mentions ranks), the way
+torchtitan does it: `parallelize(model, world) -> model`, and the optimizer is built after it.
 
     world = setup()                       # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
-    core = TruthGPTOptimizationCore(config)
-    parallelize(core, world, "ddp")       # or "fsdp"
+    wrap = partial(parallelize, world=world, strategy="ddp")    # or "fsdp"
+    core = TruthGPTOptimizationCore(config, parallelize=wrap)   # or load_core(run, parallelize=…)
     train(core, data, run_dir, world=world)
     teardown(world)
 
@@ -30,14 +30,11 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from truthgpt.training.core import TruthGPTOptimizationCore
 
 
 @dataclass
@@ -231,27 +228,25 @@ def is_sharded(model: nn.Module) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-def parallelize(
-    core: TruthGPTOptimizationCore, world: World, strategy: str = "ddp"
-) -> TruthGPTOptimizationCore:
-    """Wrap `core.model` for data-parallel training over `world`; returns `core`.
+def parallelize(model: nn.Module, world: World, strategy: str = "ddp") -> nn.Module:
+    """`model` wrapped for data-parallel training over `world`; build the optimizer after.
 
     `ddp`: DistributedDataParallel (rank 0's weights are broadcast to the others).
     `fsdp`: `fully_shard` on every block, then on the whole model (which holds the embeddings,
-    the final norm and the tied head); rank 0's weights are broadcast before sharding. An
-    optimiser that already exists (a resumed run) keeps its state: under FSDP it is rebuilt
-    over the sharded parameters with that state sharded alike. With one process nothing is
-    wrapped. Load checkpoints before calling this: weights are loaded into the unwrapped model.
+    the final norm and the tied head); rank 0's weights are broadcast before sharding. With
+    one process the model comes back as it is. Pass it to the trainer, which applies it
+    after loading a checkpoint and before building its optimizer:
+    `TruthGPTOptimizationCore(config, parallelize=partial(parallelize, world=world))`.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if world.world_size == 1:
-        return core
+        return model
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("parallelize: no process group is running; call setup() first")
-    if core.model is not core.raw_model or is_sharded(core.model):
-        raise ValueError("core.model: already wrapped for distributed training")
-    device = core.device
+    if hasattr(model, "module") or is_sharded(model):
+        raise ValueError("model: already wrapped for distributed training")
+    device = next(model.parameters()).device
     if device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
         raise ValueError(
             f"device: {device} is fixed in the config, but each process needs its own GPU; use "
@@ -261,55 +256,76 @@ def parallelize(
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [torch.cuda.current_device()] if device.type == "cuda" else None
-        # The optimiser, if any, holds the same parameter objects, so it stays valid.
-        core.model = DistributedDataParallel(core.model, device_ids=device_ids)
-    else:
-        _fully_shard(core, world)
-    core.world_size = world.world_size
-    return core
+        return DistributedDataParallel(model, device_ids=device_ids)
 
-
-def _fully_shard(core: TruthGPTOptimizationCore, world: World) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if core.config.precision == "fp16":
-        raise ValueError(
-            "precision: fp16 (its GradScaler) is not supported with strategy fsdp; use bf16"
-        )
-    model = core.model
-    options = StateDictOptions(full_state_dict=True)
-    saved = None
-    if core.optimizer is not None and core.optimizer.state:
-        saved = get_optimizer_state_dict(model, core.optimizer, options=options)
-        # Loading shards each tensor by a scatter from rank 0, in the order the state is
-        # walked, so that order must be the same on every rank; a loaded one is arbitrary.
-        saved["state"] = {
-            name: dict(sorted(values.items())) for name, values in sorted(saved["state"].items())
-        }
     with torch.no_grad():
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    mesh = init_device_mesh(core.device.type, (world.world_size,))
+    mesh = init_device_mesh(device.type, (world.world_size,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    # The old optimiser points at the unsharded tensors fully_shard replaced.
-    core.optimizer = None
-    if saved is not None:
-        optimizer = core.setup_optimizer()
-        set_optimizer_state_dict(model, optimizer, saved, options=options)
+    return model
+
+
+def replicas(model: nn.Module) -> int:
+    """How many processes train `model` together: the world size once it is wrapped."""
+    wrapped = hasattr(model, "module") or is_sharded(model)
+    return dist.get_world_size() if wrapped and dist.is_initialized() else 1
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The optimizer's state keyed by parameter name, to load again once the model is
+    sharded (`load_full_optimizer_state`); None when there is nothing to carry over."""
+    if not optimizer.state or not (dist.is_available() and dist.is_initialized()):
+        return None
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    saved = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True)
+    )
+    # Loading shards each tensor by a scatter from rank 0, in the order the state is walked,
+    # so that order must be the same on every rank; a loaded one is arbitrary.
+    saved["state"] = {
+        name: dict(sorted(values.items())) for name, values in sorted(saved["state"].items())
+    }
+    return saved
+
+
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict
+) -> None:
+    """Shard a state from `full_optimizer_state` into the optimizer of the sharded model."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, optimizer, saved, options=options)
+
+
+def mean_over_ranks(value: float, world: World, device: torch.device) -> float:
+    """The mean of a per-process number over every process (a logged loss, say)."""
+    if world.world_size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total) / world.world_size
 
 
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-def gather_full_state(core: TruthGPTOptimizationCore) -> FullState | None:
+def gather_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> FullState | None:
     """Under FSDP, the full model and optimiser state dicts on rank 0's CPU; None otherwise.
 
     Every rank must call it (each sends its shards), rank 0 then passes the result to
@@ -318,7 +334,7 @@ def gather_full_state(core: TruthGPTOptimizationCore) -> FullState | None:
     same whatever the strategy. For unsharded models (DDP or one process) there is nothing to
     gather: the checkpoint reads rank 0's replica directly, and this returns None.
     """
-    if not is_sharded(core.model):
+    if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -327,10 +343,10 @@ def gather_full_state(core: TruthGPTOptimizationCore) -> FullState | None:
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(core.model, options=options)
+    model_state = get_model_state_dict(model, options=options)
     optimizer_state = None
-    if core.optimizer is not None:
-        optimizer_state = get_optimizer_state_dict(core.model, core.optimizer, options=options)
+    if optimizer is not None:
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     if dist.get_rank() != 0:
         return None  # cpu_offload leaves the gathered state on rank 0 only
     return model_state, _by_index(optimizer_state) if optimizer_state is not None else None

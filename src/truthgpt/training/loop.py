@@ -24,7 +24,7 @@ from truthgpt.io.atomic import write_file_atomically
 from truthgpt.io.jsonio import json_bytes, json_safe
 from truthgpt.training.checkpoint import CheckpointManager
 from truthgpt.training.core import TrainingDiverged, TruthGPTOptimizationCore
-from truthgpt.training.distributed import World, gather_full_state, is_sharded
+from truthgpt.training.distributed import World, gather_full_state, is_sharded, mean_over_ranks
 from truthgpt.training.monitoring import Monitor
 
 
@@ -141,6 +141,8 @@ def train(
             step = core.step
             micro = [sampler.batch(step * accum + i) for i in range(accum)]
             metrics = core.train_step(micro)
+            # Each process reports its own share's loss; the log shows the global batch's.
+            metrics["loss"] = mean_over_ranks(metrics["loss"], world, core.device)
             monitor.log_train(metrics)
             if metrics["skipped"]:
                 monitor.log_event("skipped_step", step=core.step, reason="non-finite loss/grad")
@@ -150,7 +152,8 @@ def train(
                 core.record_eval(last_eval)
                 monitor.log_eval(core.step, last_eval)
             if core.step % cfg.checkpoint_every == 0 or done:
-                full_state = gather_full_state(core)  # FSDP: every rank sends its shards
+                # FSDP: every rank sends its shards
+                full_state = gather_full_state(core.model, core.optimizer)
                 if manager is not None:
                     val_loss = last_eval["loss"] if last_eval and last_eval_step(core) else None
                     path = manager.save(core, val_loss=val_loss, full_state=full_state)
