@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from truthgpt.config import TrainConfig, TruthGPTConfig
+from truthgpt.config import ConfigError, TrainConfig, TruthGPTConfig
 from truthgpt.io.atomic import remove_folder, remove_leftovers, write_file_atomically
 from truthgpt.io.atomic import write_folder_atomically as _write_folder
 from truthgpt.io.jsonio import is_int, json_bytes
@@ -142,16 +142,42 @@ def read_resume_state(reader: FolderReader) -> ResumeState:
     )
 
 
-def read_train_config(reader: FolderReader) -> dict[str, Any]:
-    """The raw training config of a checkpoint (validated by the caller, with overrides)."""
+_MODEL_FIELDS = frozenset(TruthGPTConfig.__dataclass_fields__)
+_TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
+
+
+def read_train_config(reader: FolderReader, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The training config of a checkpoint with `overrides` (training fields only: the model
+    is fixed by the checkpoint) applied, validated."""
+    path = reader.path(CONFIG_FILE)
     train = reader.json(CONFIG_FILE).get("train")
     if not isinstance(train, dict):
         raise CheckpointError(
-            f"{reader.path(CONFIG_FILE)}: no training config ('train'); it was written by "
-            "save_pretrained, which keeps the model only: load it with "
-            "TruthGPTModel.from_pretrained"
+            f"{path}: no training config ('train'); it was written by save_pretrained, which "
+            "keeps the model only: load it with TruthGPTModel.from_pretrained"
         )
-    return train
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if key in _MODEL_FIELDS:
+            raise CheckpointError(
+                f"{key}: a model field, fixed by the checkpoint; only training fields can be "
+                "overridden"
+            )
+        if key not in _TRAIN_FIELDS:
+            raise CheckpointError(
+                f"{key}: not a training field; valid: {', '.join(sorted(_TRAIN_FIELDS))}"
+            )
+    saved_device = str(train.get("device", "auto"))
+    if (
+        "device" not in overrides
+        and saved_device.startswith("cuda")
+        and not torch.cuda.is_available()
+    ):
+        overrides["device"] = "cpu"  # a GPU run can still be evaluated on a CPU
+    try:
+        return TrainConfig.from_dict({**train, **overrides})
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{path}: invalid training config: {err}") from None
 
 
 def check_same_model(reader: FolderReader, config: TruthGPTConfig) -> None:

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from truthgpt.analysis import analyze_attention, tune_lambda
 from truthgpt.config import (
-    ConfigError,
     TrainConfig,
     TruthGPTConfig,
     TruthGPTOptimizationCoreConfig,
@@ -33,24 +32,13 @@ from truthgpt.training import checkpoint, distributed
 from truthgpt.training.batches import Batch, input_shape, micro_batches, split_batch
 from truthgpt.training.hardware import measure_peak_flops, memory_mb, resolve_device
 from truthgpt.training.optim_state import OPTIMIZER_FILE, read_optimizer
+from truthgpt.training.report import performance_report
+from truthgpt.training.schedule import lr_at
 from truthgpt.training.state import TrainState
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `learning_rate`, then cosine decay to `min_lr` (nanoGPT's schedule)."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
-    decay_steps = cfg.lr_decay_steps or cfg.max_steps
-    if step >= decay_steps:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (
-        cfg.learning_rate - cfg.min_lr
-    )
 
 
 class TruthGPTOptimizationCore:
@@ -74,15 +62,13 @@ class TruthGPTOptimizationCore:
             raise TypeError(
                 f"config: expected a TruthGPTOptimizationCoreConfig, got {type(config).__name__}"
             )
-        self.config = config
-        self.model_config: TruthGPTConfig = config.model_config
-        self.train_config: TrainConfig = config.train_config
+        self.config = config  # the one copy: model fields and training settings, flat
         self.device = resolve_device(config.device)
         self.tokenizer = tokenizer  # saved with checkpoints so a run can be sampled later
 
         start = time.perf_counter()
         torch.manual_seed(config.seed)
-        self.model = model if model is not None else TruthGPTModel(self.model_config)
+        self.model = model if model is not None else TruthGPTModel(config.model_config)
         self.model.to(self.device)
         self.init_time_s = time.perf_counter() - start
 
@@ -98,6 +84,16 @@ class TruthGPTOptimizationCore:
         self._check_precision()
         if parallelize is not None:
             self._parallelize(parallelize)
+
+    @property
+    def model_config(self) -> TruthGPTConfig:
+        """The model's own config (its fields of `config`)."""
+        return self.raw_model.config
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The training fields of `config`."""
+        return self.config.train_config
 
     # The counters users read most, kept as attributes of the core.
     @property
@@ -146,7 +142,7 @@ class TruthGPTOptimizationCore:
 
     def setup_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters; weight decay only on ≥2-D weights."""
-        cfg = self.train_config
+        cfg = self.config
         groups = self.raw_model.optimizer_groups(cfg.weight_decay)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -186,9 +182,7 @@ class TruthGPTOptimizationCore:
     def compute_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Mean next-token loss of one batch and the number of tokens it was averaged over
         (a tensor, so that nothing waits for the device)."""
-        input_ids, labels, mask, shifted = split_batch(
-            batch, self.device, self.model_config.vocab_size
-        )
+        input_ids, labels, mask, shifted = split_batch(batch, self.device, self.config.vocab_size)
         with self.autocast():
             if shifted:
                 logits = self.model(input_ids, attention_mask=mask).logits
@@ -214,7 +208,7 @@ class TruthGPTOptimizationCore:
         if self.optimizer is None:
             self.setup_optimizer()
         assert self.optimizer is not None
-        cfg = self.train_config
+        cfg = self.config
         if not self.model.training:
             self.model.train()
         start = time.perf_counter()
@@ -359,7 +353,7 @@ class TruthGPTOptimizationCore:
     def _eval_batches(self, data: Any, max_batches: int | None) -> Iterable[Batch]:
         if hasattr(data, "tokens"):
             return sequential_batches(
-                data, self.train_config.block_size, self.train_config.batch_size, max_batches
+                data, self.config.block_size, self.config.batch_size, max_batches
             )
         if isinstance(data, Iterable):
             return data
@@ -379,49 +373,14 @@ class TruthGPTOptimizationCore:
 
     def get_performance_report(self) -> dict[str, Any]:
         """Averages and totals over every `train_step` so far, plus model facts."""
-        model = self.raw_model
-        n_params = model.num_parameters()
-        ran = [m for m in self.history if not m["skipped"]]
-        # The first steps include one-off costs (allocation, kernel compilation).
-        steady = ran[1:] if len(ran) > 1 else ran
-
-        def mean(key: str, rows: list[dict[str, float]]) -> float | None:
-            values = [r[key] for r in rows if math.isfinite(r[key])]
-            return sum(values) / len(values) if values else None
-
-        return {
-            "distance_type": self.model_config.distance_type,
-            "num_parameters": n_params,
-            "model_size_mb": sum(
-                p.numel() * p.element_size()
-                for p in {id(p): p for p in model.parameters()}.values()
-            )
-            / 2**20,
-            "init_time_s": self.init_time_s,
-            "steps": self.step,
-            "skipped_steps": self.state.bad_steps_total,
-            "tokens_seen": self.tokens_seen,
-            "total_train_time_s": sum(m["step_time_s"] for m in self.history),
-            "avg_step_time_s": mean("step_time_s", steady),
-            "avg_tokens_per_s": mean("tokens_per_s", steady),
-            "avg_mfu": mean("mfu", steady),
-            "avg_memory_mb": mean("memory_mb", self.history),
-            "peak_memory_mb": max((m["memory_mb"] for m in self.history), default=None),
-            "first_loss": ran[0]["loss"] if ran else None,
-            "last_loss": ran[-1]["loss"] if ran else None,
-            "avg_loss_last_50": mean("loss", ran[-50:]),
-            "best_val_loss": self.best_val_loss,
-            "last_eval": self.eval_history[-1] if self.eval_history else None,
-            "device": str(self.device),
-            "precision": self.config.precision,
-        }
+        return performance_report(self)
 
     # ------------------------------------------------------------------ other workflows
 
     def analyze_attention_patterns(self, data: Any, num_samples: int = 100) -> dict[str, Any]:
         """Per-layer and per-head attention statistics on real text; see `truthgpt.analysis`."""
         return analyze_attention(
-            self.raw_model, data, num_samples=num_samples, block_size=self.train_config.block_size
+            self.raw_model, data, num_samples=num_samples, block_size=self.config.block_size
         )
 
     def optimize_attention_parameters(self, data: Any, num_epochs: int = 5, **kwargs: Any) -> dict:
@@ -443,8 +402,8 @@ class TruthGPTOptimizationCore:
         return checkpoint.save_checkpoint(
             directory,
             model=self.raw_model,
-            model_config=self.model_config,
-            train_config=self.train_config,
+            model_config=self.raw_model.config,
+            train_config=self.config.train_config,
             state=self.state,
             optimizer=self.optimizer,
             scaler=self.scaler,
@@ -521,31 +480,9 @@ class TruthGPTOptimizationCore:
         checkpoint is loaded into it (see `distributed.parallelize`)."""
         reader = checkpoint.open_checkpoint(path)
         model_config = read_model_config(reader)
-        config_path = reader.path(checkpoint.CONFIG_FILE)
-        train = checkpoint.read_train_config(reader)
         if device is not None:
             train_overrides["device"] = device
-        for key in train_overrides:
-            if key in _MODEL_FIELDS:
-                raise CheckpointError(
-                    f"{key}: a model field, fixed by the checkpoint "
-                    f"({getattr(model_config, key)!r}); only training fields can be overridden"
-                )
-            if key not in _TRAIN_FIELDS:
-                raise CheckpointError(
-                    f"{key}: not a training field; valid: {', '.join(sorted(_TRAIN_FIELDS))}"
-                )
-        saved_device = str(train.get("device", "auto"))
-        if (
-            "device" not in train_overrides
-            and saved_device.startswith("cuda")
-            and not torch.cuda.is_available()
-        ):
-            train_overrides["device"] = "cpu"  # a GPU run can still be evaluated on a CPU
-        try:
-            train_config = TrainConfig.from_dict({**train, **train_overrides})
-        except (ConfigError, TypeError) as err:
-            raise CheckpointError(f"{config_path}: invalid training config: {err}") from None
+        train_config = checkpoint.read_train_config(reader, train_overrides)
         config = TruthGPTOptimizationCoreConfig.from_parts(model_config, train_config)
         tokenizer = checkpoint.read_checkpoint_tokenizer(reader)
         resume = checkpoint.read_resume_state(reader)
@@ -554,10 +491,6 @@ class TruthGPTOptimizationCore:
         if parallelize is not None:
             core._parallelize(parallelize)
         return core
-
-
-_MODEL_FIELDS = frozenset(TruthGPTConfig.__dataclass_fields__)
-_TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
 
 
 def load_core(
