@@ -26,7 +26,7 @@ def test_demo_runs_every_workflow(tmp_path, capsys):
     assert metrics["sample"]["text"].startswith("Romeo:\n")
     assert len(metrics["sample"]["text"]) > 300
     report = (out / "report.md").read_text()
-    for figure in ("training_l1.png", "attended_distance.png", "attention_layer0.png"):
+    for figure in ("runs/l1/training_curves.png", "attended_distance.png", "attention_layer0.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
         assert figure in report
     # The report quotes this run's numbers, not canned ones.

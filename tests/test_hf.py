@@ -61,7 +61,7 @@ def exported(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     """(run folder, export folder) for a char-level run, exported through the CLI."""
     root = tmp_path_factory.mktemp(f"hf-{request.param}")
     make_run(root / "run", build_tokenizer("char", TEXT), request.param)
-    assert main(["export-hf", str(root / "run"), str(root / "hf")]) == 0
+    assert main(["export-hf", "--run", str(root / "run"), "--out", str(root / "hf")]) == 0
     return root / "run", root / "hf"
 
 
@@ -180,6 +180,7 @@ def test_export_refuses_a_folder_with_files(tmp_path: Path, capsys) -> None:
     assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
+    # The positional form of release 0.1 still works.
     assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--overwrite"]) == 0
     assert not (tmp_path / "hf" / "keep.txt").exists()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None

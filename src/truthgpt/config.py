@@ -109,7 +109,7 @@ class TruthGPTConfig(_JsonConfig):
     def __post_init__(self) -> None:
         self.distance_type = _normalise_distance(self.distance_type)
         if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.hidden_size if _is_int(self.hidden_size) else None
+            self.intermediate_size = 4 * self.hidden_size if is_int(self.hidden_size) else None
         if self.distance_type == "lp" and self.p_norm is None:
             self.p_norm = 3.0
         self.validate()
@@ -125,7 +125,7 @@ class TruthGPTConfig(_JsonConfig):
             "max_position_embeddings",
         ):
             value = getattr(self, name)
-            _check(_is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+            _check(is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
         _check(
             self.hidden_size % self.num_attention_heads == 0,
             "num_attention_heads",
@@ -134,7 +134,7 @@ class TruthGPTConfig(_JsonConfig):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             _check(
-                _is_number(value) and 0.0 <= value < 1.0, name, f"must be in [0, 1), got {value!r}"
+                is_number(value) and 0.0 <= value < 1.0, name, f"must be in [0, 1), got {value!r}"
             )
         _check(
             self.distance_type in DISTANCE_TYPES,
@@ -143,7 +143,7 @@ class TruthGPTConfig(_JsonConfig):
         )
         if self.lambda_param is not None:
             _check(
-                _is_number(self.lambda_param)
+                is_number(self.lambda_param)
                 and math.isfinite(self.lambda_param)
                 and self.lambda_param > 0,
                 "lambda_param",
@@ -151,12 +151,12 @@ class TruthGPTConfig(_JsonConfig):
             )
         if self.p_norm is not None:
             _check(
-                _is_number(self.p_norm) and math.isfinite(self.p_norm) and self.p_norm > 0,
+                is_number(self.p_norm) and math.isfinite(self.p_norm) and self.p_norm > 0,
                 "p_norm",
                 f"must be a positive number, got {self.p_norm!r}",
             )
         _check(
-            _is_number(self.layer_norm_eps) and self.layer_norm_eps > 0,
+            is_number(self.layer_norm_eps) and self.layer_norm_eps > 0,
             "layer_norm_eps",
             f"must be positive, got {self.layer_norm_eps!r}",
         )
@@ -204,9 +204,9 @@ class TrainConfig(_JsonConfig):
         """Raise `ConfigError` naming the first invalid field."""
         for name in ("learning_rate",):
             value = getattr(self, name)
-            _check(_is_number(value) and value > 0, name, f"must be positive, got {value!r}")
+            _check(is_number(value) and value > 0, name, f"must be positive, got {value!r}")
         _check(
-            _is_number(self.min_lr) and 0 <= self.min_lr <= self.learning_rate,
+            is_number(self.min_lr) and 0 <= self.min_lr <= self.learning_rate,
             "min_lr",
             f"must be in [0, learning_rate={self.learning_rate}], got {self.min_lr!r}",
         )
@@ -222,27 +222,27 @@ class TrainConfig(_JsonConfig):
             "max_bad_steps",
         ):
             value = getattr(self, name)
-            _check(_is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+            _check(is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "seed"):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 0, name, f"must be an integer ≥ 0, got {value!r}")
+            _check(is_int(value) and value >= 0, name, f"must be an integer ≥ 0, got {value!r}")
         for name in ("lr_decay_steps", "eval_batches"):
             value = getattr(self, name)
             _check(
-                value is None or (_is_int(value) and value > 0),
+                value is None or (is_int(value) and value > 0),
                 name,
                 f"must be a positive integer or null, got {value!r}",
             )
         _check(
-            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            is_number(self.weight_decay) and self.weight_decay >= 0,
             "weight_decay",
             f"must be ≥ 0, got {self.weight_decay!r}",
         )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            _check(_is_number(value) and 0 <= value < 1, name, f"must be in [0, 1), got {value!r}")
+            _check(is_number(value) and 0 <= value < 1, name, f"must be in [0, 1), got {value!r}")
         _check(
-            _is_number(self.grad_clip) and self.grad_clip >= 0,
+            is_number(self.grad_clip) and self.grad_clip >= 0,
             "grad_clip",
             f"must be ≥ 0 (0 disables clipping), got {self.grad_clip!r}",
         )
@@ -257,7 +257,7 @@ class TrainConfig(_JsonConfig):
             f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N",
         )
         _check(
-            self.peak_flops is None or (_is_number(self.peak_flops) and self.peak_flops > 0),
+            self.peak_flops is None or (is_number(self.peak_flops) and self.peak_flops > 0),
             "peak_flops",
             f"must be positive or null, got {self.peak_flops!r}",
         )
@@ -334,9 +334,11 @@ def preset(name: str) -> dict[str, Any]:
     return dict(PRESETS[name])
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true would otherwise pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)

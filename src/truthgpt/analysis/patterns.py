@@ -245,7 +245,7 @@ def _collect_sequences(data: Any, num_samples: int, block_size: int) -> tuple[li
     return chunks, "given batches"
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
@@ -293,12 +293,12 @@ def analyze_attention(
         tokenizer: decodes the sample passage; taken from prepared data when not given.
         sample_tokens: length of the sample passage kept for heat maps (`result["sample"]`).
     """
-    _check_positive_int("num_samples", num_samples)
-    _check_positive_int("sample_tokens", sample_tokens)
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("sample_tokens", sample_tokens)
     config = model.config
     if block_size is None:
         block_size = config.max_position_embeddings
-    _check_positive_int("block_size", block_size)
+    check_positive_int("block_size", block_size)
     if block_size > config.max_position_embeddings:
         raise ValueError(
             f"block_size: {block_size} exceeds the model's max_position_embeddings="

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from truthgpt.analysis.patterns import check_positive_int
 from truthgpt.nn.attention import LAMBDA_MAX, LAMBDA_MIN
 
 # Adam's step is about lr in log λ per update: small, because a trained model's λ is already
@@ -29,11 +30,6 @@ MAX_ITERABLE_BATCHES = 200
 SEED_OFFSET = 10_007
 # Held-out share of a plain iterable of batches when no val_data is given.
 HOLDOUT_FRACTION = 0.2
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
 
 def _is_split(data: Any) -> bool:
@@ -137,11 +133,11 @@ def tune_lambda(
     requires_grad flags are restored afterwards. If the tuned λ do not lower the validation
     loss, the original λ are put back (`kept == "original"`).
     """
-    _check_positive_int("num_epochs", num_epochs)
+    check_positive_int("num_epochs", num_epochs)
     if steps_per_epoch is not None:
-        _check_positive_int("steps_per_epoch", steps_per_epoch)
+        check_positive_int("steps_per_epoch", steps_per_epoch)
     if eval_batches is not None:
-        _check_positive_int("eval_batches", eval_batches)
+        check_positive_int("eval_batches", eval_batches)
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr: must be a positive number, got {lr!r}")
     cfg = core.train_config

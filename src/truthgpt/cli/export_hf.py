@@ -15,15 +15,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "AutoModelForCausalLM.from_pretrained(OUT_DIR). Needs transformers "
         "(pip install 'truthgpt[hf]').",
     )
-    p.add_argument(
-        "run", metavar="RUN_DIR", help="run folder (its latest checkpoint) or checkpoint"
-    )
-    p.add_argument("out", metavar="OUT_DIR", help="folder to write; must be new or empty")
+    # --run/--out like every other command; the positional form of release 0.1 still works.
+    p.add_argument("--run", help="run folder (its latest checkpoint) or checkpoint")
+    p.add_argument("--out", help="folder to write; must be new or empty")
+    p.add_argument("run_pos", nargs="?", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    p.add_argument("out_pos", nargs="?", metavar="OUT_DIR", help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it has files")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    args.run = args.run or args.run_pos
+    args.out = args.out or args.out_pos
+    if not args.run or not args.out:
+        raise ValueError("export-hf: --run RUN_DIR and --out OUT_DIR are required")
     try:
         from truthgpt.workflows.hf import export_hf
     except ImportError as err:

@@ -7,6 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from truthgpt.config import is_int, is_number
+
+__all__ = ["JSONFileError", "is_int", "is_number", "json_bytes", "json_safe", "parse_json"]
+
 
 class JSONFileError(ValueError):
     """A file that should hold JSON does not."""
@@ -34,13 +38,3 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
-
-
-def is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON true would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool)

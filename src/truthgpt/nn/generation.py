@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, TextIO
 import torch
 from torch import Tensor
 
+from truthgpt.config import is_int
 from truthgpt.nn.inputs import check_token_ids
 
 if TYPE_CHECKING:
@@ -39,10 +40,6 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_sampling_args(
     temperature: float,
     top_k: int | None,
@@ -54,7 +51,7 @@ def check_sampling_args(
     vocab_size: int | None = None,
 ) -> None:
     """Reject values that have no meaning, naming the argument and what would be valid."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be an integer ≥ 0, got {max_new_tokens!r}")
     if (
         isinstance(temperature, bool)
@@ -65,14 +62,14 @@ def check_sampling_args(
         raise ValueError(
             f"temperature: must be a finite number ≥ 0 (0 means greedy), got {temperature!r}"
         )
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k: must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (
         isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0
     ):
         raise ValueError(f"top_p: must be in (0, 1], got {top_p!r}")
     if eos_token_id is not None and (
-        not _is_int(eos_token_id)
+        not is_int(eos_token_id)
         or eos_token_id < 0
         or (vocab_size is not None and eos_token_id >= vocab_size)
     ):
@@ -80,7 +77,7 @@ def check_sampling_args(
         raise ValueError(
             f"eos_token_id: must be a token id in {valid} or None, got {eos_token_id!r}"
         )
-    if seed is not None and not _is_int(seed):
+    if seed is not None and not is_int(seed):
         raise ValueError(f"seed: must be an integer or None, got {seed!r}")
 
 

@@ -185,13 +185,11 @@ def plot_training_curves(
     train_rows: list[dict[str, float]], eval_rows: list[dict[str, float]], path: Path
 ) -> Path:
     """Loss (train and val) and learning rate against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no global backend
 
     rows = [r for r in train_rows if math.isfinite(r["loss"])]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    fig = Figure(figsize=(8, 6))
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label="train")
     if eval_rows:
         ax_loss.plot(
@@ -206,7 +204,6 @@ def plot_training_curves(
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -140,12 +140,10 @@ def format_results(result: dict[str, Any]) -> str:
 
 def plot_curves(result: dict[str, Any], path: Path) -> Path:
     """Validation loss against step, one line per kind (mean over seeds)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no global backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for kind, r in result["kinds"].items():
         curves = [dict(run["val_curve"]) for run in r["per_seed"]]
         steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -160,5 +158,4 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -147,7 +147,6 @@ def run_demo(
         log(f"== 3. training {kind} (char-small, {steps} steps)")
         core = TruthGPTOptimizationCore(config_for(kind, steps), tokenizer=data.tokenizer)
         report = train(core, data, out / "runs" / kind)
-        shutil.copy(out / "runs" / kind / "training_curves.png", out / f"training_{kind}.png")
         runs[kind] = json_safe(report)
         cores[kind] = core
     metrics["runs"] = runs
@@ -280,7 +279,7 @@ def write_report(
         f"nats/char. Validation loss is measured on {_eval_tokens(metrics):,} tokens of the last "
         f"{_val_share(metrics):.0%} of the text, the same for every model.",
         "",
-        *[f"![training curves {k}](training_{k}.png)" for k in kinds],
+        *[f"![training curves {k}](runs/{k}/training_curves.png)" for k in kinds],
         "",
         "## Attention patterns (validation text)",
         "",
