@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from truthgpt.config import DISTANCE_TYPES, TruthGPTOptimizationCoreConfig, preset
+from truthgpt.config import TruthGPTOptimizationCoreConfig, preset
+from truthgpt.nn.attention import kinds as distance_kinds
 from truthgpt.training import TruthGPTOptimizationCore
 from truthgpt.training.hardware import measure_peak_flops
 
@@ -75,7 +76,7 @@ def measure(preset_name: str, kinds: list[str], steps: int, rounds: int, peak: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="char-small,seed")
-    parser.add_argument("--kinds", default=",".join(DISTANCE_TYPES))
+    parser.add_argument("--kinds", default=",".join(distance_kinds.names()))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")

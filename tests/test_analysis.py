@@ -21,6 +21,7 @@ from truthgpt.analysis import (
 from truthgpt.analysis.patterns import _merge, _row_sums, _sample_windows
 from truthgpt.config import TruthGPTConfig
 from truthgpt.data import CharTokenizer, TokenSplit
+from truthgpt.nn.attention import kinds
 from truthgpt.nn.model import TruthGPTModel
 from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
 from truthgpt.workflows.report import format_table
@@ -198,7 +199,7 @@ def test_summarize_heads_means_and_maxima() -> None:
 # ------------------------------------------------------------------ real model weights
 
 
-@pytest.mark.parametrize("kind", ["l1", "l2", "sql2", "chebyshev", "cosine", "dot"])
+@pytest.mark.parametrize("kind", kinds.names())
 def test_real_weights_are_causal_distributions(kind: str) -> None:
     model = tiny_model(kind)
     ids = torch.randint(0, 30, (3, 20), generator=torch.Generator().manual_seed(1))

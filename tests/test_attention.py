@@ -1,8 +1,10 @@
 """distance_attention against a naive float64 reference written here, for every kind.
 
-Tests that take the `backend` fixture run once per backend of the blocked kinds (l1, l2,
-chebyshev, lp): the native C++ kernel and the eager blocked kernel. The compiled kernel costs
-20-60 s to compile, so tests/test_attention_compiled.py covers it, against the same reference.
+The tests run over every registered kind; REFERENCE_DISTANCES holds each one's naive formula,
+so a new kind is one registry entry plus one row there. Tests that take the `backend` fixture
+run once per backend of the blocked kinds (l1, l2, chebyshev, lp): the native C++ kernel and
+the eager blocked kernel. The compiled kernel costs 20-60 s to compile, so
+tests/test_attention_compiled.py covers it, against the same reference.
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from truthgpt.nn.attention import DISTANCE_KINDS, distance_attention, native
+from truthgpt.nn.attention import distance_attention, kinds, native
 from truthgpt.nn.attention.functional import BACKEND_ENV
-from truthgpt.nn.attention.kernels import (
-    BLOCKED_KINDS,
-    blocked_attention,
-    dropout_multipliers,
-)
+from truthgpt.nn.attention.kernels import blocked_attention, dropout_multipliers
 
 P = 3.0  # the exponent used for kind="lp"
+KINDS = kinds.names()  # every registered kind
+BLOCKED_KINDS = kinds.names("blocked")  # the kinds with a MinkowskiKernel
 needs_native = pytest.mark.skipif(
     not native.available(), reason=f"native kernel not built: {native.UNAVAILABLE}"
 )
@@ -56,27 +56,44 @@ def l1_eager(q, k, v, scale, *args, **kwargs):
     return eager_blocked(q, k, v, "l1", scale, *args, **kwargs)
 
 
+def _diff(q, k):
+    """q (…, Tq, D), k (…, Tk, D) -> q_i − k_j, (…, Tq, Tk, D)."""
+    return q[..., :, None, :] - k[..., None, :, :]
+
+
+def _prod(q, k):
+    return q[..., :, None, :] * k[..., None, :, :]
+
+
+def _unit(x):
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+# The naive formula of every kind, one row each: (q, k, p) -> (…, Tq, Tk) distances from the
+# (…, Tq, Tk, D) broadcast. Scores are −λ·d, so the similarities enter negated.
+REFERENCE_DISTANCES = {
+    "dot": lambda q, k, p: -_prod(q, k).sum(-1),
+    "cosine": lambda q, k, p: -_prod(_unit(q), _unit(k)).sum(-1),
+    "l1": lambda q, k, p: _diff(q, k).abs().sum(-1),
+    "l2": lambda q, k, p: _diff(q, k).pow(2).sum(-1).sqrt(),
+    "sql2": lambda q, k, p: _diff(q, k).pow(2).sum(-1),
+    "chebyshev": lambda q, k, p: _diff(q, k).abs().amax(-1),
+    "lp": lambda q, k, p: _diff(q, k).abs().pow(p).sum(-1).pow(1 / p),
+}
+
+
+def test_every_registered_kind_has_a_reference_row():
+    """The tests below run over the registry; a kind without a row would go untested."""
+    assert set(kinds.builtin_names()) <= set(REFERENCE_DISTANCES)
+    missing = set(kinds.names()) - set(REFERENCE_DISTANCES)
+    assert not missing, f"no reference row for {sorted(missing)}"
+
+
 def reference(q, k, v, kind, scale, causal=True, attn_mask=None, p=P):
-    """Naive float64 attention from the broadcast formula (B, H, Tq, Tk, D)."""
+    """Naive float64 attention from the kind's row of REFERENCE_DISTANCES."""
     q, k, v = q.double(), k.double(), v.double()
     s = scale.double().view(1, -1, 1, 1) if isinstance(scale, torch.Tensor) else scale
-    diff = q[:, :, :, None, :] - k[:, :, None, :, :]
-    if kind == "dot":
-        scores = s * (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1)
-    elif kind == "cosine":
-        qn = q / q.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        kn = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        scores = s * (qn[:, :, :, None, :] * kn[:, :, None, :, :]).sum(-1)
-    elif kind == "l1":
-        scores = -s * diff.abs().sum(-1)
-    elif kind == "l2":
-        scores = -s * diff.pow(2).sum(-1).sqrt()
-    elif kind == "sql2":
-        scores = -s * diff.pow(2).sum(-1)
-    elif kind == "chebyshev":
-        scores = -s * diff.abs().amax(-1)
-    else:
-        scores = -s * diff.abs().pow(p).sum(-1).pow(1 / p)
+    scores = -s * REFERENCE_DISTANCES[kind](q, k, p)
     Tq, Tk = q.shape[2], k.shape[2]
     if causal:
         i = torch.arange(Tq)[:, None]
@@ -119,7 +136,7 @@ def head_scale(H, dtype=torch.float32, grad=False):
 # forward against the reference
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("Tq,Tk", [(7, 7), (3, 9), (1, 6)])
 @pytest.mark.parametrize("per_head", [False, True])
@@ -136,7 +153,7 @@ def test_matches_reference(kind, causal, Tq, Tk, per_head, backend):
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, Tq))
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 def test_masks_match_reference(kind, mask_kind, backend):
     q, k, v = make(Tq=5, Tk=8)
@@ -151,7 +168,7 @@ def test_masks_match_reference(kind, mask_kind, backend):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_padding_mask_from_model(kind, backend):
     """The model passes key-padding masks of shape (B, 1, 1, Tk)."""
     q, k, v = make(Tq=6, Tk=6)
@@ -163,7 +180,7 @@ def test_padding_mask_from_model(kind, backend):
     )
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_fully_masked_rows_are_zero_not_nan(kind, need_weights, backend):
     q, k, v = make(Tq=5, Tk=5, dtype=torch.float64, grad=True)
@@ -190,7 +207,7 @@ def test_fully_masked_rows_are_zero_not_nan(kind, need_weights, backend):
 # gradients
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_gradcheck_every_kind(kind, need_weights, backend):
     q, k, v = make(B=1, H=2, Tq=3, Tk=4, D=3, dtype=torch.float64, grad=True)
@@ -322,7 +339,7 @@ def test_failed_compilation_warns_once_and_falls_back(monkeypatch):
 # dropout
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_dropout_zeroes_or_rescales_weights(kind, backend):
     q, k, v = make(Tq=8, Tk=8)
     _, clean = distance_attention(q, k, v, kind, 0.5, p=P, need_weights=True)
@@ -339,14 +356,14 @@ def test_dropout_zeroes_or_rescales_weights(kind, backend):
     assert not torch.allclose(a, distance_attention(q, k, v, kind, 0.5, p=P))
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_dropout_is_unbiased_and_drops_at_its_rate(kind, backend):
     """With v = identity the output is the dropped weights themselves, so every fast path
     (SDPA, native, eager) shows its mask."""
     check_dropout_statistics(kind, need_weights=False)
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_materialising_dropout_is_unbiased_and_drops_at_its_rate(kind):
     check_dropout_statistics(kind, need_weights=True)
 
@@ -419,7 +436,8 @@ def _args():
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(kind="manhattan"), "kind must be one of"),
+        (dict(kind="hamming"), r"unknown distance kind 'hamming'; registered: dot, cosine"),
+        (dict(kind=3), "named by a string"),
         (dict(kind="lp", p=None), "p is required"),
         (dict(kind="lp", p=0.0), "p must be"),
         (dict(kind="lp", p=-1.0), "p must be"),

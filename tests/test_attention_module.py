@@ -7,14 +7,17 @@ import math
 import pytest
 import torch
 
+from truthgpt.config import ConfigError
 from truthgpt.nn.attention import (
-    DISTANCE_KINDS,
     LAMBDA_MAX,
     LAMBDA_MIN,
     AttentionOutput,
     DistanceAttention,
     default_lambda,
+    kinds,
 )
+
+KINDS = kinds.names()
 
 
 def layer(kind="l1", **kw):
@@ -37,7 +40,7 @@ def test_layout_and_names():
     assert "bias" not in "".join(dict(layer(bias=False).named_parameters()))
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_default_lambda_is_used(kind):
     m = layer(kind)
     torch.testing.assert_close(
@@ -59,28 +62,21 @@ def test_default_lambda_table():
     assert default_lambda("lp", D, p=1e9) == pytest.approx(default_lambda("chebyshev", D))
     with pytest.raises(ValueError, match="p is required"):
         default_lambda("lp", D)
-    with pytest.raises(ValueError, match="kind must be one of"):
-        default_lambda("manhattan", D)
+    assert default_lambda("Manhattan", D) == default_lambda("l1", D)  # an alias
+    with pytest.raises(ValueError, match="unknown distance kind 'hamming'; registered: dot"):
+        default_lambda("hamming", D)
     with pytest.raises(ValueError, match="head_dim"):
         default_lambda("l1", 0)
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", kinds.builtin_names())
 def test_default_lambda_gives_a_sensible_score_spread(kind):
-    """The table's claim: std of one query's scores across keys is 1-2 at initialisation."""
+    """The defaults' claim: std of one query's scores across keys is 1-2 at initialisation."""
     g = torch.Generator().manual_seed(0)
     D = 64
     q = torch.randn(64, D, generator=g, dtype=torch.float64)
     k = torch.randn(1024, D, generator=g, dtype=torch.float64)
-    p = {"l1": 1.0, "l2": 2.0, "sql2": 2.0, "chebyshev": math.inf}.get(kind, 3.0)
-    if kind == "dot":
-        scores = q @ k.T
-    elif kind == "cosine":
-        scores = (
-            torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).T
-        )
-    else:
-        scores = torch.cdist(q, k, p=p) ** (2 if kind == "sql2" else 1)
+    scores = -kinds.get(kind).pairwise(q, k, 3.0)
     spread = (default_lambda(kind, D, p=3.0) * scores).std(dim=1).mean().item()
     assert 0.9 <= spread <= 2.0, spread
 
@@ -107,7 +103,7 @@ def test_lambda_not_learnable_is_still_a_parameter():
     assert m.log_lambda.grad is None
 
 
-@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_kv_cache_matches_full_sequence(kind):
     m = layer(kind).eval()
     x = torch.randn(2, 9, 16)
@@ -168,7 +164,7 @@ def test_dropout_only_in_training():
     [
         (dict(hidden_size=10, num_heads=4), "divisible"),
         (dict(num_heads=0), "num_heads"),
-        (dict(distance_type="manhattan"), "distance_type must be one of"),
+        (dict(distance_type="hamming"), "^distance_type: unknown distance kind 'hamming'"),
         (dict(distance_type="lp"), "p is required"),
         (dict(distance_type="lp", p=-2.0), "p must be"),
         (dict(lambda_init=0.0), "lambda_init"),
@@ -181,6 +177,16 @@ def test_constructor_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         DistanceAttention(**args)
+
+
+def test_distance_type_resolves_aliases_and_names_an_unknown_kind():
+    assert DistanceAttention(16, 4, "Manhattan").distance_type == "l1"
+    assert DistanceAttention(16, 4, "linf").distance_type == "chebyshev"
+    with pytest.raises(ConfigError) as err:
+        DistanceAttention(16, 4, "hamming")
+    message = str(err.value)
+    assert message.startswith("distance_type: unknown distance kind 'hamming'")
+    assert all(kind in message for kind in KINDS)
 
 
 def test_forward_errors():

@@ -16,14 +16,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_attention import P, assert_same_gradients, eager_blocked, head_scale, make, reference
-from truthgpt.nn.attention import distance_attention, functional, native
-from truthgpt.nn.attention.kernels import BLOCKED_KINDS
+from test_attention import (
+    BLOCKED_KINDS,
+    P,
+    assert_same_gradients,
+    eager_blocked,
+    head_scale,
+    make,
+    reference,
+)
+from truthgpt.nn.attention import distance_attention, functional, kinds, native
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel not built: {native.UNAVAILABLE}"
 )
-KINDS_P = [("l1", None), ("l2", None), ("chebyshev", None), ("lp", P), ("lp", 0.7)]
+NATIVE_KINDS = [kd for kd in BLOCKED_KINDS if kinds.get(kd).kernel.native_code is not None]
+# Every kind the native kernel implements, lp also below p = 1.
+KINDS_P = [(kd, P if kinds.get(kd).takes_p else None) for kd in NATIVE_KINDS] + [("lp", 0.7)]
 
 
 def run(q, k, v, kind, scale, p=None, **kw):
@@ -79,7 +88,7 @@ def test_float32_matches_reference(kind, p, D, threads):
     D=st.sampled_from([1, 2, 5, 8, 16]),
     causal=st.booleans(),
     seed=st.integers(0, 2**16),
-    kind=st.sampled_from(BLOCKED_KINDS),
+    kind=st.sampled_from(NATIVE_KINDS),
     masked=st.booleans(),
 )
 def test_property(B, H, Tq, extra, D, causal, seed, kind, masked):

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import truthgpt.nn.generation as generation
-from truthgpt.config import DISTANCE_TYPES, TruthGPTConfig
+from truthgpt.config import TruthGPTConfig
+from truthgpt.nn.attention import kinds
 from truthgpt.nn.generation import TextStreamer, filter_logits, next_token, slide_keep
 from truthgpt.nn.model import TruthGPTModel
 
@@ -51,7 +52,7 @@ def prompt(length: int = 5, batch: int = 1, seed: int = 1) -> torch.Tensor:
 # the KV cache
 
 
-@pytest.mark.parametrize("kind", DISTANCE_TYPES)
+@pytest.mark.parametrize("kind", kinds.names())
 def test_cached_logits_equal_full_forward_every_step(kind: str) -> None:
     """55 cached steps: each step's logits equal a full forward on the whole prefix."""
     model = tiny_model(kind, window=64)
@@ -146,7 +147,7 @@ def test_prompt_longer_than_window_is_kept_whole() -> None:
     assert torch.equal(out, model.generate(ids, 10, do_sample=False, use_cache=False))
 
 
-@pytest.mark.parametrize("kind", DISTANCE_TYPES)
+@pytest.mark.parametrize("kind", kinds.names())
 def test_greedy_is_deterministic_and_equals_cacheless(kind: str) -> None:
     model = tiny_model(kind, window=64)
     ids = prompt(4, batch=2)

@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from truthgpt.config import (
-    DISTANCE_TYPES,
     ConfigError,
     TrainConfig,
     TruthGPTConfig,
     TruthGPTOptimizationCoreConfig,
 )
-from truthgpt.nn.attention import default_lambda
+from truthgpt.nn.attention import default_lambda, kinds
 from truthgpt.nn.model import TruthGPTModel
 
 V, C, L, H, P = 23, 32, 2, 4, 16
@@ -58,7 +57,8 @@ def ids(batch: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
         ({"intermediate_size": -5}, "intermediate_size"),
         ({"max_position_embeddings": 0}, "max_position_embeddings"),
         ({"vocab_size": 2.5}, "vocab_size"),
-        ({"distance_type": "hamming"}, "distance_type"),
+        ({"distance_type": ""}, "distance_type"),
+        ({"distance_type": 3}, "distance_type"),
         ({"hidden_dropout_prob": 1.0}, "hidden_dropout_prob"),
         ({"hidden_dropout_prob": -0.1}, "hidden_dropout_prob"),
         ({"attention_probs_dropout_prob": 1.5}, "attention_probs_dropout_prob"),
@@ -73,10 +73,17 @@ def test_config_errors_name_the_field(overrides: dict, field: str) -> None:
         config(**overrides)
 
 
+def test_unknown_kind_fails_when_the_model_is_built_naming_it() -> None:
+    """The config (below torch) only checks the name; the model resolves it in the registry."""
+    cfg = config(distance_type="hamming")
+    with pytest.raises(ConfigError, match=r"^distance_type: unknown distance kind 'hamming'"):
+        TruthGPTModel(cfg)
+
+
 def test_config_error_says_what_is_valid() -> None:
     with pytest.raises(ConfigError) as err:
-        config(distance_type="hamming")
-    assert all(kind in str(err.value) for kind in DISTANCE_TYPES)
+        TruthGPTModel(config(distance_type="hamming"))
+    assert all(kind in str(err.value) for kind in kinds.names())
     with pytest.raises(ConfigError, match="must divide hidden_size"):
         config(num_attention_heads=5)
     assert isinstance(err.value, ValueError)
@@ -84,7 +91,10 @@ def test_config_error_says_what_is_valid() -> None:
 
 def test_config_defaults_and_aliases() -> None:
     cfg = config(distance_type="Manhattan")
-    assert cfg.distance_type == "l1"
+    assert cfg.distance_type == "manhattan"  # lower-cased; the model resolves the alias
+    assert TruthGPTModel(cfg).config.distance_type == "l1"
+    assert TruthGPTModel(cfg).config == config(distance_type="l1")
+    assert cfg.distance_type == "manhattan"  # the caller's config is not changed
     assert cfg.intermediate_size == 4 * C
     assert cfg.head_dim == C // H
     assert config(distance_type="lp").p_norm == 3.0
@@ -151,7 +161,7 @@ def test_forward_output_fields() -> None:
         assert k.shape == v.shape == (2, H, 10, C // H)
 
 
-@pytest.mark.parametrize("kind", DISTANCE_TYPES)
+@pytest.mark.parametrize("kind", kinds.names())
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100(kind: str) -> None:
     m = model(distance_type=kind)
     x = ids(3, 12)
@@ -199,7 +209,7 @@ def test_cache_that_overflows_the_window_is_an_error() -> None:
         m(ids(1, 1), past_key_values=past)
 
 
-@pytest.mark.parametrize("kind", DISTANCE_TYPES)
+@pytest.mark.parametrize("kind", kinds.names())
 def test_padded_keys_get_no_weight(kind: str) -> None:
     """Left padding: no query puts weight on a padded key, and the pad's content is invisible."""
     m = model(distance_type=kind)

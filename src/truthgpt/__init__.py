@@ -21,6 +21,7 @@ _EXPORTS = {
     "TruthGPTOptimizationCoreConfig": "truthgpt.config",
     "DistanceAttention": "truthgpt.nn.attention",
     "distance_attention": "truthgpt.nn.attention",
+    "register_distance": "truthgpt.nn.attention",
     "CausalLMOutput": "truthgpt.nn.model",
     "TruthGPTModel": "truthgpt.nn.model",
     "TruthGPTOptimizationCore": "truthgpt.training",
@@ -37,6 +38,7 @@ __all__ = [
     "TruthGPTOptimizationCoreConfig",
     "__version__",
     "distance_attention",
+    "register_distance",
 ]
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
         TruthGPTConfig,
         TruthGPTOptimizationCoreConfig,
     )
-    from truthgpt.nn.attention import DistanceAttention, distance_attention
+    from truthgpt.nn.attention import DistanceAttention, distance_attention, register_distance
     from truthgpt.nn.model import CausalLMOutput, TruthGPTModel
     from truthgpt.training import TruthGPTOptimizationCore
 

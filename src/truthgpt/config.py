@@ -3,7 +3,9 @@
 
 Configs are plain dataclasses, validated on construction so that a bad value fails at once with
 the name of the field, and they round-trip through JSON so a checkpoint is all one needs to
-rebuild a model.
+rebuild a model. This is the lowest layer (no torch), so `distance_type` is checked here only to
+be a name: the registry of kinds (`truthgpt.nn.attention.kinds`) resolves it, aliases included,
+when the model is built, and rejects an unknown one there with a `ConfigError` that names it.
 """
 
 from __future__ import annotations
@@ -14,19 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Self
 
-DISTANCE_TYPES: tuple[str, ...] = ("dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-
-# The original design spelled some kinds differently; accept those spellings.
-_DISTANCE_ALIASES = {
-    "manhattan": "l1",
-    "euclidean": "l2",
-    "squared_l2": "sql2",
-    "sq_l2": "sql2",
-    "dot_product": "dot",
-    "linf": "chebyshev",
-}
 
 
 class ConfigError(ValueError):
@@ -81,11 +72,6 @@ class _JsonConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def _normalise_distance(value: str) -> str:
-    name = str(value).lower()
-    return _DISTANCE_ALIASES.get(name, name)
-
-
 @dataclasses.dataclass(kw_only=True)
 class TruthGPTConfig(_JsonConfig):
     """Everything needed to build a `TruthGPTModel`, with the original design's field names."""
@@ -98,7 +84,7 @@ class TruthGPTConfig(_JsonConfig):
     max_position_embeddings: int = 1024
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
-    distance_type: str = "l1"
+    distance_type: str = "l1"  # a registered kind or alias; kinds are matched in any case
     lambda_param: float | None = None  # initial λ; None: the kind's default
     use_learnable_lambda: bool = True
     p_norm: float | None = None  # exponent for distance_type="lp"; None: 3.0
@@ -107,7 +93,8 @@ class TruthGPTConfig(_JsonConfig):
     bias: bool = True
 
     def __post_init__(self) -> None:
-        self.distance_type = _normalise_distance(self.distance_type)
+        if isinstance(self.distance_type, str):
+            self.distance_type = self.distance_type.lower()
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size if is_int(self.hidden_size) else None
         if self.distance_type == "lp" and self.p_norm is None:
@@ -137,9 +124,9 @@ class TruthGPTConfig(_JsonConfig):
                 is_number(value) and 0.0 <= value < 1.0, name, f"must be in [0, 1), got {value!r}"
             )
         _check(
-            self.distance_type in DISTANCE_TYPES,
+            isinstance(self.distance_type, str) and self.distance_type.strip() != "",
             "distance_type",
-            f"unknown distance {self.distance_type!r}; choose one of {', '.join(DISTANCE_TYPES)}",
+            f"must name a distance kind (a non-empty string), got {self.distance_type!r}",
         )
         if self.lambda_param is not None:
             _check(

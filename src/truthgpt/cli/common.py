@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -26,3 +27,27 @@ def find_run_info(path: Path) -> dict | None:
         if candidate.is_file():
             return json.loads(candidate.read_text(encoding="utf-8"))
     return None
+
+
+class KindOption(argparse.Action):
+    """A string option whose help ends with the registered distance kinds.
+
+    The list is read from the registry when the help is shown, not when the parser is built:
+    every command line builds the parser, and the registry needs torch. The value itself is
+    checked where the model is built (a one-line error naming it and listing the kinds).
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+
+    @property  # type: ignore[override]
+    def help(self) -> str | None:
+        if self._help is None:
+            return None
+        from truthgpt.nn.attention import kinds
+
+        return f"{self._help}{', '.join(kinds.names())}"
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        self._help = value

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from truthgpt.config import DISTANCE_TYPES, PRESETS
+from truthgpt.cli.common import KindOption
+from truthgpt.config import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--kinds",
+        action=KindOption,
         default="dot,l1,l2,sql2,cosine,chebyshev",
-        help=f"comma-separated, from {','.join(DISTANCE_TYPES)}",
+        help="comma-separated (default %(default)s), from: ",
     )
     p.add_argument("--preset", default="char-small", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=2000)

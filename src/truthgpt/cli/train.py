@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from truthgpt.cli.common import KindOption
 from truthgpt.config import PRESETS
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set", metavar="KEY=VALUE", action="append", default=[], help="set any config field"
     )
-    p.add_argument("--distance", help="distance_type: dot, cosine, l1, l2, sql2, chebyshev, lp")
+    p.add_argument("--distance", action=KindOption, help="distance_type: ")
     p.add_argument("--max-steps", type=int, help="train up to this many optimiser steps")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (fp16: CUDA only)")

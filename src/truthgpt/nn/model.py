@@ -6,6 +6,7 @@ attention is `DistanceAttention`: scores are −λ_h · d(q, k) for the configur
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from truthgpt.config import TruthGPTConfig
 from truthgpt.io import pretrained
 from truthgpt.nn.attention import DistanceAttention
+from truthgpt.nn.attention.module import distance_kind
 from truthgpt.nn.inputs import check_token_ids
 
 # One (k, v) pair per layer, each (B, H, T_past, head_dim).
@@ -93,6 +95,11 @@ class TruthGPTModel(nn.Module):
     def __init__(self, config: TruthGPTConfig) -> None:
         super().__init__()
         config.validate()
+        # The config names the kind; the registry knows it (ConfigError if not). An alias is
+        # stored as the kind's own name, so checkpoints always hold that.
+        kind = distance_kind(config.distance_type)
+        if config.distance_type != kind.name:
+            config = dataclasses.replace(config, distance_type=kind.name)
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)

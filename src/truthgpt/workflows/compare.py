@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from truthgpt.config import DISTANCE_TYPES, preset
+from truthgpt.config import preset
 from truthgpt.data import load_prepared, prepare_data
 from truthgpt.io import json_safe
+from truthgpt.nn.attention import kinds as distance_kinds
 from truthgpt.training import Monitor, TruthGPTOptimizationCore, build_config, train
 
 
@@ -42,13 +43,11 @@ def compare_kinds(
     overrides: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train every kind for `steps` with seeds 0..seeds−1; write results.json/.md and a plot."""
-    unknown = [k for k in kinds if k not in DISTANCE_TYPES]
-    if unknown or not kinds:
-        raise ValueError(
-            f"--kinds: unknown kind(s) {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(DISTANCE_TYPES)}"
-        )
+    """Train every kind for `steps` with seeds 0..seeds−1; write results.json/.md and a plot.
+
+    `kinds` are registered kinds or aliases, each trained once under its own name.
+    """
+    kinds = _resolve(kinds)
     if seeds < 1 or steps < 1:
         raise ValueError("--seeds and --steps must be positive")
     out = Path(out_dir)
@@ -101,6 +100,22 @@ def compare_kinds(
         plot_curves(result, out / "val_curves.png")
     log(format_results(result))
     return result
+
+
+def _resolve(names: Sequence[str]) -> list[str]:
+    """The kinds' own names, in order and once each; ValueError listing any unknown ones."""
+    resolved, unknown = [], []
+    for name in names:
+        try:
+            resolved.append(distance_kinds.get(name).name)
+        except ValueError:
+            unknown.append(name)
+    if unknown or not names:
+        raise ValueError(
+            f"--kinds: unknown kind(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(distance_kinds.names())}"
+        )
+    return list(dict.fromkeys(resolved))
 
 
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""Distance attention: the math (`distance_attention`) and the layer (`DistanceAttention`).
+"""Distance attention: the kinds (`kinds`), the math (`distance_attention`) and the layer
+(`DistanceAttention`).
 
-`distance_attention(q, k, v, kind, scale)` knows nothing about layers; `DistanceAttention`
-owns the projections, the per-head λ and the KV cache.
+`kinds` is the registry of distance kinds, which everything else reads; `register_distance`
+adds one. `distance_attention(q, k, v, kind, scale)` knows nothing about layers;
+`DistanceAttention` owns the projections, the per-head λ and the KV cache.
 """
 
-from truthgpt.nn.attention.functional import DISTANCE_KINDS, distance_attention
+from truthgpt.nn.attention import kinds
+from truthgpt.nn.attention.functional import distance_attention
+from truthgpt.nn.attention.kinds import DistanceKind, register_distance
 from truthgpt.nn.attention.module import (
     LAMBDA_MAX,
     LAMBDA_MIN,
@@ -14,11 +18,13 @@ from truthgpt.nn.attention.module import (
 )
 
 __all__ = [
-    "DISTANCE_KINDS",
     "LAMBDA_MAX",
     "LAMBDA_MIN",
     "AttentionOutput",
     "DistanceAttention",
+    "DistanceKind",
     "default_lambda",
     "distance_attention",
+    "kinds",
+    "register_distance",
 ]

@@ -1,22 +1,20 @@
 """Distance attention as a function: scores from distances between queries and keys.
 
-    score(i, j) = -scale_h · d(q_i, k_j)      (l1, l2, sql2, chebyshev, lp)
-    score(i, j) = +scale_h · sim(q_i, k_j)    (dot, cosine)
+    score(i, j) = -scale_h · d(q_i, k_j)      (l1, l2, sql2, chebyshev, lp, registered kinds)
+    score(i, j) = +scale_h · sim(q_i, k_j)    (dot, cosine: d = −sim)
 
-then the causal mask, an optional user mask, softmax over keys, dropout and weights @ v.
+then the causal mask, an optional user mask, softmax over keys, dropout and weights @ v. The
+kind (`truthgpt.nn.attention.kinds`) gives d and the path that computes the attention:
 
-Two paths compute the same thing:
-
-* the plain path (`_plain_attention`) materialises the (B, H, Tq, Tk) score matrix. It is the
-  readable definition and the one used when the caller asks for the attention weights.
-* the fast paths: dot, cosine and squared L2 become one call to
+* the plain path (`_plain_attention`) materialises the (B, H, Tq, Tk) score matrix from the
+  kind's `distance`. It is the readable definition, the one used when the caller asks for the
+  attention weights, and the only one for kinds added with `register_distance`.
+* the fast paths: kinds with `as_dot_product` (dot, cosine, squared L2) become one call to
   `F.scaled_dot_product_attention` (cosine on normalised q, k; squared L2 on q, k augmented
-  by one column, exactly); l1, l2, chebyshev and lp run a flash-style kernel with an online
-  softmax that never holds the weights, dropout included: the native C++ kernel
-  (`truthgpt.nn.attention.native`) or the blocked PyTorch one, compiled or eager
-  (`truthgpt.nn.attention.kernels`); see BACKENDS.
-  The plain path computes distances with `torch.cdist`, whose backward holds O(Tq·Tk) per
-  head, never O(Tq·Tk·D).
+  by one column, exactly); kinds with a `MinkowskiKernel` (l1, l2, chebyshev, lp) run a
+  flash-style kernel with an online softmax that never holds the weights, dropout included:
+  the native C++ kernel (`truthgpt.nn.attention.native`) or the blocked PyTorch one, compiled
+  or eager (`truthgpt.nn.attention.kernels`); see BACKENDS.
 
 Fully masked query rows (possible only with a user mask, never with the causal mask alone
 since key i is always visible to query i) give a zero output row, zero weights and zero
@@ -33,19 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from truthgpt.nn.attention import native
+from truthgpt.nn.attention import kinds, native
 from truthgpt.nn.attention.kernels import blocked_attention
+from truthgpt.nn.attention.kinds import DistanceKind
 
-DISTANCE_KINDS: tuple[str, ...] = ("dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp")
-
-# Kernels for l1, l2, chebyshev and lp. "auto" takes the first that is available, in this
-# order: the native C++ kernel (CPU), the blocked kernel compiled by inductor, the same blocked
-# kernel run eagerly. TRUTHGPT_ATTENTION_BACKEND sets the default for a process.
+# Kernels for the kinds with a MinkowskiKernel (l1, l2, chebyshev, lp). "auto" takes the first
+# that is available, in this order: the native C++ kernel (CPU), the blocked kernel compiled by
+# inductor, the same blocked kernel run eagerly. TRUTHGPT_ATTENTION_BACKEND sets the default
+# for a process.
 BACKENDS: tuple[str, ...] = ("auto", "native", "compiled", "eager")
 BACKEND_ENV = "TRUTHGPT_ATTENTION_BACKEND"
-
-# Cosine normalises q and k; a zero vector is divided by this instead of by 0.
-COSINE_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,7 +51,7 @@ def _check_args(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    kind: str,
+    kind: DistanceKind,
     scale: float | Tensor,
     causal: bool,
     attn_mask: Tensor | None,
@@ -64,8 +59,6 @@ def _check_args(
     dropout_p: float,
 ) -> None:
     """Raise ValueError naming the offending argument and what would be valid."""
-    if kind not in DISTANCE_KINDS:
-        raise ValueError(f"kind must be one of {DISTANCE_KINDS}, got {kind!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -109,9 +102,9 @@ def _check_args(
         )
     elif not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
-    if kind == "lp":
+    if kind.takes_p:
         if p is None:
-            raise ValueError("p is required for kind='lp' (a finite number > 0)")
+            raise ValueError(f"p is required for kind={kind.name!r} (a finite number > 0)")
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise ValueError(f"p must be a finite number > 0, got {type(p).__name__}")
         if not (math.isfinite(p) and p > 0):
@@ -196,30 +189,12 @@ def _head_scale(scale: float | Tensor) -> float | Tensor:
     return scale.view(1, -1, 1, 1) if isinstance(scale, Tensor) else scale
 
 
-def _cdist_p(kind: str, p: float | None) -> float:
-    return {"l1": 1.0, "l2": 2.0, "chebyshev": math.inf}.get(kind, p)  # type: ignore[arg-type]
-
-
 def pairwise_scores(
-    q: Tensor, k: Tensor, kind: str, scale: float | Tensor, p: float | None = None
+    q: Tensor, k: Tensor, kind: str | DistanceKind, scale: float | Tensor, p: float | None = None
 ) -> Tensor:
-    """Scores (B, H, Tq, Tk) before masking; the definition every fast path must match.
-
-    Distances come from `torch.cdist` without the matmul expansion (exact at small distances;
-    at zero distance its gradient is 0, the subgradient of |x| at 0, and finite for l2).
-    """
-    s = _head_scale(scale)
-    if kind == "dot":
-        return s * (q @ k.transpose(-2, -1))
-    if kind == "cosine":
-        qn = F.normalize(q, dim=-1, eps=COSINE_EPS)
-        kn = F.normalize(k, dim=-1, eps=COSINE_EPS)
-        return s * (qn @ kn.transpose(-2, -1))
-    if kind == "sql2":
-        d = torch.cdist(q, k, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
-        return -s * d.square()
-    d = torch.cdist(q, k, p=_cdist_p(kind, p), compute_mode="donot_use_mm_for_euclid_dist")
-    return -s * d
+    """Scores (B, H, Tq, Tk) before masking, −scale · the kind's distance: the definition every
+    fast path must match."""
+    return -_head_scale(scale) * kinds.get(kind).pairwise(q, k, p)
 
 
 def _masked_softmax(scores: Tensor, bias: Tensor | None) -> Tensor:
@@ -267,27 +242,11 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, causal, attn_m
     return out if dead is None else out.masked_fill(dead, 0.0)
 
 
-def _sql2_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p):
-    """Squared L2 as exact dot-product attention on augmented vectors.
-
-    -s‖q−k‖² = -s‖q‖² + s(2 q·k − ‖k‖²); the first term is constant along a query row and
-    cancels in the softmax, so q' = [q, 1], k' = [k, −‖k‖²/2] and scale 2s give the same
-    weights. ‖k‖² is computed in fp32 at least. v gets a zero column too: SDPA's fused CPU
-    kernel needs equal head sizes and otherwise falls back to materialising the weights.
-    """
-    wide = torch.promote_types(k.dtype, torch.float32)
-    k_sq = k.to(wide).square().sum(-1, keepdim=True).to(k.dtype)  # (B, H, Tk, 1)
-    q_aug = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)  # (B, H, Tq, D+1)
-    k_aug = torch.cat([k, -0.5 * k_sq], dim=-1)  # (B, H, Tk, D+1)
-    v_aug = torch.cat([v, torch.zeros_like(v[..., :1])], dim=-1)  # (B, H, Tk, D+1)
-    out = _sdpa(q_aug, k_aug, v_aug, scale * 2.0, causal, attn_mask, dropout_p)
-    return out[..., :-1]
-
-
-def _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p):
-    qn = F.normalize(q, dim=-1, eps=COSINE_EPS)
-    kn = F.normalize(k, dim=-1, eps=COSINE_EPS)
-    return _sdpa(qn, kn, v, scale, causal, attn_mask, dropout_p)
+def _as_sdpa(q, k, v, kind: DistanceKind, scale, causal, attn_mask, dropout_p):
+    """A kind with `as_dot_product`: SDPA on the rewritten q, k, v and scale."""
+    D = v.shape[-1]
+    out = _sdpa(*kind.as_dot_product(q, k, v, scale), causal, attn_mask, dropout_p)
+    return out if out.shape[-1] == D else out[..., :D]  # drop the columns added to v
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +257,7 @@ def distance_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    kind: str,
+    kind: str | DistanceKind,
     scale: float | Tensor,
     *,
     causal: bool = True,
@@ -313,34 +272,34 @@ def distance_attention(
     Args:
         q: (B, H, Tq, D) queries. k, v: (B, H, Tk, D), Tk >= Tq when causal; the queries are
             the last Tq positions, so key j is visible to query i iff j <= i + Tk - Tq.
-        kind: one of DISTANCE_KINDS.
+        kind: a registered kind (`kinds.names()`) or one of its aliases.
         scale: λ > 0, a float or a (H,) tensor (one per head; gradients flow to it).
         causal: apply the causal rule above.
         attn_mask: boolean keep-mask (True = attend) or additive float mask, broadcastable
             to (B, H, Tq, Tk). Rows with every key masked give zeros, not NaN.
-        p: the exponent for kind='lp' (finite, > 0); ignored by the other kinds.
+        p: the exponent for kind='lp' (finite, > 0); ignored by kinds without one.
         dropout_p: dropout on the attention weights (applied whenever > 0; pass 0 in eval).
         need_weights: also return the (B, H, Tq, Tk) weights (materialising path).
-        backend: the kernel for l1, l2, chebyshev and lp, one of BACKENDS; None reads
-            TRUTHGPT_ATTENTION_BACKEND (default "auto": native, else compiled, else eager).
+        backend: the kernel for the kinds with a `MinkowskiKernel` (l1, l2, chebyshev, lp),
+            one of BACKENDS; None reads TRUTHGPT_ATTENTION_BACKEND (default "auto": native,
+            else compiled, else eager).
 
     Returns:
         output (B, H, Tq, D), or (output, weights) when need_weights.
     """
+    kind = kinds.get(kind)
     _check_args(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
     backend = _backend_name(backend)  # checked for every kind, used by the blocked ones
-    if kind == "lp" and p in (1, 2):  # same math, faster paths
-        kind, p = ("l1" if p == 1 else "l2"), None
-    if need_weights:
-        return _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
-    if kind == "dot":
-        return _sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
-    if kind == "sql2":
-        return _sql2_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
-    if kind == "cosine":
-        return _cosine_as_sdpa(q, k, v, scale, causal, attn_mask, dropout_p)
-    # l1, l2, chebyshev, lp
-    backend = resolve_backend(backend, q)
+    for value, other in kind.same_as:  # same math, faster paths (lp at p = 1 and 2)
+        if p == value:
+            kind, p = kinds.get(other), None
+            break
+    if need_weights or kind.fast_path == "plain":
+        out, weights = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
+        return (out, weights) if need_weights else out
+    if kind.fast_path == "sdpa":
+        return _as_sdpa(q, k, v, kind, scale, causal, attn_mask, dropout_p)
+    backend = resolve_backend(backend, q, kind)
     if backend == "native":  # also the decoding step (Tq = 1): one parallel pass over heads
         return native.native_attention(q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p)
     if q.shape[2] == 1:  # one decoding step holds only Tk scores per head: plain is cheap
@@ -364,8 +323,9 @@ def _backend_name(backend: str | None) -> str:
     return name
 
 
-def resolve_backend(backend: str | None, q: Tensor) -> str:
-    """The backend that will run for q: the one asked for, or auto's first available one.
+def resolve_backend(backend: str | None, q: Tensor, kind: str | DistanceKind | None = None) -> str:
+    """The backend that will run for q (and kind): the one asked for, or auto's first
+    available one.
 
     auto falls back from native to compiled with one warning naming what is missing; a
     backend asked for by name is used as it is (native raises if it was not built).
@@ -373,7 +333,7 @@ def resolve_backend(backend: str | None, q: Tensor) -> str:
     name = _backend_name(backend)
     if name != "auto":
         return name
-    if native.available() and native.supports(q):
+    if native.available() and native.supports(q, kind):
         return "native"
     if not native.available() and "native" not in _warned:
         _warned.add("native")

@@ -1,6 +1,7 @@
 """Blocked distance attention: online softmax over key blocks, backward recomputed per block.
 
-    score(i, j) = -scale_h · dist(q_i, k_j),   dist in l1, l2, chebyshev, lp
+    score(i, j) = -scale_h · dist(q_i, k_j),   dist with a MinkowskiKernel (kinds.py):
+                                               l1, l2, chebyshev, lp
 
 The broadcast formula holds a (B, H, Tq, Tk, D) tensor (34 GB at B=4, H=8, T=2048, D=64).
 Here the keys are cut into blocks of `block` keys and the queries into chunks of at most
@@ -13,9 +14,8 @@ saved log-sum-exp, the way flash attention does:
     dv_j  = Σ_i p_ij dO_i                   g_ij  = −scale · ds_ij  (dL/d dist_ij)
     dscale = −Σ_ij ds_ij · dist_ij          dq_i = Σ_j g_ij ∂dist_ij/∂q_i,  dk_j = −Σ_i (same)
 
-with ∂dist/∂q per coordinate x = q_d − k_d: sign(x) (l1), x/dist (l2), sign(x) where |x| is
-the max (chebyshev), sign(x)·(|x|/dist)^(p−1) (lp). Where that is undefined (x = 0 for l1
-and lp, dist = 0) the subgradient 0 is used, as `torch.cdist` does.
+with ∂dist/∂q per coordinate from the kind's `MinkowskiKernel` (kinds.py): sign(q_d − k_d)
+for l1, (q − k)/dist for l2, and so on; the subgradient 0 where it is undefined.
 
 Work is organised per key block: key block j meets the query rows that can see it (causal:
 rows from j·block − (Tk − Tq) on), in chunks of `rows`. Blocks above the diagonal are never
@@ -48,12 +48,14 @@ and zero gradients.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
 import torch
 from torch import Tensor
+
+from truthgpt.nn.attention import kinds
+from truthgpt.nn.attention.kinds import DistanceKind, MinkowskiKernel
 
 # Masked scores; finite so that exp(m_old − m_new) is defined when a whole block is masked.
 MASK_VALUE = -1e30
@@ -70,11 +72,7 @@ EAGER_ROW_CHUNK = 64
 # per-block math (plain PyTorch; compiled below)
 
 
-def _cdist_p(kind: str, p: float) -> float:
-    return {"l1": 1.0, "l2": 2.0, "chebyshev": math.inf}.get(kind, p)
-
-
-def _dist(q: Tensor, kt: Tensor, kind: str, p: float) -> Tensor:
+def _dist(q: Tensor, kt: Tensor, kernel: MinkowskiKernel, p: float) -> Tensor:
     """(B, H, R, D) × (B, H, D, b) -> (B, H, R, b) distances.
 
     Compiled: the broadcast formula, which inductor fuses into one loop (k is transposed so
@@ -82,24 +80,18 @@ def _dist(q: Tensor, kt: Tensor, kind: str, p: float) -> Tensor:
     """
     if not torch.compiler.is_compiling():
         mode = "donot_use_mm_for_euclid_dist"  # exact differences, not ‖q‖² + ‖k‖² − 2q·k
-        return torch.cdist(q, kt.transpose(-1, -2), p=_cdist_p(kind, p), compute_mode=mode)
+        return torch.cdist(q, kt.transpose(-1, -2), p=kernel.exponent(p), compute_mode=mode)
     x = (q[..., :, :, None] - kt[..., None, :, :]).abs()  # (B, H, R, D, b), fused away
-    if kind == "l1":
-        return x.sum(-2)
-    if kind == "l2":
-        return x.square().sum(-2).sqrt()
-    if kind == "chebyshev":
-        return x.amax(-2)
-    return x.pow(p).sum(-2).pow(1.0 / p)
+    return kernel.reduce(x, p)
 
 
-def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop, kind, p):
+def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop, kernel, p):
     """One key block of the online softmax for R query rows: returns updated (m, l, acc).
 
     drop: dropout multipliers (0 or 1/(1−p)) for this block, or None; they scale the weights
     that reach v, not the normaliser l.
     """
-    s = -scale * _dist(q, kt, kind, p) + bias  # (B, H, R, b)
+    s = -scale * _dist(q, kt, kernel, p) + bias  # (B, H, R, b)
     m_new = torch.maximum(m, s.amax(-1, keepdim=True))  # (B, H, R, 1)
     alpha = torch.exp(m - m_new)
     pexp = torch.exp(s - m_new)
@@ -109,10 +101,10 @@ def _fwd_block(q, kt, v, scale, bias, m, l, acc, drop, kind, p):
     return m_new, l_new, acc * alpha + pexp @ v
 
 
-def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop, kind, p):
+def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop, kernel, p):
     """Recompute one block's probabilities; return g = dL/d(dist) (B, H, R, b), the
     distances, the dv part (B, H, b, D) and the dscale part (B, H)."""
-    dist = _dist(q, kt, kind, p)
+    dist = _dist(q, kt, kernel, p)
     s = -scale * dist + bias
     prob = torch.exp(s - lse)  # (B, H, R, b)
     dp = do @ v.transpose(-1, -2)  # (B, H, R, b)
@@ -126,45 +118,28 @@ def _bwd_block(q, kt, v, do, lse, delta, scale, bias, drop, kind, p):
     return -scale * ds, dist, dv, dscale
 
 
-def _signed(g: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """g · sign(q − k), written with two selects (cheaper than sign() times g)."""
-    return torch.where(q > k, g, torch.where(q < k, -g, 0.0))
-
-
-def _pair_grad(g: Tensor, d: Tensor, q: Tensor, k: Tensor, kind: str, p: float) -> Tensor:
-    """g · ∂d(q, k)/∂q per coordinate, broadcast over (..., D); the subgradient 0 where the
-    derivative is undefined (q_d = k_d for l1 and lp, d = 0), as `torch.cdist` does."""
-    if kind == "l1":
-        return _signed(g, q, k)
-    x = q - k
-    if kind == "chebyshev":  # every coordinate attaining the max
-        return torch.where(x.abs() == d, _signed(g, q, k), 0.0)
-    ratio = torch.where(d > 0, x.abs() / torch.where(d > 0, d, 1.0), 1.0)
-    return _signed(g * ratio.pow(p - 1.0), q, k)  # lp: sign(x) · (|x| / d)^(p−1)
-
-
-def _dq_block(g, dist, q, k, kind, p):
+def _dq_block(g, dist, q, k, kernel, p):
     """dq (B, H, R, D) = Σ_j g_ij · ∂dist_ij/∂q_i."""
     if not torch.compiler.is_compiling():  # eager: cdist's own backward
-        return torch.ops.aten._cdist_backward(g.contiguous(), q, k, _cdist_p(kind, p), dist)
-    if kind == "l2":  # ∂d/∂q = (q − k)/d: two matmuls
-        w = torch.where(dist > 0, g / torch.where(dist > 0, dist, 1.0), 0.0)
+        return torch.ops.aten._cdist_backward(g.contiguous(), q, k, kernel.exponent(p), dist)
+    if kernel.linear_grad is not None:  # ∂d/∂q = w·(q − k): two matmuls
+        w = kernel.linear_grad(g, dist)
         return w.sum(-1, keepdim=True) * q - w @ k
     qi, kj = q[..., :, None, :], k[..., None, :, :]  # (B, H, R, b, D), fused away
-    return _pair_grad(g[..., None], dist[..., None], qi, kj, kind, p).sum(-2)
+    return kernel.pair_grad(g[..., None], dist[..., None], qi, kj, p).sum(-2)
 
 
-def _dk_block(g, dist, q, k, kind, p):
+def _dk_block(g, dist, q, k, kernel, p):
     """dk (B, H, b, D) = Σ_i g_ij · ∂dist_ij/∂k_j = −Σ_i g_ij · ∂dist_ij/∂q_i."""
     g_t, dist_t = g.transpose(-1, -2), dist.transpose(-1, -2)  # (B, H, b, R)
     if not torch.compiler.is_compiling():
-        pp = _cdist_p(kind, p)
+        pp = kernel.exponent(p)
         return torch.ops.aten._cdist_backward(g_t.contiguous(), k, q, pp, dist_t.contiguous())
-    if kind == "l2":
-        w = torch.where(dist_t > 0, g_t / torch.where(dist_t > 0, dist_t, 1.0), 0.0)
+    if kernel.linear_grad is not None:
+        w = kernel.linear_grad(g_t, dist_t)
         return w.sum(-1, keepdim=True) * k - w @ q
     qi, kj = q[..., None, :, :], k[..., :, None, :]  # (B, H, b, R, D), fused away
-    return -_pair_grad(g_t[..., None], dist_t[..., None], qi, kj, kind, p).sum(-2)
+    return -kernel.pair_grad(g_t[..., None], dist_t[..., None], qi, kj, p).sum(-2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +165,7 @@ class _Kernels:
                 for f in (_fwd_block, _bwd_block, _dq_block, _dk_block)
             }
         try:
-            # Each (kind, p, dtype, dropout or not) is a compiled variant, twice (static and
+            # Each (kernel, p, dtype, dropout or not) is a compiled variant, twice (static and
             # dynamic shapes): more than dynamo's default limit of 8 per function when one
             # process uses several kinds. Past the limit it would silently run eagerly.
             with torch._dynamo.config.patch(recompile_limit=64):
@@ -245,10 +220,10 @@ class _Plan:
     generator seeded with (seed, first row, key block), so the backward regenerates them.
     """
 
-    def __init__(self, q, Tk, kind, p, block, rows, causal, user_bias, dropout_p, seed, compiled):
+    def __init__(self, q, Tk, kernel, p, block, rows, causal, user_bias, dropout_p, seed, compiled):
         B, H, Tq, _ = q.shape
         self.compiled = compiled
-        self.kind, self.p = kind, p
+        self.kernel, self.p = kernel, p
         self.B, self.H, self.Tq, self.Tk, self.block, self.rows = B, H, Tq, Tk, block, rows
         self.nk = -(-Tk // block)
         self.causal, self.offset = causal, Tk - Tq
@@ -322,8 +297,8 @@ def _user_bias(attn_mask: Tensor | None, Tk: int, block: int, dtype) -> Tensor |
 
 
 class BlockedDistanceAttention(torch.autograd.Function):
-    """Exact attention for l1, l2, chebyshev and lp; saves q, k, v, the output, k transposed
-    and the log-sum-exp.
+    """Exact attention for the kinds with a `MinkowskiKernel`; saves q, k, v, the output, k
+    transposed and the log-sum-exp.
 
     Query rows are views of q; the only O(T·D) copy is k transposed (plus padded k and v when
     Tk is not a multiple of the block). Nothing of size Tq×Tk is held.
@@ -350,7 +325,7 @@ class BlockedDistanceAttention(torch.autograd.Function):
                 state = [_rows(t, r0, r1) for t in (m, l, acc)]
                 drop = plan.drop(r0, r1, j)
                 new = KERNELS.call(
-                    plan.compiled, _fwd_block, *args, *state, drop, plan.kind, plan.p
+                    plan.compiled, _fwd_block, *args, *state, drop, plan.kernel, plan.p
                 )
                 for full, upd in zip((m, l, acc), new, strict=True):
                     full[..., r0:r1, :] = upd
@@ -376,13 +351,13 @@ class BlockedDistanceAttention(torch.autograd.Function):
                 rows = slice(r0, r1)
                 q_r, do_r = _rows(q, r0, r1), _rows(do, r0, r1)
                 args = (q_r, kt_j, v_j, do_r, _rows(lse, r0, r1), _rows(delta, r0, r1), scale_h)
-                mask_drop_kind = (plan.bias(r0, r1, j), plan.drop(r0, r1, j), plan.kind, plan.p)
+                mask_drop_kind = (plan.bias(r0, r1, j), plan.drop(r0, r1, j), plan.kernel, plan.p)
                 g, dist, dv_part, dscale_part = KERNELS.call(
                     plan.compiled, _bwd_block, *args, *mask_drop_kind
                 )
                 dv[..., keys, :] += dv_part
                 dscale += dscale_part
-                dist_args = (g, dist, q_r, k_j, plan.kind, plan.p)
+                dist_args = (g, dist, q_r, k_j, plan.kernel, plan.p)
                 dq[..., rows, :] += KERNELS.call(plan.compiled, _dq_block, *dist_args)
                 dk[..., keys, :] += KERNELS.call(plan.compiled, _dk_block, *dist_args)
         Tk = plan.Tk
@@ -390,15 +365,12 @@ class BlockedDistanceAttention(torch.autograd.Function):
         return dq, dk[..., :Tk, :], dv[..., :Tk, :], dscale, None, None
 
 
-BLOCKED_KINDS = ("l1", "l2", "chebyshev", "lp")
-
-
 @torch.compiler.disable
 def blocked_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    kind: str,
+    kind: str | DistanceKind,
     scale: float | Tensor,
     causal: bool = True,
     attn_mask: Tensor | None = None,
@@ -410,8 +382,8 @@ def blocked_attention(
     seed: int | None = None,
     compiled: bool = True,
 ) -> Tensor:
-    """Blocked exact attention for a kind in BLOCKED_KINDS, (B, H, Tq, D). Arguments as
-    `distance_attention` (checked there).
+    """Blocked exact attention for a kind with a `MinkowskiKernel` (`kinds.names("blocked")`),
+    (B, H, Tq, D). Arguments as `distance_attention` (checked there).
 
     compiled: compile the block functions with inductor (eager if that fails, one warning);
         False runs them eagerly (cdist-based).
@@ -421,8 +393,12 @@ def blocked_attention(
     makes runs reproducible). The masks are drawn per (row chunk, key block), so they differ
     between compiled and eager mode unless both sizes are given.
     """
-    if kind not in BLOCKED_KINDS:
-        raise ValueError(f"kind must be one of {BLOCKED_KINDS}, got {kind!r}")
+    spec = kinds.get(kind)
+    if spec.kernel is None:
+        raise ValueError(
+            f"the blocked kernels serve the kinds {', '.join(kinds.names('blocked'))}, "
+            f"not {spec.name!r}"
+        )
     default_block, default_rows = KERNELS.sizes(compiled)
     block, rows = block_size or default_block, row_chunk or default_rows
     H = q.shape[1]
@@ -434,11 +410,11 @@ def blocked_attention(
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     user_bias = _user_bias(attn_mask, k.shape[2], block, q.dtype)
-    exponent = float(p) if kind == "lp" else 0.0
+    exponent = float(p) if spec.takes_p else 0.0
     plan = _Plan(
         q,
         k.shape[2],
-        kind,
+        spec.kernel,
         exponent,
         block,
         rows,

@@ -8,7 +8,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from truthgpt.nn.attention.functional import DISTANCE_KINDS, distance_attention
+from truthgpt.config import ConfigError
+from truthgpt.nn.attention import kinds
+from truthgpt.nn.attention.functional import distance_attention
+from truthgpt.nn.attention.kinds import DistanceKind
 
 # λ lives in log space and is clamped to this range when used: wide enough for every kind's
 # default (cosine at √D for D up to 10^6, l1 at 2/√D for D up to 4·10^6), narrow enough that a
@@ -17,53 +20,43 @@ LAMBDA_MIN = 1e-3
 LAMBDA_MAX = 1e3
 
 
-def default_lambda(kind: str, head_dim: int, *, p: float | None = None) -> float:
+def default_lambda(kind: str | DistanceKind, head_dim: int, *, p: float | None = None) -> float:
     """Initial λ for a kind, chosen so the score spread at initialisation is sensible.
 
     "Spread" is the standard deviation of the scores of one query across keys, for unit-normal
-    q and k (the softmax only sees differences along a row). dot at 1/√D has spread ≈ 1.
-    The initial λ matters: log λ moves only 0.2–0.4 in a 2000-step run.
-
-    | kind      | λ                         | why                                                |
-    |-----------|---------------------------|----------------------------------------------------|
-    | dot       | 1/√D                      | the standard transformer scale; spread ≈ 1         |
-    | sql2      | 1/(2√D)                   | −λ‖q−k‖² = 2λ·q·k − λ‖k‖² + (row constant): dot's  |
-    |           |                           | scale on q·k; the ‖k‖² term lifts spread to ≈ 1.2  |
-    | cosine    | √D                        | √D·cos(q,k) is dot attention at 1/√D on q, k       |
-    |           |                           | RMS-normalised (norm √D); spread ≈ 1              |
-    | l1        | 2/√D                      | best measured on char-level Shakespeare (1/√D and  |
-    |           |                           | 4/√D worse, 1/D far too soft); spread ≈ 1.5        |
-    | l2        | 2                         | spread of ‖q−k‖ is ≈ 0.86 for any D; gives ≈ 1.7   |
-    | chebyshev | 3                         | spread of max|q−k| is 0.53–0.63 (D 16–128); ≈ 1.7  |
-    | lp        | 2·D^(1/2−1/p) if p ≤ 2,   | equals l1 at p=1, l2 at p=2 and tends to chebyshev |
-    |           | 3 − 2/p if p > 2          | as p→∞; spread 1.0–1.9 for p in [0.5, ∞), D ≤ 128 |
-
-    The spreads come from `benchmarks/attention.py --spread`.
+    q and k (the softmax only sees differences along a row); dot at 1/√D has spread ≈ 1. It
+    matters: log λ moves only 0.2–0.4 in a 2000-step run. Each kind's value, and why, is its
+    `default_lambda` entry in `truthgpt.nn.attention.kinds` (dot 1/√D, sql2 1/(2√D), cosine
+    √D, l1 2/√D, l2 2, chebyshev 3; lp meets l1 at p=1, l2 at p=2 and tends to chebyshev);
+    the spreads come from `benchmarks/attention.py --spread`.
     """
-    if kind not in DISTANCE_KINDS:
-        raise ValueError(f"kind must be one of {DISTANCE_KINDS}, got {kind!r}")
+    spec = kinds.get(kind)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    D = head_dim
-    if kind == "dot":
-        return 1.0 / math.sqrt(D)
-    if kind == "sql2":
-        return 0.5 / math.sqrt(D)
-    if kind == "cosine":
-        return math.sqrt(D)
-    if kind == "l1":
-        return 2.0 / math.sqrt(D)
-    if kind == "l2":
-        return 2.0
-    if kind == "chebyshev":
-        return 3.0
-    _check_p(p)
-    return 2.0 * D ** (0.5 - 1.0 / p) if p <= 2 else 3.0 - 2.0 / p
+    if spec.takes_p:
+        _check_p(p, spec.name)
+    return spec.lambda_for(head_dim, p)
 
 
-def _check_p(p: float | None) -> None:
+def distance_kind(distance_type: str) -> DistanceKind:
+    """The registered kind a config's or layer's `distance_type` names (aliases resolved).
+
+    Raises ConfigError starting with "distance_type:" that names it and lists the registered
+    kinds: the config layer cannot check the name itself, since kinds live above it.
+    """
+    try:
+        return kinds.get(distance_type)
+    except ValueError as err:
+        raise ConfigError(
+            f"distance_type: {err} (register_distance adds a kind in this process)"
+        ) from None
+
+
+def _check_p(p: float | None, kind: str) -> None:
     if p is None or isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise ValueError(f"p is required for distance_type='lp' (a finite number > 0), got {p!r}")
+        raise ValueError(
+            f"p is required for distance_type={kind!r} (a finite number > 0), got {p!r}"
+        )
     if not (math.isfinite(p) and p > 0):
         raise ValueError(f"p must be a finite number > 0 (use 'chebyshev' for p=inf), got {p}")
 
@@ -82,7 +75,7 @@ class DistanceAttention(nn.Module):
     Args:
         hidden_size: C, the model width; must divide by num_heads.
         num_heads: H; each head has D = C / H dimensions.
-        distance_type: one of DISTANCE_KINDS.
+        distance_type: a registered kind or alias (`kinds.names()`); stored as the kind's name.
         lambda_init: initial λ for every head; None takes `default_lambda`.
         learnable_lambda: whether λ is trained (it is a Parameter either way, so checkpoints
             of both settings have the same layout).
@@ -110,12 +103,9 @@ class DistanceAttention(nn.Module):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
             )
-        if distance_type not in DISTANCE_KINDS:
-            raise ValueError(
-                f"distance_type must be one of {DISTANCE_KINDS}, got {distance_type!r}"
-            )
-        if distance_type == "lp":
-            _check_p(p)
+        kind = distance_kind(distance_type)
+        if kind.takes_p:
+            _check_p(p, kind.name)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if not 0.0 <= dropout < 1.0:
@@ -123,12 +113,12 @@ class DistanceAttention(nn.Module):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.distance_type = distance_type
-        self.p = float(p) if distance_type == "lp" else None
+        self.distance_type = kind.name
+        self.p = float(p) if kind.takes_p else None
         self.dropout = float(dropout)
 
         if lambda_init is None:
-            lambda_init = default_lambda(distance_type, self.head_dim, p=self.p)
+            lambda_init = default_lambda(kind, self.head_dim, p=self.p)
         if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
             raise ValueError(f"lambda_init must be a positive float or None, got {lambda_init!r}")
         if not LAMBDA_MIN <= lambda_init <= LAMBDA_MAX:

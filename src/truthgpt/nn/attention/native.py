@@ -1,8 +1,9 @@
 """The native CPU kernel (C++, built at install time) as an autograd function.
 
-`csrc/distance_attention.cpp` computes l1, l2, chebyshev and lp attention with one parallel
-region per pass, an online softmax in the forward and a recompute from the saved log-sum-exp
-in the backward (see the file's header for the math). This module loads it, if it was built,
+`csrc/distance_attention.cpp` computes l1, l2, chebyshev and lp attention (the kinds whose
+`MinkowskiKernel` has a `native_code`) with one parallel region per pass, an online softmax in
+the forward and a recompute from the saved log-sum-exp in the backward (see the file's header
+for the math). This module loads it, if it was built,
 and wraps it for autograd; `functional.distance_attention` decides when to use it.
 
 Differences from the compiled and eager kernels, both documented where users see them:
@@ -16,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from truthgpt.nn.attention import kinds
 from truthgpt.nn.attention.kernels import additive_bias
+from truthgpt.nn.attention.kinds import DistanceKind
 
 try:
     from truthgpt.nn.attention import _native  # noqa: F401  (registers torch.ops.truthgpt.*)
@@ -25,16 +28,19 @@ except ImportError as err:  # not built: no compiler at install time, another pl
 else:
     UNAVAILABLE = None
 
-KIND_CODES = {"l1": 0, "l2": 1, "chebyshev": 2, "lp": 3}
-
 
 def available() -> bool:
     """Whether the native kernel was built and loaded."""
     return UNAVAILABLE is None
 
 
-def supports(q: Tensor) -> bool:
-    """The kernel runs on CPU tensors (float32 and float64; half types are widened first)."""
+def supports(q: Tensor, kind: str | DistanceKind | None = None) -> bool:
+    """The kernel runs on CPU tensors (float32 and float64; half types are widened first), for
+    the kinds it implements (a `native_code` in their `MinkowskiKernel`)."""
+    if kind is not None:
+        kernel = kinds.get(kind).kernel
+        if kernel is None or kernel.native_code is None:
+            return False
     return q.device.type == "cpu"
 
 
@@ -46,8 +52,8 @@ class NativeDistanceAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, kind, p, causal, bias, dropout_p, seed):
-        args = (KIND_CODES[kind], p, causal, bias, dropout_p, seed)
+    def forward(ctx, q, k, v, scale, code, p, causal, bias, dropout_p, seed):
+        args = (code, p, causal, bias, dropout_p, seed)
         out, lse = torch.ops.truthgpt.distance_attention_forward(q, k, v, scale, *args)
         ctx.save_for_backward(q, k, v, out, lse, scale)
         ctx.args = args
@@ -68,7 +74,7 @@ def native_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    kind: str,
+    kind: str | DistanceKind,
     scale: float | Tensor,
     causal: bool = True,
     attn_mask: Tensor | None = None,
@@ -77,13 +83,20 @@ def native_attention(
     p: float | None = None,
     seed: int | None = None,
 ) -> Tensor:
-    """Exact attention for l1, l2, chebyshev, lp with the native kernel, (B, H, Tq, D).
+    """Exact attention with the native kernel, (B, H, Tq, D), for the kinds it implements
+    (l1, l2, chebyshev, lp).
 
     Arguments as `distance_attention` (checked there). seed: dropout seed; None draws one from
     torch's global generator, so torch.manual_seed makes runs reproducible.
     """
     if UNAVAILABLE is not None:
         raise RuntimeError(f"truthgpt's native attention kernel is not available ({UNAVAILABLE})")
+    spec = kinds.get(kind)
+    if spec.kernel is None or spec.kernel.native_code is None:
+        served = [n for n in kinds.names("blocked") if kinds.get(n).kernel.native_code is not None]
+        raise ValueError(
+            f"the native kernel serves the kinds {', '.join(served)}, not {spec.name!r}"
+        )
     dtype = q.dtype
     if dtype not in (torch.float32, torch.float64):  # half types: compute in fp32
         q, k, v = q.float(), k.float(), v.float()
@@ -93,15 +106,13 @@ def native_attention(
         scale_t = torch.full((q.shape[1],), float(scale), dtype=q.dtype)
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    exponent = float(p) if kind == "lp" else 0.0
+    exponent = float(p) if spec.takes_p else 0.0
     bias = additive_bias(attn_mask, q.dtype)
-    args = (kind, exponent, causal, bias, float(dropout_p), seed or 0)
+    args = (spec.kernel.native_code, exponent, causal, bias, float(dropout_p), seed or 0)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, scale_t)):
         out = NativeDistanceAttention.apply(q, k, v, scale_t, *args)
     else:  # inference (decoding): the operator alone, no autograd bookkeeping
-        out, _ = torch.ops.truthgpt.distance_attention_forward(
-            q, k, v, scale_t, KIND_CODES[kind], *args[1:]
-        )
+        out, _ = torch.ops.truthgpt.distance_attention_forward(q, k, v, scale_t, *args)
     return out.to(dtype)
 
 
