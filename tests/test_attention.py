@@ -320,7 +320,7 @@ def test_failed_compilation_warns_once_and_falls_back(monkeypatch):
 
     def broken_compile(fn, **kwargs):
         def call(*args):
-            raise RuntimeError("no C++ compiler found")
+            raise torch._inductor.exc.InvalidCxxCompiler()
 
         return call
 
@@ -333,6 +333,24 @@ def test_failed_compilation_warns_once_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the warning is given once
         kernels.l1_attention(q, k, v, 0.5)
+
+
+def test_an_error_that_is_not_a_compile_failure_propagates(monkeypatch):
+    """A bug or a bad input must not silently switch the process to the eager kernels."""
+    from truthgpt.nn.attention import kernels
+
+    def failing_compile(fn, **kwargs):
+        def call(*args):
+            raise ValueError("not a compiler problem")
+
+        return call
+
+    monkeypatch.setattr(kernels, "KERNELS", kernels._Kernels())
+    monkeypatch.setattr(kernels.torch, "compile", failing_compile)
+    q, k, v = make(Tq=6, Tk=6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not a compiler problem"):
+        kernels.l1_attention(q, k, v, 0.5)
+    assert not kernels.KERNELS.failed
 
 
 # --------------------------------------------------------------------------------------------

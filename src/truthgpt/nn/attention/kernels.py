@@ -52,6 +52,8 @@ import os
 import warnings
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 from torch import Tensor
 
 from truthgpt.nn.attention import kinds
@@ -146,6 +148,14 @@ def _dk_block(g, dist, q, k, kernel, p):
 # compiled or eager
 
 
+_COMPILE_ERRORS = (
+    torch._dynamo.exc.BackendCompilerFailed,  # inductor's errors, wrapped by dynamo
+    torch._inductor.exc.CppCompileError,
+    torch._inductor.exc.InvalidCxxCompiler,
+    OSError,  # the compiler could not be run at all
+)
+
+
 class _Kernels:
     """The four block functions, compiled on first use; eager if compilation fails."""
 
@@ -170,7 +180,10 @@ class _Kernels:
             # process uses several kinds. Past the limit it would silently run eagerly.
             with torch._dynamo.config.patch(recompile_limit=64):
                 return self.compiled[fn.__name__](*args)
-        except Exception as err:  # no C++ compiler, unsupported platform, ...
+        except _COMPILE_ERRORS as err:  # no C++ compiler, unsupported platform, ...
+            # Only a failure to compile switches to the eager kernels (for the rest of the
+            # process: every later call would fail the same way); any other error is the
+            # caller's and propagates.
             self.failed = True
             first_line = str(err).splitlines()[0] if str(err) else ""
             warnings.warn(
@@ -260,9 +273,20 @@ class _Plan:
         return dropout_multipliers(self.seed, r0, j, shape, self.dropout_p, self.dtype, self.device)
 
 
+def _mix(*values: int) -> int:
+    """A 63-bit generator seed from integers, the same in every Python (unlike hash()):
+    splitmix64's finaliser folded over them."""
+    x = 0
+    for value in values:
+        x = (x ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & (2**63 - 1)
+
+
 def dropout_multipliers(seed: int, r0: int, j: int, shape, p: float, dtype, device) -> Tensor:
     """The dropout multipliers the kernel uses for rows from r0 × key block j under `seed`."""
-    gen = torch.Generator(device=device).manual_seed(hash((seed, r0, j)) & (2**63 - 1))
+    gen = torch.Generator(device=device).manual_seed(_mix(seed, r0, j))
     keep = torch.rand(shape, generator=gen, device=device) >= p
     return keep.to(dtype) / (1.0 - p)
 
