@@ -426,3 +426,41 @@ def test_bad_arguments_fail_before_streaming_anything() -> None:
     with pytest.raises(ValueError, match="top_p"):
         tiny_model("dot").generate(prompt(3), 5, top_p=2.0, streamer=streamer)
     assert streamer.puts == [] and streamer.ended == 0
+
+
+# ------------------------------------------------------------------------------ the KV cache
+
+
+def test_layer_cache_appends_in_place_and_matches_concatenation() -> None:
+    from truthgpt.nn.cache import LayerCache
+
+    cache = LayerCache(capacity=8)
+    ks = [torch.randn(2, 3, t, 4) for t in (3, 1, 1, 2)]
+    vs = [torch.randn(2, 3, t, 4) for t in (3, 1, 1, 2)]
+    pointer = None
+    for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
+        all_k, all_v = cache.append(k, v)
+        assert torch.equal(all_k, torch.cat(ks[: i + 1], dim=2))
+        assert torch.equal(all_v, torch.cat(vs[: i + 1], dim=2))
+        pointer = pointer or cache.k.data_ptr()
+        assert cache.k.data_ptr() == pointer  # within capacity: never reallocated
+    all_k, _ = cache.append(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4))  # past capacity
+    assert all_k.shape == (2, 3, 12, 4) and cache.k.shape[2] >= 12
+    assert torch.equal(all_k[:, :, :7], torch.cat(ks, dim=2))
+    with pytest.raises(ValueError, match="the cache holds"):
+        cache.append(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+
+
+@pytest.mark.parametrize("kind", ["l1", "dot"])
+def test_kv_cache_steps_equal_the_full_forward(kind: str) -> None:
+    from truthgpt.nn.cache import KVCache
+
+    model = tiny_model(kind).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(len(model.blocks), capacity=16)
+        steps = [model(ids[:, :5], past_key_values=cache).logits]
+        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(5, 12)]
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)

@@ -26,10 +26,11 @@ import torch
 from torch import Tensor
 
 from truthgpt.config import is_int
+from truthgpt.nn.cache import KVCache
 from truthgpt.nn.inputs import check_token_ids
 
 if TYPE_CHECKING:
-    from truthgpt.nn.model import PastKeyValues, TruthGPTModel
+    from truthgpt.nn.model import TruthGPTModel
 
 
 class Streamer(Protocol):
@@ -190,7 +191,7 @@ def generate(
     keep = slide_keep(window)
     start = max(0, tokens.size(1) - window)  # first position the model sees
     finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=device)
-    past: PastKeyValues | None = None  # k, v of tokens[start:-1] in every layer
+    past: KVCache | None = None  # k, v of tokens[start:-1] in every layer, preallocated
     try:
         for _ in range(max_new_tokens):
             if tokens.size(1) - start > window:  # the window is full: slide, rebuild the cache
@@ -199,11 +200,10 @@ def generate(
             if not use_cache:
                 logits = model(tokens[:, start:]).logits[:, -1, :]
             elif past is None:
-                out = model(tokens[:, start:], use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1, :]
+                past = KVCache(len(model.blocks), capacity=window)
+                logits = model(tokens[:, start:], past_key_values=past).logits[:, -1, :]
             else:
-                out = model(tokens[:, -1:], past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1, :]
+                logits = model(tokens[:, -1:], past_key_values=past).logits[:, -1, :]
             token = next_token(
                 logits,
                 temperature=temperature,

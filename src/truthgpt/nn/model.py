@@ -20,9 +20,10 @@ from truthgpt.config import TruthGPTConfig
 from truthgpt.io import pretrained
 from truthgpt.nn.attention import DistanceAttention
 from truthgpt.nn.attention.module import distance_kind
+from truthgpt.nn.cache import KVCache, LayerCache
 from truthgpt.nn.inputs import check_token_ids
 
-# One (k, v) pair per layer, each (B, H, T_past, head_dim).
+# One (k, v) pair per layer, each (B, H, T_past, head_dim) (the Hugging Face layout).
 PastKeyValues = tuple[tuple[Tensor, Tensor], ...]
 
 
@@ -33,7 +34,7 @@ class CausalLMOutput:
     logits: Tensor  # (B, T, vocab)
     loss: Tensor | None = None  # mean next-token cross-entropy, when labels were given
     attentions: tuple[Tensor, ...] | None = None  # per layer (B, H, T, T_total)
-    past_key_values: PastKeyValues | None = None
+    past_key_values: PastKeyValues | KVCache | None = None
 
 
 class MLP(nn.Module):
@@ -72,11 +73,11 @@ class Block(nn.Module):
         self,
         x: Tensor,
         *,
-        past_key_value: tuple[Tensor, Tensor] | None = None,
+        past_key_value: tuple[Tensor, Tensor] | LayerCache | None = None,
         use_cache: bool = False,
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None]:
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | LayerCache | None, Tensor | None]:
         attn = self.attn(
             self.ln_1(x),
             past_key_value=past_key_value,
@@ -135,7 +136,7 @@ class TruthGPTModel(nn.Module):
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
         output_attentions: bool = False,
-        past_key_values: PastKeyValues | None = None,
+        past_key_values: PastKeyValues | KVCache | None = None,
         use_cache: bool = False,
     ) -> CausalLMOutput:
         """Logits for every position, and the shifted next-token loss when `labels` are given.
@@ -145,12 +146,21 @@ class TruthGPTModel(nn.Module):
         real tokens with 1 and padding with 0; positions count real tokens only, so a
         left-padded row gives the logits it would give unpadded.
         """
-        batch, length = self._check_input_ids(input_ids, decoding=past_key_values is not None)
-        past_length = past_key_values[0][0].shape[-2] if past_key_values else 0
-        if past_key_values is not None and len(past_key_values) != len(self.blocks):
-            raise ValueError(
-                f"past_key_values: expected {len(self.blocks)} layers, got {len(past_key_values)}"
+        layer_past: Sequence[tuple[Tensor, Tensor] | LayerCache] | None
+        if isinstance(past_key_values, KVCache):  # appended to in place
+            layer_past, past_length, use_cache = (
+                past_key_values.layers,
+                past_key_values.length,
+                True,
             )
+        else:
+            layer_past = past_key_values
+            past_length = past_key_values[0][0].shape[-2] if past_key_values else 0
+        if layer_past is not None and len(layer_past) != len(self.blocks):
+            raise ValueError(
+                f"past_key_values: expected {len(self.blocks)} layers, got {len(layer_past)}"
+            )
+        batch, length = self._check_input_ids(input_ids, decoding=past_length > 0)
         total = past_length + length
         if total > self.config.max_position_embeddings:
             raise ValueError(
@@ -165,12 +175,12 @@ class TruthGPTModel(nn.Module):
             counted = attention_mask.to(torch.long).cumsum(-1) - 1
             positions = counted.clamp(min=0)[:, past_length:total]  # (B, T)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
-        presents: list[tuple[Tensor, Tensor]] = []
+        presents: list[tuple[Tensor, Tensor] | LayerCache] = []
         attentions: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             x, present, weights = block(
                 x,
-                past_key_value=past_key_values[i] if past_key_values else None,
+                past_key_value=layer_past[i] if layer_past else None,
                 use_cache=use_cache,
                 attn_mask=attn_mask,
                 need_weights=output_attentions,
@@ -190,7 +200,11 @@ class TruthGPTModel(nn.Module):
             logits=logits,
             loss=loss,
             attentions=tuple(attentions) if output_attentions else None,
-            past_key_values=tuple(presents) if use_cache else None,
+            past_key_values=(
+                past_key_values
+                if isinstance(past_key_values, KVCache)
+                else (tuple(presents) if use_cache else None)
+            ),
         )
 
     @staticmethod

@@ -12,6 +12,7 @@ from truthgpt.config import ConfigError
 from truthgpt.nn.attention import kinds
 from truthgpt.nn.attention.functional import distance_attention
 from truthgpt.nn.attention.kinds import DistanceKind
+from truthgpt.nn.cache import LayerCache
 
 # λ lives in log space and is clamped to this range when used: wide enough for every kind's
 # default (cosine at √D for D up to 10^6, l1 at 2/√D for D up to 4·10^6), narrow enough that a
@@ -65,7 +66,8 @@ class AttentionOutput(NamedTuple):
     """What DistanceAttention.forward returns."""
 
     output: Tensor  # (B, T, C)
-    past_key_value: tuple[Tensor, Tensor] | None  # (k, v), each (B, H, Tk, D), when use_cache
+    # (k, v), each (B, H, Tk, D), when use_cache; the LayerCache itself when one was given.
+    past_key_value: tuple[Tensor, Tensor] | LayerCache | None
     weights: Tensor | None  # (B, H, T, Tk), when need_weights
 
 
@@ -141,12 +143,13 @@ class DistanceAttention(nn.Module):
         self,
         x: Tensor,
         *,
-        past_key_value: tuple[Tensor, Tensor] | None = None,
+        past_key_value: tuple[Tensor, Tensor] | LayerCache | None = None,
         use_cache: bool = False,
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
     ) -> AttentionOutput:
-        """x: (B, T, C). With past_key_value the T new positions follow the cached ones."""
+        """x: (B, T, C). With past_key_value the T new positions follow the cached ones: a
+        (k, v) tuple is extended into a new one, a `LayerCache` in place."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
         B, T, C = x.shape
@@ -155,10 +158,17 @@ class DistanceAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H, D).transpose(1, 2)
         v = v.view(B, T, H, D).transpose(1, 2)
-        if past_key_value is not None:
+        present: tuple[Tensor, Tensor] | LayerCache
+        if isinstance(past_key_value, LayerCache):
+            k, v = past_key_value.append(k, v)
+            present = past_key_value
+        elif past_key_value is not None:
             past_k, past_v = _check_past(past_key_value, B, H, D, x)
             k = torch.cat([past_k, k], dim=2)  # (B, H, Tk, D)
             v = torch.cat([past_v, v], dim=2)
+            present = (k, v)
+        else:
+            present = (k, v)
         result = distance_attention(
             q,
             k,
@@ -175,7 +185,7 @@ class DistanceAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return AttentionOutput(
             output=self.c_proj(y),
-            past_key_value=(k, v) if use_cache else None,
+            past_key_value=present if use_cache else None,
             weights=weights,
         )
 
