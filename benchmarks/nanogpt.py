@@ -40,24 +40,11 @@ with global config, so it cannot be imported):
 
 truthgpt trains as a user trains: `TruthGPTOptimizationCore(config).train_step((x, y))`, config
 = the char-small preset with `distance_type` each of `--kinds`, `device='cpu'`, the batch an
-(inputs, targets) pair as the training loop passes it. What its step does that nanoGPT's does
-not (src/truthgpt/...):
-  - training/core.py:223: `model.train()` on every step.
-  - nn/model.py:210: `input_ids.min()` and `.max()`, each read back with int(), per forward.
-  - training/core.py:179: counts the non-ignored labels, `int((labels != -100).sum())`.
-  - per layer, nn/attention/module.py:148,177: λ = exp(log λ).clamp(); nn/attention/
-    functional.py:104: `bool((λ > 0).all())`; functional.py:253: q * λ before SDPA (one more
-    (B, H, T, D) multiply forward and backward, and λ's gradient); nanoGPT's SDPA applies 1/√D
-    inside the kernel. Both then run F.scaled_dot_product_attention(is_causal=True) for dot.
-  - training/core.py:256-259: `float(clip_grad_norm_(...))` and an isfinite check before the
-    update (nanoGPT clips the same way but discards the norm).
-  - training/core.py:126: AdamW with foreach=True (nanoGPT: torch's CPU default, for-loop;
-    on CPU the foreach ops fall back to one kernel per tensor, so both run per-tensor kernels),
-    over 4 more tensors (λ) and, with bias=True, 25 more (biases): 56 tensors against 27.
-  - training/core.py:285-291: per-step metrics: MFU (nn/model.py:262 walks the parameters),
-    resident memory (training/hardware.py:53 reads /proc/self/statm), a history entry.
-  - (the same in both: `float(loss)` each step, training/core.py:243; lr set each step; the loss
-    over all B·T targets, training/core.py:175. training/core.py:275 syncs only on CUDA.)
+(inputs, targets) pair as the training loop passes it. Its step does a little more than
+nanoGPT's: the learnable λ per head (one multiply of q, and λ's gradient), a finiteness check
+of the loss and gradient norm before the update (one read of both), and per-step metrics
+(MFU, memory, a history entry). Its AdamW is the fused implementation; nanoGPT uses torch's
+for-loop AdamW on CPU.
 
 Data: the built-in corpus (truthgpt.data), a character tokenizer fitted to all of it (as
 `truthgpt prepare` does), its first 90 % (the train split), random windows drawn by
@@ -97,10 +84,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from truthgpt.config import DISTANCE_TYPES, TrainConfig, TruthGPTOptimizationCoreConfig, preset
+from truthgpt.config import TrainConfig, TruthGPTOptimizationCoreConfig, preset
 from truthgpt.data import RandomBatches, TokenSplit, build_tokenizer, load_corpus, split_text
-from truthgpt.training import TruthGPTOptimizationCore
-from truthgpt.training.core import lr_at
+from truthgpt.nn.attention import kinds as distance_kinds
+from truthgpt.training import TruthGPTOptimizationCore, lr_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "char-small"
@@ -372,9 +359,9 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     kinds = args.kinds.split(",")
-    unknown = [k for k in kinds if k not in DISTANCE_TYPES]
+    unknown = [k for k in kinds if k not in distance_kinds.names()]
     if unknown:
-        parser.error(f"unknown kind(s) {unknown}; choose from {', '.join(DISTANCE_TYPES)}")
+        parser.error(f"unknown kind(s) {unknown}; choose from {', '.join(distance_kinds.names())}")
     if min(args.steps, args.rounds, args.warmup) < 1:
         parser.error("--steps, --rounds and --warmup must be positive")
     root = args.nanogpt.expanduser().resolve()
