@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 # Subcommand modules, in the order `truthgpt --help` lists them.
@@ -34,21 +36,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate, analyse, tune, save and sample distance-attention GPTs.",
     )
     parser.add_argument("--version", action="version", version=f"truthgpt {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error too (any position)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"truthgpt.cli.{name}").register(subparsers)
     return parser
 
 
+DEBUG_ENV = "TRUTHGPT_DEBUG"  # set to 1 to see the traceback of an expected failure too
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `truthgpt` console script."""
+    """Entry point of the `truthgpt` console script.
+
+    Expected failures print one line naming the path, field or argument, with no
+    traceback: exit code 2 for bad input (nothing was done), 1 for a run that started and
+    then failed. `--debug` (or TRUTHGPT_DEBUG=1) adds the traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    from truthgpt.training.errors import exit_code, one_line
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        # Bad input is the user's to fix: say what is wrong, without a traceback.
-        print(f"truthgpt {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except BaseException as err:
+        code = exit_code(err)
+        if code is None or debug:
+            if code is None:
+                raise
+            traceback.print_exc()
+        print(f"truthgpt {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run or checkpoint folder")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="default 200")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        metavar="N",
+        help="default 200, at most 1,000,000",
+    )
     p.add_argument(
         "--temperature", type=float, default=1.0, metavar="T", help="default 1.0; 0 is greedy"
     )

@@ -77,62 +77,51 @@ def run(args: argparse.Namespace) -> int:
     return _train(args, World())
 
 
+# Training fields a resume may change (the rest, and every model field, are the run's).
+RESUMABLE = (
+    "max_steps",
+    "checkpoint_every",
+    "eval_interval",
+    "eval_batches",
+    "log_interval",
+    "lr_decay_steps",
+    "keep_checkpoints",
+    "max_bad_steps",
+    "device",
+    "precision",
+)
+
+
 def _train(args: argparse.Namespace, world: World) -> int:
-    from truthgpt.cli.common import data_for_run
-    from truthgpt.data import load_prepared
-    from truthgpt.training import (
-        TruthGPTOptimizationCore,
-        build_config,
-        distributed,
-        load_core,
-        parse_overrides,
-        train,
-    )
+    from truthgpt.io.lock import RunLock
 
     say = print if world.is_main else _quiet
-    wrap = partial(distributed.parallelize, world=world, strategy=args.strategy)
-    if args.resume:
-        run_dir = Path(args.resume)
-        train_overrides = {
-            k: v
-            for k, v in _flag_overrides(args).items()
-            if k in ("max_steps", "device", "precision", "checkpoint_every")
-        }
-        core = load_core(run_dir, parallelize=wrap, **train_overrides)
-        data = data_for_run(run_dir, args.data)
-        say(f"resuming {run_dir} at step {core.step} → {core.train_config.max_steps}")
-    else:
-        if not args.data or not args.out:
-            raise ValueError("train: --data and --out are required (or --resume RUN_DIR)")
-        data = load_prepared(args.data)
-        overrides = parse_overrides(args.set) | _flag_overrides(args)
-        config = build_config(
-            vocab_size=data.tokenizer.vocab_size,
-            preset_name=args.preset,
-            config_file=args.config,
-            overrides=overrides,
-        )
-        run_dir = Path(args.out)
-        if world.is_main:
-            _check_new_run_dir(run_dir)
-        core = TruthGPTOptimizationCore(
-            config,
-            tokenizer=data.tokenizer,
-            chars_per_token=data.val.num_chars / len(data.val),
-            parallelize=wrap,
-        )
-        if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            info = {"data": str(Path(args.data).resolve()), "preset": args.preset}
-            (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        say("config:")
-        say(config.to_json())
-        n = core.raw_model.num_parameters()
-        say(f"model: {n:,} parameters ({n * 4 / 2**20:.1f} MB in fp32) on {core.device}")
+    run_dir = Path(args.resume or args.out or "")
+    if not args.resume and not (args.data and args.out):
+        raise ValueError("train: --data and --out are required (or --resume RUN_DIR)")
+    if args.resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume: {run_dir} is not a run folder")
+    if not args.resume:
+        _check_new_run_dir(run_dir)  # before any work: nothing is written to a refused folder
+    started = None if args.resume else _start(args, world, say)  # checked, nothing written
+    # One writer per run: rank 0 holds the lock for the whole run; released by the OS on exit.
+    with RunLock(run_dir) if world.is_main else _no_lock():
+        if started is None:
+            core, data = _resume(args, run_dir, world, say)
+        else:
+            core, data, info = started
+            if world.is_main:
+                _check_new_run_dir(run_dir)  # again, under the lock
+                (run_dir / "run.json").write_text(
+                    json.dumps(info, indent=2) + "\n", encoding="utf-8"
+                )
+        if core is None:
+            return 0
+        if world.world_size > 1:
+            say(f"distributed: {world.world_size} processes, strategy {args.strategy}")
+        from truthgpt.training import train
 
-    if world.world_size > 1:
-        say(f"distributed: {world.world_size} processes, strategy {args.strategy}")
-    report = train(core, data, run_dir, world=world)
+        report = train(core, data, run_dir, world=world)
     final = report.get("final_eval") or {}
     say(
         f"done: step {core.step}, val loss {final.get('loss', float('nan')):.4f}"
@@ -140,6 +129,140 @@ def _train(args: argparse.Namespace, world: World) -> int:
         + f", {report['avg_tokens_per_s'] or 0:,.0f} tok/s; run folder {run_dir}"
     )
     return 0
+
+
+def _start(args: argparse.Namespace, world: World, say) -> tuple:
+    """A new run: everything is checked (data, config, model, val split) before the folder
+    gets its run.json, which records the config so that a run killed before its first
+    checkpoint can still be resumed."""
+    from truthgpt.data import load_prepared
+    from truthgpt.training import (
+        TruthGPTOptimizationCore,
+        build_config,
+        distributed,
+        parse_overrides,
+    )
+
+    data = load_prepared(args.data)
+    overrides = parse_overrides(args.set) | _flag_overrides(args)
+    config = build_config(
+        vocab_size=data.tokenizer.vocab_size,
+        preset_name=args.preset,
+        config_file=args.config,
+        overrides=overrides,
+    )
+    _check_data_fits(data, config.block_size)
+    core = TruthGPTOptimizationCore(
+        config,
+        tokenizer=data.tokenizer,
+        chars_per_token=data.val.num_chars / len(data.val),
+        parallelize=partial(distributed.parallelize, world=world, strategy=args.strategy),
+    )
+    info = {
+        "data": str(Path(args.data).resolve()),
+        "preset": args.preset,
+        "config": config.to_dict(),
+    }
+    say("config:")
+    say(config.to_json())
+    n = core.raw_model.num_parameters()
+    say(f"model: {n:,} parameters ({n * 4 / 2**20:.1f} MB in fp32) on {core.device}")
+    return core, data, info
+
+
+def _resume(args: argparse.Namespace, run_dir: Path, world: World, say) -> tuple:
+    """The run in `run_dir` from its latest checkpoint, or from step 0 with the config its
+    run.json records when it was stopped before its first checkpoint."""
+    from truthgpt.cli.common import data_for_run, find_run_info
+    from truthgpt.training import TruthGPTOptimizationCore, distributed, load_core
+    from truthgpt.training.checkpoint import CheckpointManager, read_tokenizer
+
+    wrap = partial(distributed.parallelize, world=world, strategy=args.strategy)
+    manager = CheckpointManager(run_dir)
+    if world.is_main:
+        manager.recover()  # leftovers of a kill: temporary folders, lost pointers
+    changes = parse_overrides_for_resume(args)
+    data = data_for_run(run_dir, args.data)
+    if manager.latest() is None:
+        info = find_run_info(run_dir) or {}
+        if not isinstance(info.get("config"), dict):
+            raise ValueError(
+                f"--resume: {run_dir} holds no checkpoint and its run.json records no config; "
+                "start it again with --out"
+            )
+        from truthgpt.config import TruthGPTOptimizationCoreConfig
+
+        config = TruthGPTOptimizationCoreConfig.from_dict({**info["config"], **changes})
+        say(f"{run_dir} holds no checkpoint yet: starting it from step 0 with its recorded config")
+        core = TruthGPTOptimizationCore(
+            config,
+            tokenizer=data.tokenizer,
+            chars_per_token=data.val.num_chars / len(data.val),
+            parallelize=wrap,
+        )
+        return core, data
+    saved_tokenizer = read_tokenizer(run_dir)
+    if saved_tokenizer is not None and not _same_tokenizer(saved_tokenizer, data):
+        raise ValueError(
+            f"--data: {data.data_dir} was prepared with another tokenizer than the run's "
+            f"({data.tokenizer.name} vs {saved_tokenizer.name}); pass the run's data folder"
+        )
+    core = load_core(run_dir, parallelize=wrap, **changes)
+    if core.step >= core.config.max_steps:
+        say(
+            f"{run_dir} is already at step {core.step} of max_steps={core.config.max_steps}: "
+            "nothing to do (pass --max-steps to train further)"
+        )
+        return None, data
+    changed = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+    say(
+        f"resuming {run_dir} at step {core.step} → {core.config.max_steps}"
+        + (f" (changed: {changed})" if changed else "")
+    )
+    return core, data
+
+
+def parse_overrides_for_resume(args: argparse.Namespace) -> dict:
+    """The training fields a resume changes; a change of anything else is refused, named."""
+    from truthgpt.training import parse_overrides
+
+    if args.preset or args.config:
+        raise ValueError("--resume: a run keeps its config; --preset and --config do not apply")
+    asked = parse_overrides(args.set) | _flag_overrides(args)
+    refused = sorted(k for k in asked if k not in RESUMABLE)
+    if refused:
+        raise ValueError(
+            f"--resume: {', '.join(refused)} cannot change in a running run (its model and "
+            f"data order are fixed); a resume may change {', '.join(RESUMABLE)}"
+        )
+    return asked
+
+
+def _same_tokenizer(saved, data) -> bool:
+    """Whether the run's tokenizer reads the data as the data's own does (checked up front,
+    not as a token-id error after the first batches)."""
+    if (saved.name, saved.vocab_size) != (data.tokenizer.name, data.tokenizer.vocab_size):
+        return False
+    ids = [int(t) for t in data.val.tokens[:2000]]
+    return list(saved.encode(data.tokenizer.decode(ids))) == ids
+
+
+def _check_data_fits(data, block_size: int) -> None:
+    for name in ("train", "val"):
+        split = getattr(data, name)
+        if len(split) < block_size + 1:
+            raise ValueError(
+                f"block_size: {block_size} needs at least {block_size + 1} tokens in the "
+                f"{name} split of {data.data_dir}, which has {len(split)}"
+            )
+
+
+class _no_lock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _quiet(*args: object, **kwargs: object) -> None:
@@ -152,21 +275,25 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 
     argv = [args.command]
     for key, value in vars(args).items():
-        if key in ("command", "func", "nproc") or value is None:
+        if key in ("command", "func", "nproc", "debug") or value is None:
             continue
         for item in value if isinstance(value, list) else [value]:
             argv += ["--" + key.replace("_", "-"), str(item)]
     # Every option must survive the round trip, or the workers would train something else.
     again = vars(build_parser().parse_args(argv))
-    if {k: v for k, v in again.items() if k != "nproc"} != {
-        k: v for k, v in vars(args).items() if k != "nproc"
+    if {k: v for k, v in again.items() if k not in ("nproc", "debug")} != {
+        k: v for k, v in vars(args).items() if k not in ("nproc", "debug")
     }:
         raise RuntimeError(f"--nproc: cannot pass these options on to torchrun: {argv}")
     return argv
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
+    from truthgpt.io.lock import LOCK_FILE
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out: {run_dir} exists and is not a folder")
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise FileExistsError(
             f"--out: {run_dir} is not empty; choose a new folder or continue it with "
             f"--resume {run_dir}"

@@ -41,6 +41,10 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
+# A bound on one call's output: past it a typo (an extra zero or two) would run for hours.
+MAX_NEW_TOKENS = 1_000_000
+
+
 def check_sampling_args(
     temperature: float,
     top_k: int | None,
@@ -52,8 +56,10 @@ def check_sampling_args(
     vocab_size: int | None = None,
 ) -> None:
     """Reject values that have no meaning, naming the argument and what would be valid."""
-    if not is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: must be an integer ≥ 0, got {max_new_tokens!r}")
+    if not is_int(max_new_tokens) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(
+            f"max_new_tokens: must be an integer in [0, {MAX_NEW_TOKENS:,}], got {max_new_tokens!r}"
+        )
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, int | float)

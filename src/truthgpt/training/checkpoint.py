@@ -251,6 +251,28 @@ class CheckpointManager:
         self._prune()
         return path
 
+    def recover(self) -> None:
+        """Undo what a kill can leave behind: temporary folders and files, a `latest` or
+        `best` pointer that is missing or names no complete checkpoint."""
+        if not self.directory.is_dir():
+            return
+        remove_leftovers(self.directory)
+        latest = self.latest()
+        if latest is not None and read_pointer(self.directory / LATEST) != latest:
+            write_file_atomically(self.directory / LATEST, (latest.name + "\n").encode("utf-8"))
+        if self.best() is None:
+            losses = {}
+            for folder in step_folders(self.directory):
+                try:
+                    value = read_trainer_state(folder).get("extra", {}).get("val_loss")
+                except CheckpointError:
+                    continue
+                if isinstance(value, int | float) and math.isfinite(value):
+                    losses[folder] = value
+            if losses:
+                best = min(losses, key=losses.__getitem__)
+                write_file_atomically(self.directory / BEST, (best.name + "\n").encode("utf-8"))
+
     def latest(self) -> Path | None:
         return latest_in(self.directory) if self.directory.is_dir() else None
 

@@ -30,15 +30,12 @@ from truthgpt.io.pretrained import copy_weights, read_model_config, read_weights
 from truthgpt.nn.model import TruthGPTModel
 from truthgpt.training import checkpoint, distributed
 from truthgpt.training.batches import Batch, input_shape, micro_batches, split_batch
+from truthgpt.training.errors import TrainingDiverged
 from truthgpt.training.hardware import measure_peak_flops, memory_mb, resolve_device
 from truthgpt.training.optim_state import OPTIMIZER_FILE, read_optimizer
 from truthgpt.training.report import performance_report
 from truthgpt.training.schedule import lr_at
 from truthgpt.training.state import TrainState
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 class TruthGPTOptimizationCore:

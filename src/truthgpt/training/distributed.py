@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -35,6 +36,8 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from truthgpt.training.errors import DistributedSetupError, exit_code, one_line
 
 
 @dataclass
@@ -54,10 +57,6 @@ DEFAULT_TIMEOUT_S = 600.0
 
 # The unsharded (model state dict, optimizer state dict) a checkpoint stores.
 FullState = tuple[dict[str, Tensor], dict[str, Any] | None]
-
-
-class DistributedSetupError(RuntimeError):
-    """The processes of a distributed run could not find or reach each other."""
 
 
 # ---------------------------------------------------------------------------------- joining
@@ -173,6 +172,7 @@ def run_worker(main: Callable[[World], int], *, timeout_s: float = DEFAULT_TIMEO
     An error is printed and ends this process at once, without waiting for the other ranks;
     torchrun then stops them.
     """
+    die_with_parent()  # torchrun's agent killed: this rank goes too
     try:
         world = setup(timeout_s)
     except (ValueError, DistributedSetupError) as err:
@@ -180,14 +180,25 @@ def run_worker(main: Callable[[World], int], *, timeout_s: float = DEFAULT_TIMEO
         exit_worker(2 if isinstance(err, ValueError) else 1)
     try:
         code = int(main(world) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"truthgpt: rank {world.rank}: error: {err}", file=sys.stderr)
-        exit_worker(2)
-    except BaseException:
-        traceback.print_exc()
-        exit_worker(1)
+    except BaseException as err:
+        code = exit_code(err)
+        if code is None:
+            traceback.print_exc()
+            exit_worker(1)
+        print(f"truthgpt: rank {world.rank}: error: {one_line(err)}", file=sys.stderr)
+        exit_worker(code)
     teardown(world)
     exit_worker(code)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux), so a kill -9
+    of `truthgpt train --nproc N` leaves no torchrun or worker behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:
@@ -206,7 +217,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     ]  # fmt: skip
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    process = subprocess.Popen(command, env=env)
+    # SIGTERM, not SIGKILL: torchrun then stops its workers before it exits.
+    process = subprocess.Popen(command, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     try:
         return process.wait()
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from typing import Any
 from truthgpt.config import preset
 from truthgpt.data import load_prepared, prepare_data
 from truthgpt.io import json_safe
+from truthgpt.io.lock import RunLock
 from truthgpt.nn.attention import kinds as distance_kinds
 from truthgpt.training import Monitor, TruthGPTOptimizationCore, build_config, train
 
@@ -51,55 +52,60 @@ def compare_kinds(
     if seeds < 1 or steps < 1:
         raise ValueError("--seeds and --steps must be positive")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = _prepared(out, data_dir, corpus)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # Its runs, data and results go inside: never mixed into a folder of the user's.
+        raise FileExistsError(f"--out: {out} exists and is not empty; choose a new folder")
+    with RunLock(out):  # one writer at a time
+        data = _prepared(out, data_dir, corpus)
 
-    per_kind: dict[str, dict[str, Any]] = {}
-    for kind in kinds:
-        runs = []
-        for seed in range(seeds):
-            fields = preset(preset_name) | (overrides or {})
-            fields |= {"distance_type": kind, "seed": seed, "max_steps": steps}
-            fields |= {"eval_interval": max(1, steps // evals), "eval_batches": eval_batches}
-            fields |= {"checkpoint_every": steps, "log_interval": max(1, steps // 10)}
-            config = build_config(vocab_size=data.tokenizer.vocab_size, overrides=fields)
-            core = TruthGPTOptimizationCore(config, tokenizer=data.tokenizer)
-            run_dir = out / "runs" / f"{kind}-seed{seed}"
-            log(f"== {kind}, seed {seed}: {steps} steps")
-            start = time.perf_counter()
-            monitor = Monitor(run_dir, steps, log_interval=max(1, steps // 10), tensorboard=False)
-            with monitor:
-                report = train(core, data, run_dir, monitor=monitor)
-            lambdas = core.raw_model.lambdas()
-            final = report["final_eval"]
-            runs.append(
-                {
-                    "seed": seed,
-                    "val_loss": final["loss"],
-                    "bits_per_char": final.get("bits_per_char"),
-                    "tokens_per_s": report["avg_tokens_per_s"],
-                    "wall_time_s": time.perf_counter() - start,
-                    "lambda_min": float(lambdas.min()),
-                    "lambda_max": float(lambdas.max()),
-                    "val_curve": [[int(r["step"]), r["loss"]] for r in core.eval_history],
-                }
-            )
-        per_kind[kind] = _summarise(runs)
-        result = {
-            "preset": preset_name,
-            "steps": steps,
-            "seeds": seeds,
-            "eval_batches": eval_batches,
-            "data": str(data.data_dir),
-            "overrides": overrides or {},
-            "kinds": per_kind,
-        }
-        # Written after every kind, so a long comparison leaves usable partial results.
-        (out / "results.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
-        (out / "results.md").write_text(format_results(result))
-        plot_curves(result, out / "val_curves.png")
-    log(format_results(result))
-    return result
+        per_kind: dict[str, dict[str, Any]] = {}
+        for kind in kinds:
+            runs = []
+            for seed in range(seeds):
+                fields = preset(preset_name) | (overrides or {})
+                fields |= {"distance_type": kind, "seed": seed, "max_steps": steps}
+                fields |= {"eval_interval": max(1, steps // evals), "eval_batches": eval_batches}
+                fields |= {"checkpoint_every": steps, "log_interval": max(1, steps // 10)}
+                config = build_config(vocab_size=data.tokenizer.vocab_size, overrides=fields)
+                core = TruthGPTOptimizationCore(config, tokenizer=data.tokenizer)
+                run_dir = out / "runs" / f"{kind}-seed{seed}"
+                log(f"== {kind}, seed {seed}: {steps} steps")
+                start = time.perf_counter()
+                monitor = Monitor(
+                    run_dir, steps, log_interval=max(1, steps // 10), tensorboard=False
+                )
+                with monitor:
+                    report = train(core, data, run_dir, monitor=monitor)
+                lambdas = core.raw_model.lambdas()
+                final = report["final_eval"]
+                runs.append(
+                    {
+                        "seed": seed,
+                        "val_loss": final["loss"],
+                        "bits_per_char": final.get("bits_per_char"),
+                        "tokens_per_s": report["avg_tokens_per_s"],
+                        "wall_time_s": time.perf_counter() - start,
+                        "lambda_min": float(lambdas.min()),
+                        "lambda_max": float(lambdas.max()),
+                        "val_curve": [[int(r["step"]), r["loss"]] for r in core.eval_history],
+                    }
+                )
+            per_kind[kind] = _summarise(runs)
+            result = {
+                "preset": preset_name,
+                "steps": steps,
+                "seeds": seeds,
+                "eval_batches": eval_batches,
+                "data": str(data.data_dir),
+                "overrides": overrides or {},
+                "kinds": per_kind,
+            }
+            # Written after every kind, so a long comparison leaves usable partial results.
+            (out / "results.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
+            (out / "results.md").write_text(format_results(result))
+            plot_curves(result, out / "val_curves.png")
+        log(format_results(result))
+        return result
 
 
 def _resolve(names: Sequence[str]) -> list[str]:
