@@ -140,7 +140,7 @@ def test_unencodable_prompt_is_a_clean_error(run_dir: Path, capsys) -> None:
         (["--top-p", "0"], "--top-p: must be in (0, 1]"),
         (["--temperature", "-0.5"], "--temperature: must be a finite number ≥ 0"),
         (["--top-k", "0"], "--top-k: must be a positive integer"),
-        (["--max-new-tokens", "-1"], "--max-new-tokens: must be an integer in \[0, 1,000,000\]"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens: must be an integer in [0, 1,000,000]"),
         (["--device", "gpu"], "--device: expected auto, cpu, cuda or cuda:N"),
         (["--prompt", ""], "--prompt: empty"),
     ],
