@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from truthgpt.analysis import layer_weights
 from truthgpt.cli import main
 from truthgpt.data import load_prepared, prepare_data
 from truthgpt.training import TruthGPTOptimizationCore, build_config, load_core, train
+from truthgpt.workflows.explorer import decode_weights, read_explorer_data
 
 TEXT = "".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(300))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -79,10 +81,34 @@ def test_analyze_writes_json_table_and_pngs(run_dir: Path, tmp_path: Path, capsy
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
     assert sorted(p.name for p in out.iterdir()) == [
         "analysis.json",
+        "attention.html",
         "attention_distance.png",
         "attention_layer0.png",
         "attention_layer1.png",
     ]
+
+
+def test_analyze_writes_the_explorer_page(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """attention.html holds analysis.json's statistics and the model's weights on the sample."""
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--run", str(run_dir), "--out", str(out), "--samples", "4"]) == 0
+    assert "attention.html" in capsys.readouterr().out
+    analysis = json.loads((out / "analysis.json").read_text(encoding="utf-8"))
+    data = read_explorer_data((out / "attention.html").read_text(encoding="utf-8"))
+    assert data["token_ids"] == analysis["sample"]["token_ids"]
+    assert data["pieces"] == analysis["sample"]["pieces"]
+    assert "".join(data["pieces"]) in TEXT
+    (model,) = data["models"]
+    assert model["name"] == model["distance_type"] == "l2" and model["step"] == 5
+    assert [layer["heads"] for layer in model["layers"]] == [
+        layer["heads"] for layer in analysis["layers"]
+    ]
+    core = load_core(run_dir)
+    ids = torch.tensor([analysis["sample"]["token_ids"]])
+    for layer, w in enumerate(layer_weights(core.raw_model, ids)):
+        for head, text in enumerate(model["weights"][layer]):
+            stored = torch.from_numpy(decode_weights(text, ids.shape[1]))
+            torch.testing.assert_close(stored, w[0, head].double(), atol=1e-4, rtol=0)
 
 
 def test_analyze_refuses_a_non_empty_out(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from truthgpt.cli import main
+from truthgpt.workflows.explorer import read_explorer_data
 
 
 def test_demo_runs_every_workflow(tmp_path, capsys):
@@ -29,6 +30,11 @@ def test_demo_runs_every_workflow(tmp_path, capsys):
     for figure in ("runs/l1/training_curves.png", "attended_distance.png", "attention_layer0.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
         assert figure in report
+    # The explorer page: l1 and dot side by side on one passage.
+    page = (out / "attention.html").read_text(encoding="utf-8")
+    assert [m["name"] for m in read_explorer_data(page)["models"]] == ["l1", "dot"]
+    assert metrics["explorer_bytes"] == len(page.encode("utf-8")) < 200_000
+    assert "[attention.html](attention.html)" in report
     # The report quotes this run's numbers, not canned ones.
     assert f"{metrics['runs']['l1']['final_eval']['loss']:.4f}" in report
     assert str(out / "report.md") in capsys.readouterr().out

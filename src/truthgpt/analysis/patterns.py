@@ -272,6 +272,13 @@ def token_labels(tokenizer: Any, token_ids: Iterable[int], max_chars: int = 6) -
     return labels
 
 
+def token_pieces(tokenizer: Any, token_ids: Iterable[int]) -> list[str]:
+    """Each token decoded alone and in full (spaces, newlines and all), for showing the text."""
+    if tokenizer is None:
+        return [str(int(token)) for token in token_ids]
+    return [tokenizer.decode([int(token)]) for token in token_ids]
+
+
 def analyze_attention(
     model: Any,
     data: Any,
@@ -291,7 +298,8 @@ def analyze_attention(
             evenly spaced over the text, so the result is deterministic.
         block_size: window length; None takes the model's max_position_embeddings.
         tokenizer: decodes the sample passage; taken from prepared data when not given.
-        sample_tokens: length of the sample passage kept for heat maps (`result["sample"]`).
+        sample_tokens: length of the sample passage kept for heat maps (`result["sample"]`:
+            its ids, short axis labels, and "pieces", each token's full text).
     """
     check_positive_int("num_samples", num_samples)
     check_positive_int("sample_tokens", sample_tokens)
@@ -341,5 +349,9 @@ def analyze_attention(
         "definitions": DEFINITIONS,
         "layers": layers,
         "mean": summarize_heads([layer["mean"] for layer in layers]),
-        "sample": {"token_ids": sample_ids, "tokens": token_labels(tokenizer, sample_ids)},
+        "sample": {
+            "token_ids": sample_ids,
+            "tokens": token_labels(tokenizer, sample_ids),
+            "pieces": token_pieces(tokenizer, sample_ids),
+        },
     }

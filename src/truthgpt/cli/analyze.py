@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attention statistics per layer and head, heat maps and attended distances",
         description="Run a trained model over evenly spaced validation windows and report, per "
         "layer and head, attention entropy, top-1 share, self weight, attended distance and λ. "
-        "Writes analysis.json, attention_layer{i}.png and attention_distance.png to --out.",
+        "Writes analysis.json, attention.html (an offline page to explore the sample passage), "
+        "attention_layer{i}.png and attention_distance.png to --out.",
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run or checkpoint folder")
     p.add_argument("--data", metavar="DATA_DIR", help="prepared data (default: the run's)")
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from truthgpt.io import json_safe
     from truthgpt.io.atomic import write_files_into
     from truthgpt.training import load_core
+    from truthgpt.workflows.explorer import explorer_html
     from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
     from truthgpt.workflows.report import format_table, rich_table
 
@@ -68,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         )
         plot_attention_heatmaps(weights, sample["tokens"], tmp, lambdas=model.lambdas().tolist())
         plot_attended_distance(analysis, tmp / "attention_distance.png")
+        kind = analysis["model"]["distance_type"]
+        page = explorer_html({kind: analysis}, {kind: weights})
+        (tmp / "attention.html").write_text(page, encoding="utf-8")
 
     # Everything is written first, so a failure leaves --out as it was.
     write_files_into(out, write)
@@ -82,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
             f"({analysis['source']}, {analysis['model']['distance_type']}, step {core.step})"
         )
         print(format_table(analysis))
-    print(f"wrote {out / 'analysis.json'} and {len(weights) + 1} PNGs to {out}")
+    print(f"wrote {out / 'analysis.json'}, attention.html and {len(weights) + 1} PNGs to {out}")
     return 0

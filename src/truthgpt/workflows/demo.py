@@ -88,6 +88,7 @@ def run_demo(
         tune_lambda,
     )
     from truthgpt.nn.model import TruthGPTModel
+    from truthgpt.workflows.explorer import explorer_html
     from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
     from truthgpt.workflows.report import format_table
 
@@ -156,17 +157,21 @@ def run_demo(
     # 4. Attention patterns on validation text.
     log("== 4. attention analysis on validation text")
     start = time.perf_counter()
-    analyses = {}
+    analyses, sample_weights = {}, {}
     for kind, c in cores.items():
         analyses[kind] = analyze_attention(c.raw_model, data, num_samples=100, block_size=64)
+        sample = torch.tensor([analyses[kind]["sample"]["token_ids"]])  # the same for every kind
+        sample_weights[kind] = [w[0] for w in layer_weights(c.raw_model, sample)]
     analysis = analyses[distance]
-    sample = torch.tensor([analysis["sample"]["token_ids"]])
-    weights = [w[0] for w in layer_weights(model, sample)]
+    weights = sample_weights[distance]
     heatmaps = plot_attention_heatmaps(
         weights, analysis["sample"]["tokens"], out, lambdas=model.lambdas().tolist()
     )
     plot_attended_distance(analysis, out / "attended_distance.png")
     (out / "analysis.json").write_text(json.dumps(json_safe(analyses), indent=2) + "\n")
+    page = explorer_html(analyses, sample_weights, title="truthgpt demo: attention")
+    (out / "attention.html").write_text(page, encoding="utf-8")
+    metrics["explorer_bytes"] = len(page.encode("utf-8"))
     metrics["analysis_time_s"] = time.perf_counter() - start
     log(format_table(analysis))
 
@@ -287,6 +292,7 @@ def write_report(
         "|---|" + "---|" * len(kinds),
     ]
     first = analyses[kinds[0]]
+    shown = " and ".join(f"`{k}`" for k in kinds) + (" side by side" if len(kinds) > 1 else "")
     for i in range(len(first["layers"])):
         cells = []
         for k in kinds:
@@ -301,6 +307,11 @@ def write_report(
         "Entropy in nats; norm. = entropy / ln(visible keys), 1 = uniform; top-1 = largest "
         "weight of a row, averaged; dist = mean attended distance Σ w·(i−j) in tokens. Per-head "
         "figures are in `analysis.json`.",
+        "",
+        f"**[attention.html](attention.html)** ({metrics['explorer_bytes'] / 1000:.0f} kB, opens "
+        f"offline in any browser): a validation passage under {shown}; hover a token to see "
+        "what it attends to in the chosen layer and head, as colour over the text and as a heat "
+        "map, with every head's λ, entropy and attended distance as small charts.",
         "",
         *[f"![{p.stem}]({p.name})" for p in heatmaps],
         "",
