@@ -114,9 +114,9 @@ def trained_run(run_dir: Path, kind: str, spec: str) -> TruthGPTModel:
 
 
 @pytest.fixture(scope="module")
-def remote(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Each kind's results from the venv without truthgpt, next to what truthgpt computed."""
-    python = venv_python(PACKAGES)
+def exports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    """(root, what truthgpt computed per kind): ROOT/KIND/hf is each kind's export through
+    the CLI, ROOT/KIND/expected.pt the logits and the settings the other venv reads."""
     root = tmp_path_factory.mktemp("remote")
     ours: dict[str, dict] = {}
     for kind in builtin_names():
@@ -136,10 +136,15 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> dict:
             root / kind / "expected.pt",
         )
         ours[kind] = {"prompt_ids": prompt, "generated": generated[0].tolist(), "spec": spec}
+    return root, ours
+
+
+def run_without_truthgpt(python: Path, script: str, root: Path, *args: str) -> None:
+    """Run `script` in `python` as a user would: offline, no PYTHONPATH, no source tree."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
-    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf-home")}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf-home")}
     result = subprocess.run(
-        [str(python), "-I", "-c", REMOTE, str(root), ",".join(ours)],
+        [str(python), "-I", "-c", script, str(root), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -148,6 +153,14 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> dict:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def remote(exports) -> dict[str, tuple[dict, dict]]:
+    """Each kind's (truthgpt's, the venv without truthgpt's) results."""
+    python = venv_python(PACKAGES)
+    root, ours = exports
+    run_without_truthgpt(python, REMOTE, root, ",".join(ours))
     theirs = json.loads((root / "results.json").read_text())
     return {kind: (ours[kind], theirs[kind]) for kind in ours}
 
@@ -188,6 +201,68 @@ def test_remote_pipeline_and_end_of_text(remote, kind: str) -> None:
     assert theirs["eos_token"] == "<|endoftext|>"
     expected_id = 50256 if ours["spec"] == "gpt2" else tokenizer.vocab_size
     assert theirs["eos_token_id"] == expected_id
+
+
+# --------------------------------------------------------------------------------- lm-eval
+
+LM_EVAL = r"""
+import json, math, sys
+import torch
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+torch.set_num_threads(1)
+root, kinds = sys.argv[1], sys.argv[2].split(",")
+results = {}
+for kind in kinds:
+    tasks = TaskManager(include_path=f"{root}/lm-eval")
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={root}/{kind}/hf,trust_remote_code=True",
+        tasks=["truthgpt_text"],
+        task_manager=tasks,
+        device="cpu",
+        batch_size=1,
+    )
+    results[kind] = out["results"]["truthgpt_text"]
+with open(f"{root}/lm-eval-results.json", "w") as f:
+    json.dump(results, f)
+"""
+
+# A perplexity task on local text (lm-eval's own rolling log-likelihood), nothing downloaded.
+LM_EVAL_TASK = """task: truthgpt_text
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+
+def test_lm_eval_scores_an_export(exports) -> None:
+    """lm-eval's `simple_evaluate` runs on a char and a BPE export (it needs their
+    end-of-text token: every rolling window starts with it), where truthgpt is absent."""
+    python = venv_python((*PACKAGES, "lm-eval==0.4.13", "accelerate==1.15.0"))
+    root, _ = exports
+    (root / "lm-eval").mkdir(exist_ok=True)
+    docs = root / "lm-eval" / "docs.jsonl"
+    lines = [line for line in TEXT.splitlines() if line]
+    docs.write_text("".join(json.dumps({"text": t + "\n"}) + "\n" for t in lines))
+    (root / "lm-eval" / "truthgpt_text.yaml").write_text(LM_EVAL_TASK.format(docs=docs))
+    kinds = ("l1", "sql2")
+    assert {TOKENIZERS.get(k, "char") for k in kinds} == {"char", "bpe:300"}
+    run_without_truthgpt(python, LM_EVAL, root, ",".join(kinds))
+    results = json.loads((root / "lm-eval-results.json").read_text())
+    for kind in kinds:
+        assert results[kind]["sample_len"] == len(lines)
+        assert 0 < results[kind]["bits_per_byte,none"] < 64, results[kind]
 
 
 # ------------------------------------------------------------------- the generated files
