@@ -83,10 +83,17 @@ def test_logits_and_loss_match_truthgpt(exported) -> None:
     ids = torch.randint(
         0, ours.config.vocab_size, (2, WINDOW), generator=torch.Generator().manual_seed(0)
     )
-    expected = ours(ids, labels=ids)
-    got = theirs(input_ids=ids, labels=ids)
-    assert torch.equal(got.logits, expected.logits)
-    assert torch.equal(got.loss, expected.loss)
+    with torch.no_grad():
+        expected = ours(ids, labels=ids)
+        got = theirs(input_ids=ids, labels=ids)
+    vocab = ours.config.vocab_size
+    assert got.logits.shape[-1] == vocab + 1  # the end-of-text token the export adds
+    assert torch.equal(got.logits[..., :vocab], expected.logits)
+    # Its row is the mean of the others, so its logit is the mean logit: never the largest.
+    assert torch.allclose(got.logits[..., vocab], expected.logits.mean(-1), atol=1e-5)
+    assert bool((got.logits[..., vocab] < expected.logits.amax(-1)).all())
+    # It takes a little probability from every other token, so the loss grows a little.
+    assert 0 < float(got.loss - expected.loss) < 0.05
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -103,13 +110,32 @@ def test_greedy_generate_matches_truthgpt(exported, use_cache: bool) -> None:
     assert len(set(expected[0, -new:].tolist())) > 3  # a varied continuation, not one token
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("prompt", ["Before we", TEXT], ids=["short", "longer-than-window"])
+def test_generate_past_the_window_slides_like_truthgpt(exported, prompt: str, use_cache: bool):
+    """Past `max_position_embeddings` `generate()` cuts and slides the window as `truthgpt
+    generate` does (a long prompt cut to the window, then the newest 3/4 re-encoded)."""
+    run, out = exported
+    ours = TruthGPTModel.from_pretrained(run)
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    ids = AutoTokenizer.from_pretrained(out)(prompt, return_tensors="pt")
+    assert (ids["input_ids"].shape[1] > WINDOW) == (prompt == TEXT)
+    new = 3 * WINDOW
+    expected = ours.generate(ids["input_ids"], max_new_tokens=new, do_sample=False)
+    got = theirs.generate(**ids, max_new_tokens=new, do_sample=False, use_cache=use_cache)
+    assert got.tolist() == expected.tolist()
+
+
 def test_char_tokenizer_round_trips(exported) -> None:
     _, out = exported
     ours = build_tokenizer("char", TEXT)
     theirs = AutoTokenizer.from_pretrained(out)
     assert theirs(TEXT)["input_ids"] == ours.encode(TEXT)
     assert theirs.decode(ours.encode(TEXT)) == TEXT
-    assert len(theirs) == ours.vocab_size
+    assert len(theirs) == ours.vocab_size + 1
+    assert theirs.eos_token == theirs.bos_token == "<|endoftext|>"
+    assert theirs.eos_token_id == ours.vocab_size
+    assert theirs.decode([*ours.encode("All:"), ours.vocab_size]) == "All:<|endoftext|>"
 
 
 @settings(max_examples=40, deadline=None)
@@ -171,6 +197,19 @@ def test_export_of_a_model_only_folder(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 2, 3]])
     core.model.eval()
     assert torch.equal(model(ids).logits, core.model(ids).logits)
+
+
+def test_export_of_a_release_0_1_checkpoint(tmp_path: Path) -> None:
+    """Old runs stay exportable: release 0.1's char run (tests/data/format1) gets its
+    end-of-text token at export and keeps its logits."""
+    ckpt = Path(__file__).parent / "data" / "format1" / "ckpt"
+    out = export_hf(ckpt, tmp_path / "hf")
+    ours = TruthGPTModel.from_pretrained(ckpt)
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == ours.config.vocab_size
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits[..., :-1], ours(ids).logits)
 
 
 def test_export_refuses_a_folder_with_files(tmp_path: Path, capsys) -> None:

@@ -11,9 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export-hf",
         help="export a run for transformers' AutoModelForCausalLM / AutoTokenizer",
         description="Write the model (and tokenizer) of a run or checkpoint as a Hugging Face "
-        "folder. Load it after `import truthgpt.hf` with "
-        "AutoModelForCausalLM.from_pretrained(OUT_DIR). Needs transformers "
-        "(pip install 'truthgpt[hf]').",
+        "folder, with the model's code: load it where only torch and transformers are "
+        "installed with AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True). "
+        "Needs transformers (pip install 'truthgpt[hf]').",
     )
     # --run/--out like every other command; the positional form of release 0.1 still works.
     p.add_argument("--run", help="run folder (its latest checkpoint) or checkpoint")
@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = export_hf(args.run, args.out, overwrite=args.overwrite)
     print(f"exported {args.run} to {out}")
-    print(
-        "load it with: import truthgpt.hf; from transformers import AutoModelForCausalLM; "
-        f"AutoModelForCausalLM.from_pretrained({str(out)!r})"
-    )
+    if (out / "modeling_truthgpt.py").exists():
+        how = f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)"
+    else:  # a kind added with register_distance: its code is the user's
+        how = f"import truthgpt.hf; AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    print(f"load it with: from transformers import AutoModelForCausalLM; {how}")
     return 0

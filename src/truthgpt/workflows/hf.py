@@ -2,12 +2,15 @@
 
 Importing this module registers `TruthGPTHFConfig` (model_type "truthgpt") and
 `TruthGPTForCausalLM` with `AutoConfig` / `AutoModelForCausalLM`; `export_hf` writes a run
-as a folder those classes, `generate()` and `AutoTokenizer` read:
+as a folder those classes, `generate()` and `AutoTokenizer` read. The folder also carries
+these classes' code, copied from truthgpt's source by `hf_remote`, so it loads without truthgpt:
 
-    import truthgpt.workflows.hf
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained("exported/")
-    tokenizer = AutoTokenizer.from_pretrained("exported/")
+    model = AutoModelForCausalLM.from_pretrained("exported/", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained("exported/", trust_remote_code=True)
+
+`TruthGPTForCausalLM` and `TruthGPTHFConfig` are copied into that code verbatim: they may
+use only what `hf_remote` copies too (the model, `slide_keep`, torch, transformers).
 
 transformers is an optional dependency (`pip install truthgpt[hf]`); nothing else in truthgpt
 imports it.
@@ -16,6 +19,7 @@ imports it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,8 +47,11 @@ from transformers.utils import logging as hf_logging
 from truthgpt.config import TruthGPTConfig
 from truthgpt.io import resolve_checkpoint
 from truthgpt.io.atomic import refuse_non_empty, refuse_non_folder, write_folder_atomically
+from truthgpt.nn.attention.kinds import builtin_names
+from truthgpt.nn.generation import slide_keep
 from truthgpt.nn.model import TruthGPTModel
 from truthgpt.training.checkpoint import read_tokenizer
+from truthgpt.workflows import hf_remote
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(TruthGPTConfig))
 
@@ -93,6 +100,8 @@ class TruthGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: TruthGPTHFConfig) -> None:
         super().__init__(config)
         self.model = TruthGPTModel(config.to_truthgpt())
+        # First position of the window that generation without a cache feeds the model.
+        self._window_start = 0
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -142,6 +151,54 @@ class TruthGPTForCausalLM(PreTrainedModel, GenerationMixin):
             attentions=out.attentions,
         )
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed `generate()` the window `truthgpt generate` would, instead of overflowing it.
+
+        Learned positions stop at `max_position_embeddings`. As in truthgpt's generation, a
+        longer prompt is cut to its last window of tokens, and once the window is full the
+        newest `slide_keep(window)` tokens are re-encoded from position 0 (the cache emptied
+        and rebuilt), after which decoding goes on one token at a time. With a cache the
+        window's start follows from what the cache holds; without one it is remembered from
+        the previous step, so both give the same tokens.
+        """
+        window = self.config.max_position_embeddings
+        length = input_ids.shape[1]
+        cached = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and cached > 0:
+            new = next_sequence_length if next_sequence_length is not None else length - cached
+            start = length - new - cached  # the cache holds input_ids[:, start : -new]
+            if cached + new > window:
+                cache.reset()
+                start, next_sequence_length = length - slide_keep(window), None
+        elif cache is not None or is_first_iteration or self._window_start > length:
+            start = max(0, length - window)
+            next_sequence_length = None
+        else:  # no cache: slide exactly when the cached run would
+            start = self._window_start
+            if length - start > window:
+                start = length - slide_keep(window)
+        self._window_start = start
+        if start > 0:
+            input_ids = input_ids[:, start:]
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, start:]
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+
 
 AutoConfig.register(TruthGPTHFConfig.model_type, TruthGPTHFConfig, exist_ok=True)
 AutoModelForCausalLM.register(TruthGPTHFConfig, TruthGPTForCausalLM, exist_ok=True)
@@ -150,9 +207,21 @@ AutoModelForCausalLM.register(TruthGPTHFConfig, TruthGPTForCausalLM, exist_ok=Tr
 # ------------------------------------------------------------------------------- tokenizers
 
 
+# The end-of-text token of every export: GPT-2's own, and added to char and BPE vocabularies.
+END_OF_TEXT = "<|endoftext|>"
+
+
 def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
-    """A `PreTrainedTokenizerFast` giving the same ids as a truthgpt tokenizer."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
+    """A `PreTrainedTokenizerFast` giving the same ids as a truthgpt tokenizer, plus an
+    end-of-text token (its eos and bos) for those that have none.
+
+    Evaluation harnesses need one: lm-eval starts every context with it and stops generation
+    at it. char and BPE vocabularies get `END_OF_TEXT` as one more id, `vocab_size`, for
+    which `export_hf` adds an embedding row; GPT-2's `<|endoftext|>` is already in its
+    vocabulary. Text is encoded as before, except that the literal string `END_OF_TEXT`
+    becomes that one token, as in GPT-2's own Hugging Face tokenizer.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RustTokenizer
 
     kind = getattr(tokenizer, "kind", None)
@@ -181,6 +250,14 @@ def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
             f"tokenizer: cannot export a {type(tokenizer).__name__} (kind {kind!r}); "
             "expected a char, bpe or gpt2 tokenizer"
         )
+    if kind != "gpt2":
+        rust.add_special_tokens([AddedToken(END_OF_TEXT, special=True, normalized=False)])
+        if rust.token_to_id(END_OF_TEXT) != tokenizer.vocab_size:
+            raise ValueError(
+                f"tokenizer: {END_OF_TEXT!r} got id {rust.token_to_id(END_OF_TEXT)}, expected "
+                f"{tokenizer.vocab_size} (one past the vocabulary)"
+            )
+        special.update(eos_token=END_OF_TEXT, bos_token=END_OF_TEXT)
     return PreTrainedTokenizerFast(
         tokenizer_object=rust,
         clean_up_tokenization_spaces=False,
@@ -192,8 +269,36 @@ def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
 # ------------------------------------------------------------------------------- export
 
 
+def with_new_tokens(model: TruthGPTModel, vocab_size: int) -> TruthGPTModel:
+    """`model` with rows for ids `model.config.vocab_size` .. `vocab_size - 1` (the end-of-text
+    token), each the mean of the trained rows, in the token embedding and the LM head.
+
+    The model never saw the token, so its row is an average token: as an input (lm-eval's
+    first context token) it is the centre of the embeddings, and as an output its logit is the
+    mean of all other logits (the head is linear), below the largest, so greedy decoding never
+    picks it and the logits of every other id are unchanged.
+    """
+    old = model.config.vocab_size
+    if vocab_size <= old:
+        return model
+    grown = TruthGPTModel(dataclasses.replace(model.config, vocab_size=vocab_size)).eval()
+    state = model.state_dict()
+    for name in ("wte.weight", "lm_head.weight"):
+        rows = state[name]
+        state[name] = torch.cat([rows, rows.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    grown.load_state_dict(state)
+    return grown
+
+
 def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the model (and tokenizer) of a run or checkpoint as a transformers folder."""
+    """Write the model (and tokenizer) of a run or checkpoint as a transformers folder.
+
+    For a built-in distance kind the folder also holds the model's code (`hf_remote`), so
+    `from_pretrained(out_dir, trust_remote_code=True)` needs no truthgpt; a kind added with
+    `register_distance` still needs `import truthgpt.hf` and the kind registered.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
@@ -204,6 +309,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
 
     ids = {}
     if tokenizer is not None:
+        model = with_new_tokens(model, len(tokenizer))
         ids = {
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
@@ -211,6 +317,9 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     hf_model = TruthGPTForCausalLM(TruthGPTHFConfig.from_truthgpt(model.config, **ids))
     hf_model.model.load_state_dict(model.state_dict())
     hf_model.eval()
+    remote_code = model.config.distance_type in builtin_names()
+    if remote_code:
+        hf_model.config.auto_map = dict(hf_remote.AUTO_MAP)
 
     def write(tmp: Path) -> None:
         bar = hf_logging.is_progress_bar_enabled()
@@ -222,6 +331,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
                 hf_logging.enable_progress_bar()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if remote_code:
+            hf_remote.write_remote_code(tmp, sys.modules[__name__])
 
     check = refuse_non_folder if overwrite else refuse_non_empty
     return write_folder_atomically(out_dir, write, check=check)
