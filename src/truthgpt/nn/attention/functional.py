@@ -13,8 +13,9 @@ kind (`truthgpt.nn.attention.kinds`) gives d and the path that computes the atte
   `F.scaled_dot_product_attention` (cosine on normalised q, k; squared L2 on q, k augmented
   by one column, exactly); kinds with a `MinkowskiKernel` (l1, l2, chebyshev, lp) run a
   flash-style kernel with an online softmax that never holds the weights, dropout included:
-  the native C++ kernel (`truthgpt.nn.attention.native`) or the blocked PyTorch one, compiled
-  or eager (`truthgpt.nn.attention.kernels`); see BACKENDS.
+  the native C++ kernel (`truthgpt.nn.attention.native`), the Triton kernels on CUDA
+  (`truthgpt.nn.attention.triton_kernels`) or the blocked PyTorch one, compiled or eager
+  (`truthgpt.nn.attention.kernels`); see BACKENDS.
 
 Fully masked query rows (possible only with a user mask, never with the causal mask alone
 since key i is always visible to query i) give a zero output row, zero weights and zero
@@ -31,15 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from truthgpt.nn.attention import kinds, native
+from truthgpt.nn.attention import kinds, native, triton_kernels
 from truthgpt.nn.attention.kernels import blocked_attention
 from truthgpt.nn.attention.kinds import DistanceKind
 
 # Kernels for the kinds with a MinkowskiKernel (l1, l2, chebyshev, lp). "auto" takes the first
-# that is available, in this order: the native C++ kernel (CPU), the blocked kernel compiled by
-# inductor, the same blocked kernel run eagerly. TRUTHGPT_ATTENTION_BACKEND sets the default
-# for a process.
-BACKENDS: tuple[str, ...] = ("auto", "native", "compiled", "eager")
+# that serves the tensors, in this order: the native C++ kernel (CPU), the Triton kernels
+# (CUDA, when triton is installed), the blocked kernel compiled by inductor, the same blocked
+# kernel run eagerly. TRUTHGPT_ATTENTION_BACKEND sets the default for a process.
+BACKENDS: tuple[str, ...] = ("auto", "native", "triton", "compiled", "eager")
 BACKEND_ENV = "TRUTHGPT_ATTENTION_BACKEND"
 
 
@@ -287,8 +288,9 @@ def distance_attention(
         dropout_p: dropout on the attention weights (applied whenever > 0; pass 0 in eval).
         need_weights: also return the (B, H, Tq, Tk) weights (materialising path).
         backend: the kernel for the kinds with a `MinkowskiKernel` (l1, l2, chebyshev, lp),
-            one of BACKENDS; None reads TRUTHGPT_ATTENTION_BACKEND (default "auto": native,
-            else compiled, else eager).
+            one of BACKENDS; None reads TRUTHGPT_ATTENTION_BACKEND (default "auto": native on
+            CPU, triton on CUDA, else compiled, else eager). "triton" needs CUDA tensors (or
+            TRITON_INTERPRET=1, which runs its kernels in Triton's interpreter on CPU).
 
     Returns:
         output (B, H, Tq, D), or (output, weights) when need_weights.
@@ -308,6 +310,10 @@ def distance_attention(
     backend = resolve_backend(backend, q, kind)
     if backend == "native":  # also the decoding step (Tq = 1): one parallel pass over heads
         return native.native_attention(q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p)
+    if backend == "triton":  # also the decoding step: one launch, nothing Tq×Tk held
+        return triton_kernels.triton_attention(
+            q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p
+        )
     if q.shape[2] == 1:  # one decoding step holds only Tk scores per head: plain is cheap
         out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
         return out
@@ -333,14 +339,28 @@ def resolve_backend(backend: str | None, q: Tensor, kind: str | DistanceKind | N
     """The backend that will run for q (and kind): the one asked for, or auto's first
     available one.
 
-    auto falls back from native to compiled with one warning naming what is missing; a
-    backend asked for by name is used as it is (native raises if it was not built).
+    auto falls back from native to compiled with one warning naming what is missing (on CPU);
+    a backend asked for by name is used as it is (native raises if it was not built, triton
+    if triton is missing or the tensors are not on CUDA).
     """
     name = _backend_name(backend)
     if name != "auto":
         return name
     if native.available() and native.supports(q, kind):
         return "native"
+    if triton_kernels.supports(q, kind):
+        return "triton"
+    if q.device.type != "cpu":  # the native kernel is for CPU tensors: nothing to warn about
+        if q.device.type == "cuda" and not triton_kernels.available() and "triton" not in _warned:
+            _warned.add("triton")
+            warnings.warn(
+                f"truthgpt: triton is not installed ({triton_kernels.unavailable_reason()}); "
+                "using the compiled blocked kernel, which is far slower on GPUs. "
+                f"{triton_kernels.INSTALL_HINT}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "compiled"
     if not native.available() and "native" not in _warned:
         _warned.add("native")
         warnings.warn(
