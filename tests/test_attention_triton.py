@@ -81,11 +81,12 @@ def test_matches_reference_with_gradients(kind, causal, Tq, Tk):
 @needs_triton
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck(kind):
-    """gradcheck in float64 (the interpreter computes in it), two key tiles, Tq < Tk."""
+    """gradcheck in float64 (the interpreter computes in it), two key tiles, Tq < Tk. On a
+    GPU dq's atomic additions may come in another order from one backward to the next."""
     q, k, v = make(B=1, H=2, Tq=5, Tk=18, D=2, dtype=torch.float64, grad=True, seed=3)
     scale = head_scale(2, torch.float64, grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, s: run(q, k, v, kind, s), (q, k, v, scale), fast_mode=True
+        lambda q, k, v, s: run(q, k, v, kind, s), (q, k, v, scale), fast_mode=True, nondet_tol=1e-12
     )
 
 

@@ -28,8 +28,8 @@ loop per tile gives both dq (added atomically in fp32 to rows other key tiles al
 and dk (this program's own rows). The price is a dq summed in no fixed order: not bitwise
 reproducible between runs. dλ is summed per program and then on the host, in a fixed order.
 
-Dropout: Philox (`tl.rand`) on (seed, the entry's index b·h·Tq·Tk + i·Tk + j), the seed drawn
-per call from torch's generator; the backward regenerates the same mask, whatever the tiles,
+Dropout: Philox (`tl.rand`) on (seed, the entry's index ((b·H + h)·Tq + i)·Tk + j), the seed
+drawn per call from torch's generator; the backward regenerates the same mask, whatever the tiles,
 and `dropout_keep` returns it. Rows with no visible key give zero output and gradients.
 At an exact tie q_d = k_d the subgradient of |q_d − k_d| is 0, as torch.cdist's (the native
 kernel takes +1).
@@ -54,9 +54,9 @@ from truthgpt.nn.attention.kinds import DistanceKind
 
 # The kinds the kernels implement, by `MinkowskiKernel.native_code` (the KIND constexpr).
 KIND_CODES = {0: "l1", 1: "l2", 2: "chebyshev", 3: "lp"}
-# Tiles (query rows, keys) and warps per program: the largest for which ptxas reports no
-# register spills in bf16 at D = 64 on sm_90 (tests/test_attention_triton.py compiles them),
-# not timed: no GPU has run these kernels yet. The backward also holds v and dv (and k, dk
+# Tiles (query rows, keys) and warps per program: ones for which ptxas reports no register
+# spills in bf16 at D = 64 on sm_90 (tests/test_attention_triton.py compiles them), not
+# timed: no GPU has run these kernels yet. The backward also holds v and dv (and k, dk
 # for l2) for its keys, so it takes fewer query rows per step.
 FORWARD_TILE = (64, 64)
 BACKWARD_TILE = (32, 64)
