@@ -22,7 +22,7 @@ from truthgpt.io.manifest import (
     write_manifest,
 )
 from truthgpt.io.runs import WEIGHTS_FILE, resolve_checkpoint
-from truthgpt.io.tensors import check_tensors, tensor_bytes
+from truthgpt.io.tensors import check_finite, check_tensors, tensor_bytes
 
 CONFIG_FILE = "config.json"
 
@@ -94,9 +94,11 @@ def read_model_config(reader: FolderReader) -> TruthGPTConfig:
 
 
 def read_weights(reader: FolderReader, model: nn.Module) -> dict[str, Tensor]:
-    """Weights from model.safetensors, checked against `model` (which is not touched)."""
+    """Weights from model.safetensors, checked against `model` (which is not touched), and
+    finite: a run never saves a NaN or an infinity (it skips non-finite updates)."""
     tensors, _ = reader.tensors(WEIGHTS_FILE)
     check_tensors(unique_tensors(model), tensors, reader.path(WEIGHTS_FILE))
+    check_finite(tensors, reader.path(WEIGHTS_FILE))
     return tensors
 
 

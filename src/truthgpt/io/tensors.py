@@ -1,7 +1,7 @@
 """Tensor files: what to write (CPU copies, tied tensors once) and whether what was read
-fits what is expected (names, shapes, dtypes) before anything is copied anywhere. A file's
-header alone says what it holds (`read_header`), so a loader can refuse a file that does not
-fit before it allocates the model the file is meant for."""
+fits what is expected (names, shapes, dtypes, finite values) before anything is copied
+anywhere. A file's header alone says what it holds (`read_header`), so a loader can refuse a
+file that does not fit before it allocates the model the file is meant for."""
 
 from __future__ import annotations
 
@@ -112,6 +112,14 @@ def _parse_header(header: Any, data_size: int, path: Path) -> dict[str, TensorSp
     if end != data_size:
         raise bad(f"the tensors take {end} bytes, but {data_size} follow the header")
     return specs
+
+
+def check_finite(tensors: dict[str, Tensor], path: Path) -> None:
+    """Raise naming the first floating-point tensor that holds a NaN or an infinity: nothing
+    a run saves does (a non-finite update is never applied)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds non-finite values (NaN or inf)")
 
 
 def cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -435,7 +435,9 @@ class TruthGPTOptimizationCore:
         optimizer = self.optimizer or self.setup_optimizer()
         try:
             optimizer_state, scaler_state = (
-                read_optimizer(reader, optimizer) if reader.has(OPTIMIZER_FILE) else (None, None)
+                read_optimizer(reader, optimizer, max_step=resume.state.step)
+                if reader.has(OPTIMIZER_FILE)
+                else (None, None)
             )
             if (
                 scaler_state is not None
