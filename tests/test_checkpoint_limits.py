@@ -235,3 +235,39 @@ def test_random_states_out_of_range(ckpt: Path, target, edit, pattern: str) -> N
     expect_error(
         target, ckpt, r"trainer_state\.json: 'rng' holds an invalid random state .*" + pattern
     )
+
+
+# ------------------------------------------------------------------------------ found by the fuzzer
+
+
+@pytest.mark.parametrize("missing", ["max_steps", "seed"])
+def test_a_training_config_lacking_a_field_is_refused(ckpt: Path, missing: str) -> None:
+    edit_json(ckpt / "config.json", lambda c: c["train"].__delitem__(missing))
+    with pytest.raises(CheckpointError, match=rf"invalid training config: lacks {missing}"):
+        load_core(ckpt)
+
+
+def test_a_model_config_lacking_a_field_is_refused(ckpt: Path) -> None:
+    edit_json(ckpt / "config.json", lambda c: c["model"].__delitem__("distance_type"))
+    both_refuse(ckpt, "config.json: invalid model config: lacks distance_type")
+
+
+@pytest.mark.parametrize("text", [b"[" * 100_000 + b"]" * 100_000, b"1" * 5000])
+def test_json_too_deep_or_too_long_is_refused(ckpt: Path, text: bytes) -> None:
+    (ckpt / "config.json").write_bytes(text)
+    resign(ckpt)
+    both_refuse(ckpt, "config.json: not valid JSON")
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path: Path) -> None:
+    from truthgpt.data import build_tokenizer
+
+    tokenizer = build_tokenizer("char", "".join(chr(ord("A") + i) for i in range(41)))
+    path = make_core().save_checkpoint(tmp_path / "ckpt")  # vocabulary 40
+    tokenizer.save(path / "tokenizer.json")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["tokenizer.json"] = {"size": 0, "sha256": "0" * 64}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    resign(path)
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: 'vocab_size' 41 exceeds"):
+        load_core(path)

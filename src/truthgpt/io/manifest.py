@@ -89,7 +89,7 @@ class FolderReader:
             self._check_size(name)
         for name in known_files:
             if name not in self.files and (folder / name).exists():
-                raise CheckpointError(f"{folder / name}: not listed in {MANIFEST_FILE}")
+                raise CheckpointError(f"{folder / name}: not listed in {MANIFEST_FILE} ('files')")
 
     def _check_size(self, name: str) -> None:
         path = self.folder / name
@@ -133,7 +133,8 @@ class FolderReader:
         """The size of a listed file, checked against the manifest (its contents are not)."""
         if name not in self.files:
             raise CheckpointError(
-                f"{self.folder / name}: not listed in {MANIFEST_FILE}; the checkpoint is incomplete"
+                f"{self.folder / name}: not listed in {MANIFEST_FILE} ('files'); the checkpoint "
+                "is incomplete"
             )
         self._check_size(name)
         return self.files[name]["size"]
