@@ -192,14 +192,14 @@ def test_checkpoint_files_are_json_and_safetensors(tmp_path: Path) -> None:
 def test_load_checkpoint_restores_everything(tmp_path: Path) -> None:
     core = trained_core(3)
     core.record_eval({"loss": 2.5})
-    core.state.bad_steps_total = 4
+    core.state.bad_steps_total = 2
     core.state.bad_steps_in_a_row = 1
     path = core.save_checkpoint(tmp_path / "c", epoch=7)
     fresh = TruthGPTOptimizationCore(tiny_config())
     state = fresh.load_checkpoint(path)
     assert state["extra"] == {"epoch": 7}
     assert (fresh.step, fresh.tokens_seen, fresh.best_val_loss) == (3, 3 * BATCH * BLOCK, 2.5)
-    assert (fresh.state.bad_steps_total, fresh.state.bad_steps_in_a_row) == (4, 1)
+    assert (fresh.state.bad_steps_total, fresh.state.bad_steps_in_a_row) == (2, 1)
     assert fresh.eval_history == core.eval_history
     for name, tensor in core.model.state_dict().items():
         assert torch.equal(fresh.model.state_dict()[name], tensor), name

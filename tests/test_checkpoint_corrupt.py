@@ -323,7 +323,7 @@ def test_bad_training_config_in_load_core(ckpt: Path) -> None:
     [
         (lambda s: s.update(step="three"), "'step' must be an integer"),
         (lambda s: s.update(tokens_seen=-5), "'tokens_seen' must be an integer"),
-        (lambda s: s.update(best_val_loss="low"), "'best_val_loss' must be a finite number"),
+        (lambda s: s.update(best_val_loss="low"), "'best_val_loss' must be a number in"),
         (lambda s: s.update(extra=[1]), "'extra' must be an object"),
         (lambda s: s["rng"].update(torch_cpu="AAAA"), "invalid random state"),
         (lambda s: s["rng"].update(python=[3, [1, 2], None]), "invalid random state"),
@@ -358,7 +358,7 @@ def test_optimizer_state_incomplete(ckpt: Path, target) -> None:
     tensors, metadata = optimizer_parts(ckpt)
     del tensors["state.1.exp_avg_sq"]
     save_optimizer(ckpt, tensors, metadata)
-    expect_error(target, ckpt, r"state of parameter 1 lacks \['exp_avg_sq'\]")
+    expect_error(target, ckpt, r"parameter 1: state lacks \['exp_avg_sq'\]")
 
 
 def test_optimizer_metadata_missing(ckpt: Path, target) -> None:
@@ -372,7 +372,7 @@ def test_optimizer_groups_do_not_match(ckpt: Path, target) -> None:
     meta = json.loads(metadata["truthgpt.optimizer"])
     meta["param_groups"] = meta["param_groups"][:1]
     save_optimizer(ckpt, tensors, {**metadata, "truthgpt.optimizer": json.dumps(meta)})
-    expect_error(target, ckpt, "parameter groups do not match")
+    expect_error(target, ckpt, "param_groups do not match")
 
 
 def test_optimizer_tensor_for_unknown_parameter(ckpt: Path, target) -> None:
@@ -417,4 +417,4 @@ def test_optimizer_hyper_parameter_of_wrong_type(ckpt: Path, target, key: str, v
     meta = json.loads(metadata["truthgpt.optimizer"])
     meta["param_groups"][0][key] = value
     save_optimizer(ckpt, tensors, {**metadata, "truthgpt.optimizer": json.dumps(meta)})
-    expect_error(target, ckpt, f"param_groups {key}=")
+    expect_error(target, ckpt, rf"param_groups\[0\]: '{key}' must be")

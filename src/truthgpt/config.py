@@ -12,12 +12,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import re
 from pathlib import Path
 from typing import Any, Self
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+# Upper bounds of every size and count: generous (far past any model or run this code is for),
+# so that a config, which a checkpoint carries, can never ask for an allocation or a loop no
+# machine finishes. A model at every size limit at once would not fit any machine either: the
+# limits only cap each field, and loading also checks the config against the weights' shapes.
+MAX_VOCAB_SIZE = 2**24
+MAX_HIDDEN_SIZE = 2**16
+MAX_INTERMEDIATE_SIZE = 2**18
+MAX_LAYERS = 1024
+MAX_ATTENTION_HEADS = 1024
+MAX_POSITIONS = 2**20  # max_position_embeddings and block_size
+LAMBDA_MIN = 1e-3  # λ of a distance-attention head: its initial value and while training
+LAMBDA_MAX = 1e3
+MAX_P_NORM = 64.0  # the Lp exponent; beyond it |x|^p overflows fp32 (use chebyshev for p=∞)
+MAX_LAYER_NORM_EPS = 1.0
+MAX_COUNT = 2**53  # steps, intervals, counters: exact as a JSON number (a double)
+MAX_BATCH_SIZE = 2**20
+MAX_ACCUMULATION_STEPS = 2**16
+MAX_KEEP_CHECKPOINTS = 2**16
+MAX_SEED = 2**63 - 1  # what every generator seeded from it (torch, NumPy) takes as an int64
+MAX_LEARNING_RATE = 10.0  # AdamW moves each weight by about lr a step: far past any that trains
+MAX_WEIGHT_DECAY = 10.0
+MAX_GRAD_CLIP = 1e6  # 0 disables clipping; a larger norm is no clipping by another name
+MAX_PEAK_FLOPS = 1e18  # an exaFLOP/s, per device
+_CUDA_DEVICE = re.compile(r"cuda:\d{1,4}")
 
 
 class ConfigError(ValueError):
@@ -27,6 +52,19 @@ class ConfigError(ValueError):
 def _check(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{field}: {message}")
+
+
+def in_range(value: Any, low: float, high: float) -> bool:
+    """A number (not a bool) in [low, high]: NaN never is, nor an int too large for a float."""
+    return is_number(value) and low <= value <= high
+
+
+def _check_count(value: Any, name: str, low: int, high: int) -> None:
+    _check(
+        is_int(value) and low <= value <= high,
+        name,
+        f"must be an integer in [{low}, {high}], got {value!r}",
+    )
 
 
 class _JsonConfig:
@@ -72,6 +110,29 @@ class _JsonConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+_MODEL_SIZES = {
+    "vocab_size": MAX_VOCAB_SIZE,
+    "hidden_size": MAX_HIDDEN_SIZE,
+    "num_hidden_layers": MAX_LAYERS,
+    "num_attention_heads": MAX_ATTENTION_HEADS,
+    "intermediate_size": MAX_INTERMEDIATE_SIZE,
+    "max_position_embeddings": MAX_POSITIONS,
+}
+_TRAIN_COUNTS = {  # name: (lowest, highest)
+    "max_steps": (1, MAX_COUNT),
+    "warmup_steps": (0, MAX_COUNT),
+    "batch_size": (1, MAX_BATCH_SIZE),
+    "block_size": (1, MAX_POSITIONS),
+    "gradient_accumulation_steps": (1, MAX_ACCUMULATION_STEPS),
+    "seed": (0, MAX_SEED),
+    "eval_interval": (1, MAX_COUNT),
+    "log_interval": (1, MAX_COUNT),
+    "checkpoint_every": (1, MAX_COUNT),
+    "keep_checkpoints": (1, MAX_KEEP_CHECKPOINTS),
+    "max_bad_steps": (1, MAX_COUNT),
+}
+
+
 @dataclasses.dataclass(kw_only=True)
 class TruthGPTConfig(_JsonConfig):
     """Everything needed to build a `TruthGPTModel`, with the original design's field names."""
@@ -103,16 +164,13 @@ class TruthGPTConfig(_JsonConfig):
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first invalid field."""
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
+        for name, limit in _MODEL_SIZES.items():
             value = getattr(self, name)
-            _check(is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+            _check(
+                is_int(value) and 0 < value <= limit,
+                name,
+                f"must be a positive integer ≤ {limit}, got {value!r}",
+            )
         _check(
             self.hidden_size % self.num_attention_heads == 0,
             "num_attention_heads",
@@ -128,24 +186,20 @@ class TruthGPTConfig(_JsonConfig):
             "distance_type",
             f"must name a distance kind (a non-empty string), got {self.distance_type!r}",
         )
-        if self.lambda_param is not None:
-            _check(
-                is_number(self.lambda_param)
-                and math.isfinite(self.lambda_param)
-                and self.lambda_param > 0,
-                "lambda_param",
-                f"must be a positive number or null, got {self.lambda_param!r}",
-            )
-        if self.p_norm is not None:
-            _check(
-                is_number(self.p_norm) and math.isfinite(self.p_norm) and self.p_norm > 0,
-                "p_norm",
-                f"must be a positive number, got {self.p_norm!r}",
-            )
         _check(
-            is_number(self.layer_norm_eps) and self.layer_norm_eps > 0,
+            self.lambda_param is None or in_range(self.lambda_param, LAMBDA_MIN, LAMBDA_MAX),
+            "lambda_param",
+            f"must be a number in [{LAMBDA_MIN}, {LAMBDA_MAX}] or null, got {self.lambda_param!r}",
+        )
+        _check(
+            self.p_norm is None or (in_range(self.p_norm, 0, MAX_P_NORM) and self.p_norm > 0),
+            "p_norm",
+            f"must be a number in (0, {MAX_P_NORM}], got {self.p_norm!r}",
+        )
+        _check(
+            in_range(self.layer_norm_eps, 0, MAX_LAYER_NORM_EPS) and self.layer_norm_eps > 0,
             "layer_norm_eps",
-            f"must be positive, got {self.layer_norm_eps!r}",
+            f"must be in (0, {MAX_LAYER_NORM_EPS}], got {self.layer_norm_eps!r}",
         )
         for name in ("use_learnable_lambda", "tie_word_embeddings", "bias"):
             _check(isinstance(getattr(self, name), bool), name, "must be true or false")
@@ -189,49 +243,34 @@ class TrainConfig(_JsonConfig):
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first invalid field."""
-        for name in ("learning_rate",):
-            value = getattr(self, name)
-            _check(is_number(value) and value > 0, name, f"must be positive, got {value!r}")
         _check(
-            is_number(self.min_lr) and 0 <= self.min_lr <= self.learning_rate,
+            in_range(self.learning_rate, 0, MAX_LEARNING_RATE) and self.learning_rate > 0,
+            "learning_rate",
+            f"must be in (0, {MAX_LEARNING_RATE}], got {self.learning_rate!r}",
+        )
+        _check(
+            in_range(self.min_lr, 0, self.learning_rate),
             "min_lr",
             f"must be in [0, learning_rate={self.learning_rate}], got {self.min_lr!r}",
         )
-        for name in (
-            "max_steps",
-            "batch_size",
-            "block_size",
-            "gradient_accumulation_steps",
-            "eval_interval",
-            "log_interval",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "max_bad_steps",
-        ):
-            value = getattr(self, name)
-            _check(is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "seed"):
-            value = getattr(self, name)
-            _check(is_int(value) and value >= 0, name, f"must be an integer ≥ 0, got {value!r}")
+        for name, (low, high) in _TRAIN_COUNTS.items():
+            _check_count(getattr(self, name), name, low, high)
         for name in ("lr_decay_steps", "eval_batches"):
             value = getattr(self, name)
-            _check(
-                value is None or (is_int(value) and value > 0),
-                name,
-                f"must be a positive integer or null, got {value!r}",
-            )
+            if value is not None:
+                _check_count(value, name, 1, MAX_COUNT)
         _check(
-            is_number(self.weight_decay) and self.weight_decay >= 0,
+            in_range(self.weight_decay, 0, MAX_WEIGHT_DECAY),
             "weight_decay",
-            f"must be ≥ 0, got {self.weight_decay!r}",
+            f"must be in [0, {MAX_WEIGHT_DECAY}], got {self.weight_decay!r}",
         )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            _check(is_number(value) and 0 <= value < 1, name, f"must be in [0, 1), got {value!r}")
+            _check(in_range(value, 0, 1) and value < 1, name, f"must be in [0, 1), got {value!r}")
         _check(
-            is_number(self.grad_clip) and self.grad_clip >= 0,
+            in_range(self.grad_clip, 0, MAX_GRAD_CLIP),
             "grad_clip",
-            f"must be ≥ 0 (0 disables clipping), got {self.grad_clip!r}",
+            f"must be in [0, {MAX_GRAD_CLIP}] (0 disables clipping), got {self.grad_clip!r}",
         )
         _check(
             self.precision in PRECISIONS,
@@ -239,14 +278,15 @@ class TrainConfig(_JsonConfig):
             f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
         )
         _check(
-            self.device in DEVICES or self.device.startswith("cuda:"),
+            self.device in DEVICES or _CUDA_DEVICE.fullmatch(self.device) is not None,
             "device",
             f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N",
         )
         _check(
-            self.peak_flops is None or (is_number(self.peak_flops) and self.peak_flops > 0),
+            self.peak_flops is None
+            or (in_range(self.peak_flops, 0, MAX_PEAK_FLOPS) and self.peak_flops > 0),
             "peak_flops",
-            f"must be positive or null, got {self.peak_flops!r}",
+            f"must be in (0, {MAX_PEAK_FLOPS:g}] or null, got {self.peak_flops!r}",
         )
 
 

@@ -265,7 +265,11 @@ class BPETokenizer(Tokenizer):
     def from_config(cls, config: dict[str, Any]) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
-        hf = HFTokenizer.from_str(json.dumps(config["tokenizer"]))
+        text = json.dumps(config["tokenizer"])
+        try:
+            hf = HFTokenizer.from_str(text)
+        except Exception as err:  # tokenizers raises plain Exceptions
+            raise ValueError(f"bpe tokenizer: not a tokenizers file ({err})") from None
         return cls(hf, requested_size=int(config["requested_size"]))
 
 
@@ -421,6 +425,9 @@ def build_tokenizer(spec: str, train_text: str = "", *, unk_token: str | None = 
     return BPETokenizer.train(train_text, size)
 
 
+_DEFINED_BY = {"char": "'chars' and 'unk_token'", "bpe": "'tokenizer'", "gpt2": "GPT-2 files"}
+
+
 def tokenizer_from_dict(data: dict[str, Any], origin: str = "tokenizer") -> Tokenizer:
     """Rebuild a tokenizer from `Tokenizer.to_dict()` output; `origin` names it in errors."""
     if data.get("format") != TOKENIZER_FORMAT:
@@ -434,7 +441,15 @@ def tokenizer_from_dict(data: dict[str, Any], origin: str = "tokenizer") -> Toke
     try:
         tok: Tokenizer
         if kind == "char":
-            tok = CharTokenizer(data["chars"], unk_token=data.get("unk_token"))
+            chars, unk_token = data["chars"], data.get("unk_token")
+            if not (isinstance(chars, str) and chars) or not (
+                unk_token is None or isinstance(unk_token, str)
+            ):
+                raise ValueError(
+                    f"{origin}: 'chars' must be a non-empty string and 'unk_token' a string or "
+                    f"null, got {chars!r} and {unk_token!r}"
+                )
+            tok = CharTokenizer(chars, unk_token=unk_token)
         elif kind == "bpe":
             tok = BPETokenizer.from_config(data)
         elif kind == "gpt2":
@@ -446,12 +461,12 @@ def tokenizer_from_dict(data: dict[str, Any], origin: str = "tokenizer") -> Toke
             tok = GPT2Tokenizer()
         else:
             raise ValueError(f"{origin}: unknown tokenizer type {kind!r} (char, bpe or gpt2)")
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, OverflowError) as err:
         raise ValueError(f"{origin}: corrupt {kind} tokenizer ({err!r})") from None
     if tok.vocab_size != data.get("vocab_size"):
         raise ValueError(
             f"{origin}: vocab_size {data.get('vocab_size')} does not match the tokenizer "
-            f"it describes ({tok.vocab_size})"
+            f"it describes ({tok.vocab_size} tokens, from its {_DEFINED_BY[kind]})"
         )
     return tok
 
@@ -463,7 +478,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError among them
         raise ValueError(f"tokenizer file {str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"tokenizer file {str(path)!r} does not hold a JSON object")

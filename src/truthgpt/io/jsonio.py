@@ -22,10 +22,11 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def parse_json(path: Path, data: bytes, error: type[ValueError] = JSONFileError) -> Any:
-    """`data` (read from `path`) as JSON; raises `error` naming the file."""
+    """`data` (read from `path`) as JSON; raises `error` naming the file. Numbers of more
+    digits than Python converts, and nesting deeper than its stack, are refused alike."""
     try:
         return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError among them
         raise error(f"{path}: not valid JSON ({err})") from None
 
 

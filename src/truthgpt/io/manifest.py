@@ -89,7 +89,7 @@ class FolderReader:
             self._check_size(name)
         for name in known_files:
             if name not in self.files and (folder / name).exists():
-                raise CheckpointError(f"{folder / name}: not listed in {MANIFEST_FILE}")
+                raise CheckpointError(f"{folder / name}: not listed in {MANIFEST_FILE} ('files')")
 
     def _check_size(self, name: str) -> None:
         path = self.folder / name
@@ -129,18 +129,24 @@ class FolderReader:
     def has(self, name: str) -> bool:
         return name in self.files
 
+    def size(self, name: str) -> int:
+        """The size of a listed file, checked against the manifest (its contents are not)."""
+        if name not in self.files:
+            raise CheckpointError(
+                f"{self.folder / name}: not listed in {MANIFEST_FILE} ('files'); the checkpoint "
+                "is incomplete"
+            )
+        self._check_size(name)
+        return self.files[name]["size"]
+
     def path(self, name: str) -> Path:
         return self.folder / name
 
     def bytes(self, name: str) -> bytes:
         """The file's contents, after checking its size and sha256 against the manifest."""
         path = self.folder / name
-        if name not in self.files:
-            raise CheckpointError(
-                f"{path}: not listed in {MANIFEST_FILE}; the checkpoint is incomplete"
-            )
+        self.size(name)
         entry = self.files[name]
-        self._check_size(name)
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:

@@ -22,7 +22,7 @@ from truthgpt.io.manifest import (
     write_manifest,
 )
 from truthgpt.io.runs import WEIGHTS_FILE, resolve_checkpoint
-from truthgpt.io.tensors import check_tensors, tensor_bytes
+from truthgpt.io.tensors import check_finite, check_tensors, tensor_bytes
 
 CONFIG_FILE = "config.json"
 
@@ -82,11 +82,44 @@ def open_folder(path: str | Path, known_files: tuple[str, ...] = ()) -> FolderRe
     return FolderReader(resolve_checkpoint(path), (CONFIG_FILE, WEIGHTS_FILE, *known_files))
 
 
+# The model fields config.json has held since format 1 (every one): a folder that lacks one
+# was edited, and the field's default would silently build another model. A field added in a
+# later format is not listed, so that older folders load with its default.
+MODEL_FIELDS_V1 = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "distance_type",
+        "lambda_param",
+        "use_learnable_lambda",
+        "p_norm",
+        "tie_word_embeddings",
+        "layer_norm_eps",
+        "bias",
+    }
+)
+
+
+def require_fields(section: Any, required: frozenset[str], path: Path, what: str) -> None:
+    """Raise, naming them, when a config section (a JSON object) lacks required fields."""
+    if isinstance(section, dict):
+        missing = sorted(required - set(section))
+        if missing:
+            raise CheckpointError(f"{path}: invalid {what} config: lacks {', '.join(missing)}")
+
+
 def read_model_config(reader: FolderReader) -> TruthGPTConfig:
     """The model config of a verified folder, checked field by field."""
     config = reader.json(CONFIG_FILE)
     path = reader.path(CONFIG_FILE)
     check_format(config, path)
+    require_fields(config.get("model"), MODEL_FIELDS_V1, path, "model")
     try:
         return TruthGPTConfig.from_dict(config.get("model"))  # type: ignore[arg-type]
     except (ConfigError, TypeError) as err:
@@ -94,9 +127,11 @@ def read_model_config(reader: FolderReader) -> TruthGPTConfig:
 
 
 def read_weights(reader: FolderReader, model: nn.Module) -> dict[str, Tensor]:
-    """Weights from model.safetensors, checked against `model` (which is not touched)."""
+    """Weights from model.safetensors, checked against `model` (which is not touched), and
+    finite: a run never saves a NaN or an infinity (it skips non-finite updates)."""
     tensors, _ = reader.tensors(WEIGHTS_FILE)
     check_tensors(unique_tensors(model), tensors, reader.path(WEIGHTS_FILE))
+    check_finite(tensors, reader.path(WEIGHTS_FILE))
     return tensors
 
 

@@ -18,6 +18,9 @@ from torch import Tensor, nn
 
 from truthgpt.config import TruthGPTConfig
 from truthgpt.io import pretrained
+from truthgpt.io.manifest import FolderReader
+from truthgpt.io.runs import WEIGHTS_FILE
+from truthgpt.io.tensors import TensorSpec, check_tensors, read_header
 from truthgpt.nn.attention import DistanceAttention
 from truthgpt.nn.attention.module import distance_kind
 from truthgpt.nn.cache import KVCache, LayerCache
@@ -338,7 +341,36 @@ class TruthGPTModel(nn.Module):
         Every file is verified and every tensor checked before any is copied in."""
         reader = pretrained.open_folder(directory)
         config = pretrained.read_model_config(reader)
+        check_weights_file(reader, config)
         with torch.random.fork_rng(devices=[]):  # initial weights are overwritten anyway
             model = cls(config)
         pretrained.copy_weights(model, pretrained.read_weights(reader, model))
         return model.to(map_location).eval()
+
+
+def weight_specs(config: TruthGPTConfig) -> dict[str, TensorSpec]:
+    """The names, shapes and dtypes of the tensors `save_pretrained` writes for `config`, from
+    a model of one block on the meta device: nothing is allocated, and since every block is
+    alike, 1024 layers cost what one does."""
+    with torch.device("meta"):
+        model = TruthGPTModel(dataclasses.replace(config, num_hidden_layers=1))
+    specs = {}
+    for name, tensor in pretrained.unique_tensors(model).items():
+        spec = TensorSpec(tuple(tensor.shape), tensor.dtype)
+        if name.startswith("blocks.0."):
+            for i in range(config.num_hidden_layers):
+                specs[f"blocks.{i}.{name.removeprefix('blocks.0.')}"] = spec
+        else:
+            specs[name] = spec
+    return specs
+
+
+def check_weights_file(reader: FolderReader, config: TruthGPTConfig) -> None:
+    """Refuse, before any model is built, a folder whose model.safetensors does not hold the
+    tensors of `config` (read from its header alone): a config edited to ask for 2^20
+    positions or 1024 layers then costs a comparison, not the memory of that model.
+
+    A distance kind this process has not registered raises the registry's `ConfigError`: the
+    folder may be sound, and registering the kind is the fix."""
+    expected = weight_specs(config)
+    check_tensors(expected, read_header(reader, WEIGHTS_FILE), reader.path(WEIGHTS_FILE))

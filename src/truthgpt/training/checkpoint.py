@@ -39,6 +39,7 @@ from truthgpt.io.pretrained import (
     CONFIG_FILE,
     open_folder,
     read_model_config,
+    require_fields,
     unique_tensors,
     write_model_files,
 )
@@ -144,6 +145,33 @@ def read_resume_state(reader: FolderReader) -> ResumeState:
 
 _MODEL_FIELDS = frozenset(TruthGPTConfig.__dataclass_fields__)
 _TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
+# The training fields config.json has held since format 1 (see MODEL_FIELDS_V1).
+TRAIN_FIELDS_V1 = frozenset(
+    {
+        "learning_rate",
+        "min_lr",
+        "warmup_steps",
+        "max_steps",
+        "lr_decay_steps",
+        "weight_decay",
+        "beta1",
+        "beta2",
+        "grad_clip",
+        "batch_size",
+        "block_size",
+        "gradient_accumulation_steps",
+        "precision",
+        "device",
+        "seed",
+        "eval_interval",
+        "eval_batches",
+        "log_interval",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_bad_steps",
+        "peak_flops",
+    }
+)
 
 
 def read_train_config(reader: FolderReader, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -156,6 +184,7 @@ def read_train_config(reader: FolderReader, overrides: dict[str, Any] | None = N
             f"{path}: no training config ('train'); it was written by save_pretrained, which "
             "keeps the model only: load it with TruthGPTModel.from_pretrained"
         )
+    require_fields(train, TRAIN_FIELDS_V1, path, "training")
     overrides = dict(overrides or {})
     for key in overrides:
         if key in _MODEL_FIELDS:
@@ -198,10 +227,19 @@ def read_checkpoint_tokenizer(reader: FolderReader) -> Any:
     if not reader.has(TOKENIZER_FILE):
         return None
     reader.bytes(TOKENIZER_FILE)  # verify against the manifest before parsing
+    path = reader.path(TOKENIZER_FILE)
     try:
-        return load_tokenizer(reader.path(TOKENIZER_FILE))
+        tokenizer = load_tokenizer(path)
     except ValueError as err:
-        raise CheckpointError(str(err)) from None
+        message = str(err) if str(path) in str(err) else f"{path}: {err}"
+        raise CheckpointError(message) from None
+    vocab_size = read_model_config(reader).vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(
+            f"{path}: 'vocab_size' {tokenizer.vocab_size} exceeds the model's ({vocab_size}); "
+            "its ids would index past the embedding"
+        )
+    return tokenizer
 
 
 def read_tokenizer(path: str | Path) -> Any:

@@ -27,7 +27,7 @@ from truthgpt.config import (
 from truthgpt.data import sequential_batches
 from truthgpt.io.manifest import CheckpointError
 from truthgpt.io.pretrained import copy_weights, read_model_config, read_weights
-from truthgpt.nn.model import TruthGPTModel
+from truthgpt.nn.model import TruthGPTModel, check_weights_file
 from truthgpt.training import checkpoint, distributed
 from truthgpt.training.batches import Batch, input_shape, micro_batches, split_batch
 from truthgpt.training.errors import TrainingDiverged
@@ -432,7 +432,9 @@ class TruthGPTOptimizationCore:
         optimizer = self.optimizer or self.setup_optimizer()
         try:
             optimizer_state, scaler_state = (
-                read_optimizer(reader, optimizer) if reader.has(OPTIMIZER_FILE) else (None, None)
+                read_optimizer(reader, optimizer, max_step=resume.state.step)
+                if reader.has(OPTIMIZER_FILE)
+                else (None, None)
             )
             if (
                 scaler_state is not None
@@ -480,6 +482,7 @@ class TruthGPTOptimizationCore:
         checkpoint is loaded into it (see `distributed.parallelize`)."""
         reader = checkpoint.open_checkpoint(path)
         model_config = read_model_config(reader)
+        check_weights_file(reader, model_config)  # before the model is built
         if device is not None:
             train_overrides["device"] = device
         train_config = checkpoint.read_train_config(reader, train_overrides)

@@ -8,16 +8,31 @@ with a default (older checkpoints, which lack it, load with that default).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from truthgpt.config import MAX_COUNT, in_range
 from truthgpt.io.jsonio import is_int, is_number
 from truthgpt.io.manifest import CheckpointError
 
-# Counters above this are not counts of anything a run did (2^53: exact as a JSON number).
-MAX_COUNT = 2**53
+# Bounds of the measured fields: a mean cross-entropy past MAX_LOSS, or a token longer than
+# MAX_CHARS_PER_TOKEN characters on average, is not something a run measured.
+MAX_LOSS = 1e6
+MAX_CHARS_PER_TOKEN = 1e6
+# What each field must hold: (check, description).
+_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    "int": (lambda v: is_int(v) and 0 <= v <= MAX_COUNT, f"an integer in [0, {MAX_COUNT}]"),
+    "best_val_loss": (
+        lambda v: v is None or in_range(v, 0, MAX_LOSS),
+        f"a number in [0, {MAX_LOSS:g}] or null",
+    ),
+    "chars_per_token": (
+        lambda v: v is None or (in_range(v, 0, MAX_CHARS_PER_TOKEN) and v > 0),
+        f"a number in (0, {MAX_CHARS_PER_TOKEN:g}] or null",
+    ),
+    "eval_history": (lambda v: isinstance(v, list), "a list of objects"),
+}
 
 
 @dataclass
@@ -43,26 +58,36 @@ class TrainState:
             if f.name not in saved:
                 continue  # written before the field existed: keep its default
             value = saved[f.name]
-            if f.type == "int":
-                ok = is_int(value) and 0 <= value <= MAX_COUNT
-                want = f"an integer in [0, {MAX_COUNT}]"
-            elif f.type == "float | None":
-                ok = value is None or (is_number(value) and math.isfinite(value))
-                want = "a finite number or null"
-            else:
-                ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
-                want = "a list of objects"
-            if not ok:
+            check, want = _FIELD_CHECKS["int" if f.type == "int" else f.name]
+            if not check(value):
                 raise CheckpointError(f"{path}: '{f.name}' must be {want}, got {value!r}")
             values[f.name] = value
         state = cls(**values)
-        if state.chars_per_token is not None and not state.chars_per_token > 0:
-            raise CheckpointError(
-                f"{path}: 'chars_per_token' must be positive, got {state.chars_per_token!r}"
-            )
         if state.bad_steps_in_a_row > state.bad_steps_total:
             raise CheckpointError(
                 f"{path}: 'bad_steps_in_a_row' ({state.bad_steps_in_a_row}) exceeds "
                 f"'bad_steps_total' ({state.bad_steps_total})"
             )
+        if state.bad_steps_total > state.step:  # a skipped update is a step too
+            raise CheckpointError(
+                f"{path}: 'bad_steps_total' ({state.bad_steps_total}) exceeds 'step' ({state.step})"
+            )
+        for i, entry in enumerate(state.eval_history):
+            _check_eval(entry, state.step, f"{path}: 'eval_history'[{i}]")
         return state
+
+
+def _check_eval(entry: Any, step: int, where: str) -> None:
+    """One recorded evaluation: measurements by name (kept as measured, NaN included), at a
+    step of the run so far (the loop reads it back as an int)."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} must be an object, got {entry!r}")
+    for key in ("step", "loss"):
+        if key not in entry:
+            raise CheckpointError(f"{where} has no '{key}'")
+    for key, value in entry.items():
+        if not is_number(value):
+            raise CheckpointError(f"{where} '{key}' must be a number, got {value!r}")
+    at = entry["step"]
+    if not (in_range(at, 0, step) and at == int(at)):
+        raise CheckpointError(f"{where} 'step' must be a whole number in [0, {step}], got {at!r}")

@@ -8,17 +8,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from truthgpt.config import ConfigError
+from truthgpt.config import LAMBDA_MAX, LAMBDA_MIN, ConfigError
 from truthgpt.nn.attention import kinds
 from truthgpt.nn.attention.functional import distance_attention
 from truthgpt.nn.attention.kinds import DistanceKind
 from truthgpt.nn.cache import LayerCache
 
-# λ lives in log space and is clamped to this range when used: wide enough for every kind's
-# default (cosine at √D for D up to 10^6, l1 at 2/√D for D up to 4·10^6), narrow enough that a
-# runaway head cannot give fully one-hot (λ huge) or uniform (λ tiny) attention.
-LAMBDA_MIN = 1e-3
-LAMBDA_MAX = 1e3
+# λ lives in log space and is clamped to [LAMBDA_MIN, LAMBDA_MAX] (truthgpt.config, which
+# checks a config's lambda_param against it) when used: wide enough for every kind's default
+# (cosine at √D for D up to 10^6, l1 at 2/√D for D up to 4·10^6), narrow enough that a runaway
+# head cannot give fully one-hot (λ huge) or uniform (λ tiny) attention.
 
 
 def default_lambda(kind: str | DistanceKind, head_dim: int, *, p: float | None = None) -> float:
