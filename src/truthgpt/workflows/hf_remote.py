@@ -56,7 +56,6 @@ from __future__ import annotations
 _CONFIG_IMPORTS = """
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Self
 
@@ -226,9 +225,22 @@ def configuration_source(hf: ModuleType) -> str:
         + _CONFIG_IMPORTS
         + _section(
             config_module,
+            "MAX_VOCAB_SIZE",
+            "MAX_HIDDEN_SIZE",
+            "MAX_INTERMEDIATE_SIZE",
+            "MAX_LAYERS",
+            "MAX_ATTENTION_HEADS",
+            "MAX_POSITIONS",
+            "LAMBDA_MIN",
+            "LAMBDA_MAX",
+            "MAX_P_NORM",
+            "MAX_LAYER_NORM_EPS",
             "ConfigError",
             "_check",
+            "in_range",
+            "_check_count",
             "_JsonConfig",
+            "_MODEL_SIZES",
             "TruthGPTConfig",
             "is_int",
             "is_number",
@@ -275,10 +287,9 @@ def modeling_source(hf: ModuleType) -> str:
         + _DISTANCE_ATTENTION
         + _section(cache, "LayerCache", "KVCache")
         + _section(inputs, "check_token_ids")
+        + _section(config_module, "LAMBDA_MIN", "LAMBDA_MAX")
         + _section(
             module,
-            "LAMBDA_MIN",
-            "LAMBDA_MAX",
             "default_lambda",
             "distance_kind",
             "_check_p",
