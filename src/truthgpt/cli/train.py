@@ -142,6 +142,7 @@ def _start(args: argparse.Namespace, world: World, say) -> tuple:
         distributed,
         parse_overrides,
     )
+    from truthgpt.training.loop import check_data_fits
 
     data = load_prepared(args.data)
     overrides = parse_overrides(args.set) | _flag_overrides(args)
@@ -151,7 +152,7 @@ def _start(args: argparse.Namespace, world: World, say) -> tuple:
         config_file=args.config,
         overrides=overrides,
     )
-    _check_data_fits(data, config.block_size)
+    check_data_fits(data, config.block_size)
     core = TruthGPTOptimizationCore(
         config,
         tokenizer=data.tokenizer,
@@ -245,16 +246,6 @@ def _same_tokenizer(saved, data) -> bool:
         return False
     ids = [int(t) for t in data.val.tokens[:2000]]
     return list(saved.encode(data.tokenizer.decode(ids))) == ids
-
-
-def _check_data_fits(data, block_size: int) -> None:
-    for name in ("train", "val"):
-        split = getattr(data, name)
-        if len(split) < block_size + 1:
-            raise ValueError(
-                f"block_size: {block_size} needs at least {block_size + 1} tokens in the "
-                f"{name} split of {data.data_dir}, which has {len(split)}"
-            )
 
 
 class _no_lock:

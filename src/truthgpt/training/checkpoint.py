@@ -125,6 +125,10 @@ class ResumeState:
     restore_rng: Callable[[], None]
     raw: dict[str, Any]
 
+    def as_dict(self) -> dict[str, Any]:
+        """trainer_state.json as checked: the counters, and the caller's values under "extra"."""
+        return {**self.raw, **self.state.state_dict(), "extra": self.extra}
+
 
 def read_resume_state(reader: FolderReader) -> ResumeState:
     path = reader.path(STATE_FILE)
@@ -250,7 +254,7 @@ def read_tokenizer(path: str | Path) -> Any:
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The trainer state (counters, `extra` values) of a checkpoint, run or checkpoints folder."""
     resume = read_resume_state(open_checkpoint(path))
-    return {**resume.raw, **resume.state.state_dict(), "extra": resume.extra}
+    return resume.as_dict()
 
 
 class CheckpointManager:

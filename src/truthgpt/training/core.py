@@ -465,7 +465,7 @@ class TruthGPTOptimizationCore:
             state.chars_per_token = self.state.chars_per_token
         self.state = state
         resume.restore_rng()
-        return {**resume.raw, **state.state_dict(), "extra": resume.extra}
+        return resume.as_dict()
 
     @classmethod
     def from_checkpoint(

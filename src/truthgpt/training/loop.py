@@ -120,7 +120,7 @@ def train(
         data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed, rank=world.rank
     )
     # Fail now, not after the first training interval, if the val split is too short.
-    _check_val_split(data, cfg.block_size)
+    check_data_fits(data, cfg.block_size)
     manager = CheckpointManager(run_dir, keep_last=cfg.keep_checkpoints) if world.is_main else None
     own_monitor = monitor is None
     if monitor is None:
@@ -184,8 +184,14 @@ def last_eval_step(core: TruthGPTOptimizationCore) -> bool:
     return bool(core.eval_history) and int(core.eval_history[-1]["step"]) == core.step
 
 
-def _check_val_split(data: Any, block_size: int) -> None:
-    if len(data.val) < block_size + 1:
-        raise ValueError(
-            f"val split: {len(data.val)} tokens is shorter than block_size + 1 = {block_size + 1}"
-        )
+def check_data_fits(data: Any, block_size: int) -> None:
+    """Both splits hold at least one window of block_size + 1 tokens (checked before a run
+    writes anything, not after its first training interval)."""
+    for name in ("train", "val"):
+        split = getattr(data, name)
+        if len(split) < block_size + 1:
+            raise ValueError(
+                f"block_size: {block_size} needs at least {block_size + 1} tokens in the "
+                f"{name} split of {getattr(data, 'data_dir', 'the data')}, which has "
+                f"{len(split)}"
+            )
