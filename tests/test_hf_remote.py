@@ -37,6 +37,11 @@ NEW_TOKENS = 3 * WINDOW  # slides the window three times
 PACKAGES = ("torch==2.13.0", "transformers==5.24.0")
 # The tokenizer of each kind's run: every kind runs, every tokenizer is exported.
 TOKENIZERS = {"sql2": "bpe:300", "lp": "gpt2"}
+# Each export: the kinds, and the options whose code the export must carry too.
+CASES: dict[str, tuple[str, dict]] = {kind: (kind, {}) for kind in builtin_names()} | {
+    "l1-qk-norm": ("l1", {"qk_norm": "rms", "qk_norm_gain": True}),
+    "dot-qk-norm": ("dot", {"qk_norm": "layer"}),
+}
 
 REMOTE = r"""
 import importlib.util, json, sys
@@ -83,7 +88,7 @@ with open(f"{root}/results.json", "w") as f:
 """
 
 
-def trained_run(run_dir: Path, kind: str, spec: str) -> TruthGPTModel:
+def trained_run(run_dir: Path, kind: str, spec: str, **options: object) -> TruthGPTModel:
     """A run of a few training steps, its weights spread out first so that greedy decoding
     wanders instead of repeating one token."""
     tokenizer = build_tokenizer(spec, TEXT * 4)
@@ -98,6 +103,7 @@ def trained_run(run_dir: Path, kind: str, spec: str) -> TruthGPTModel:
         distance_type=kind,
         device="cpu",
         peak_flops=1e12,
+        **options,
     )
     torch.manual_seed(1)
     core = TruthGPTOptimizationCore(config, tokenizer=tokenizer)
@@ -119,9 +125,9 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, d
     the CLI, ROOT/KIND/expected.pt the logits and the settings the other venv reads."""
     root = tmp_path_factory.mktemp("remote")
     ours: dict[str, dict] = {}
-    for kind in builtin_names():
+    for kind, (distance, options) in CASES.items():
         spec = TOKENIZERS.get(kind, "char")
-        model = trained_run(root / kind / "run", kind, spec)
+        model = trained_run(root / kind / "run", distance, spec, **options)
         out = root / kind / "hf"
         assert main(["export-hf", "--run", str(root / kind / "run"), "--out", str(out)]) == 0
         prompt = build_tokenizer(spec, TEXT * 4).encode(PROMPT)
@@ -169,20 +175,20 @@ def test_every_builtin_kind_is_covered() -> None:
     assert set(builtin_names()) == {"dot", "cosine", "l1", "l2", "sql2", "chebyshev", "lp"}
 
 
-@pytest.mark.parametrize("kind", builtin_names())
+@pytest.mark.parametrize("kind", CASES)
 def test_remote_code_loads_without_truthgpt(remote, kind: str) -> None:
     _, theirs = remote[kind]
     assert theirs["module"].endswith("modeling_truthgpt")
     assert not theirs["module"].startswith("truthgpt")
 
 
-@pytest.mark.parametrize("kind", builtin_names())
+@pytest.mark.parametrize("kind", CASES)
 def test_remote_logits_match_truthgpt(remote, kind: str) -> None:
     _, theirs = remote[kind]
     assert theirs["max_logit_diff"] <= 1e-5
 
 
-@pytest.mark.parametrize("kind", builtin_names())
+@pytest.mark.parametrize("kind", CASES)
 def test_remote_generate_slides_the_window_like_truthgpt(remote, kind: str) -> None:
     """Greedy `generate()` past `max_position_embeddings`, with and without the cache, gives
     the tokens `truthgpt generate` gives."""
@@ -193,7 +199,7 @@ def test_remote_generate_slides_the_window_like_truthgpt(remote, kind: str) -> N
     assert theirs["generated"]["False"] == ours["generated"]
 
 
-@pytest.mark.parametrize("kind", builtin_names())
+@pytest.mark.parametrize("kind", CASES)
 def test_remote_pipeline_and_end_of_text(remote, kind: str) -> None:
     ours, theirs = remote[kind]
     tokenizer = build_tokenizer(ours["spec"], TEXT * 4)

@@ -18,6 +18,7 @@ from typing import Any, Self
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+QK_NORMS: tuple[str, ...] = ("none", "rms", "layer")  # DistanceAttention's qk_norm
 
 # Upper bounds of every size and count: generous (far past any model or run this code is for),
 # so that a config, which a checkpoint carries, can never ask for an allocation or a loop no
@@ -40,6 +41,7 @@ MAX_KEEP_CHECKPOINTS = 2**16
 MAX_SEED = 2**63 - 1  # what every generator seeded from it (torch, NumPy) takes as an int64
 MAX_LEARNING_RATE = 10.0  # AdamW moves each weight by about lr a step: far past any that trains
 MAX_WEIGHT_DECAY = 10.0
+MAX_LAMBDA_LR_SCALE = 1e3  # log λ's learning rate as a multiple of the schedule's
 MAX_GRAD_CLIP = 1e6  # 0 disables clipping; a larger norm is no clipping by another name
 MAX_PEAK_FLOPS = 1e18  # an exaFLOP/s, per device
 _CUDA_DEVICE = re.compile(r"cuda:\d{1,4}")
@@ -152,6 +154,8 @@ class TruthGPTConfig(_JsonConfig):
     tie_word_embeddings: bool = True
     layer_norm_eps: float = 1e-5
     bias: bool = True
+    qk_norm: str = "none"  # "none", "rms" or "layer": normalise q and k per head (QK_NORMS)
+    qk_norm_gain: bool = False  # with qk_norm: learned gains for q and k
 
     def __post_init__(self) -> None:
         if isinstance(self.distance_type, str):
@@ -201,7 +205,12 @@ class TruthGPTConfig(_JsonConfig):
             "layer_norm_eps",
             f"must be in (0, {MAX_LAYER_NORM_EPS}], got {self.layer_norm_eps!r}",
         )
-        for name in ("use_learnable_lambda", "tie_word_embeddings", "bias"):
+        _check(
+            self.qk_norm in QK_NORMS,
+            "qk_norm",
+            f"must be one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}",
+        )
+        for name in ("use_learnable_lambda", "tie_word_embeddings", "bias", "qk_norm_gain"):
             _check(isinstance(getattr(self, name), bool), name, "must be true or false")
 
     @property
@@ -219,6 +228,7 @@ class TrainConfig(_JsonConfig):
     max_steps: int = 2000
     lr_decay_steps: int | None = None  # None: decay over max_steps
     weight_decay: float = 0.1
+    lambda_lr_scale: float = 1.0  # log λ's learning rate ÷ the others' (λ is never decayed)
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
@@ -263,6 +273,11 @@ class TrainConfig(_JsonConfig):
             in_range(self.weight_decay, 0, MAX_WEIGHT_DECAY),
             "weight_decay",
             f"must be in [0, {MAX_WEIGHT_DECAY}], got {self.weight_decay!r}",
+        )
+        _check(
+            in_range(self.lambda_lr_scale, 0, MAX_LAMBDA_LR_SCALE) and self.lambda_lr_scale > 0,
+            "lambda_lr_scale",
+            f"must be in (0, {MAX_LAMBDA_LR_SCALE:g}], got {self.lambda_lr_scale!r}",
         )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)

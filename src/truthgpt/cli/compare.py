@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fixed validation batches for the final figure (default 200)",
     )
     p.add_argument(
+        "--evals",
+        type=int,
+        default=10,
+        help="validation passes along each run, for the curves (default 10; each costs "
+        "EVAL_BATCHES forward batches)",
+    )
+    p.add_argument(
         "--set",
         metavar="KEY=VALUE",
         action="append",
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data,
         corpus=args.corpus,
         eval_batches=args.eval_batches,
+        evals=args.evals,
         overrides=parse_overrides(args.set),
     )
     return 0

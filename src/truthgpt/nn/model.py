@@ -67,6 +67,8 @@ class Block(nn.Module):
             p=config.p_norm,
             dropout=config.attention_probs_dropout_prob,
             bias=config.bias,
+            qk_norm=config.qk_norm,
+            qk_norm_gain=config.qk_norm_gain,
         )
         self.resid_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
@@ -267,15 +269,24 @@ class TruthGPTModel(nn.Module):
         """Effective λ of every head, shape (layers, heads)."""
         return torch.stack([block.attn.lambda_.detach() for block in self.blocks])
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Parameter groups for AdamW: decay only ≥2-D weights (never λ, norms or biases)."""
-        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+    def optimizer_groups(self, weight_decay: float, lambda_lr_scale: float = 1.0) -> list[dict]:
+        """Parameter groups for AdamW: decay only ≥2-D weights (never λ, norms or biases).
+
+        With lambda_lr_scale ≠ 1 the log λ of every head get a group of their own whose
+        "lr_scale" the trainer multiplies into the schedule's rate: log λ otherwise moves
+        only a few tenths in a whole run. With 1 the layout is the two groups of earlier
+        releases, so their optimizer state keeps loading."""
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        own = lambda_lr_scale != 1.0
+        lam = [p for name, p in named if own and name.endswith("log_lambda")]
+        rest = [p for name, p in named if not (own and name.endswith("log_lambda"))]
+        groups = [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
+        if lam:
+            groups.append({"params": lam, "weight_decay": 0.0, "lr_scale": lambda_lr_scale})
+        return groups
 
     def flops_per_token(self, sequence_length: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·C·T.

@@ -49,8 +49,9 @@ def compare_kinds(
     `kinds` are registered kinds or aliases, each trained once under its own name.
     """
     kinds = _resolve(kinds)
-    if seeds < 1 or steps < 1:
-        raise ValueError("--seeds and --steps must be positive")
+    for name, value in (("--seeds", seeds), ("--steps", steps), ("--evals", evals)):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # Its runs, data and results go inside: never mixed into a folder of the user's.

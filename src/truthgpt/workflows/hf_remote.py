@@ -235,6 +235,7 @@ def configuration_source(hf: ModuleType) -> str:
             "LAMBDA_MAX",
             "MAX_P_NORM",
             "MAX_LAYER_NORM_EPS",
+            "QK_NORMS",
             "ConfigError",
             "_check",
             "in_range",
@@ -287,7 +288,7 @@ def modeling_source(hf: ModuleType) -> str:
         + _DISTANCE_ATTENTION
         + _section(cache, "LayerCache", "KVCache")
         + _section(inputs, "check_token_ids")
-        + _section(config_module, "LAMBDA_MIN", "LAMBDA_MAX")
+        + _section(config_module, "QK_NORMS", "LAMBDA_MIN", "LAMBDA_MAX")
         + _section(
             module,
             "default_lambda",

@@ -6,9 +6,10 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from truthgpt.config import LAMBDA_MAX, LAMBDA_MIN, ConfigError
+from truthgpt.config import LAMBDA_MAX, LAMBDA_MIN, QK_NORMS, ConfigError
 from truthgpt.nn.attention import kinds
 from truthgpt.nn.attention.functional import distance_attention
 from truthgpt.nn.attention.kinds import DistanceKind
@@ -83,6 +84,10 @@ class DistanceAttention(nn.Module):
         p: the exponent for distance_type='lp'.
         dropout: dropout on the attention weights, in training only.
         bias: biases in the q/k/v and output projections.
+        qk_norm: "none", "rms" or "layer": normalise every head's queries and keys over
+            their D dimensions before the distance, so that distances (and so how sharp
+            attention is at a given λ) do not drift with the scale the projections learn.
+        qk_norm_gain: with qk_norm, a learned gain per dimension for q and one for k.
     """
 
     def __init__(
@@ -95,6 +100,8 @@ class DistanceAttention(nn.Module):
         p: float | None = None,
         dropout: float = 0.0,
         bias: bool = True,
+        qk_norm: str = "none",
+        qk_norm_gain: bool = False,
     ) -> None:
         super().__init__()
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads)):
@@ -111,6 +118,9 @@ class DistanceAttention(nn.Module):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {', '.join(QK_NORMS)}, got {qk_norm!r}")
+        self.qk_norm = qk_norm
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
@@ -132,6 +142,17 @@ class DistanceAttention(nn.Module):
         self.log_lambda = nn.Parameter(
             torch.full((num_heads,), math.log(lambda_init)), requires_grad=learnable_lambda
         )
+        gain = qk_norm != "none" and qk_norm_gain
+        self.q_gain = nn.Parameter(torch.ones(self.head_dim)) if gain else None
+        self.k_gain = nn.Parameter(torch.ones(self.head_dim)) if gain else None
+
+    def _normalise(self, x: Tensor, gain: Tensor | None) -> Tensor:
+        """x (B, H, T, D) with unit RMS (or zero mean and unit variance) over D, times gain."""
+        if self.qk_norm == "rms":
+            return F.rms_norm(x, (self.head_dim,), gain, eps=1e-6)
+        if self.qk_norm == "layer":
+            return F.layer_norm(x, (self.head_dim,), gain, eps=1e-6)
+        return x
 
     @property
     def lambda_(self) -> Tensor:
@@ -157,6 +178,8 @@ class DistanceAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H, D).transpose(1, 2)
         v = v.view(B, T, H, D).transpose(1, 2)
+        if self.qk_norm != "none":  # before the cache: cached keys are normalised ones
+            q, k = self._normalise(q, self.q_gain), self._normalise(k, self.k_gain)
         present: tuple[Tensor, Tensor] | LayerCache
         if isinstance(past_key_value, LayerCache):
             k, v = past_key_value.append(k, v)
@@ -193,6 +216,7 @@ class DistanceAttention(nn.Module):
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
             f"distance_type={self.distance_type!r}{p}, dropout={self.dropout}"
+            + (f", qk_norm={self.qk_norm!r}" if self.qk_norm != "none" else "")
         )
 
 
