@@ -57,3 +57,14 @@ def test_compare_writes_table_plot_and_results(tmp_path, corpus):
 def test_compare_cli_rejects_unknown_kind(tmp_path, capsys):
     assert main(["compare", "--kinds", "dot,manhatten", "--out", str(tmp_path)]) == 2
     assert "manhatten" in capsys.readouterr().err
+
+
+def test_compare_cli_evals_sets_the_curve_and_is_checked(tmp_path, corpus, capsys):
+    assert main(["compare", "--kinds", "l1", "--evals", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "--evals must be positive, got 0" in capsys.readouterr().err
+    sets = [f"--set={k}={v}" for k, v in TINY.items()]
+    args = ["compare", "--kinds", "l1", "--seeds", "1", "--steps", "6", "--evals", "3"]
+    args += ["--eval-batches", "2", "--corpus", str(corpus), "--out", str(tmp_path / "b")]
+    assert main(args + sets) == 0
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [s for s, _ in saved["kinds"]["l1"]["per_seed"][0]["val_curve"]] == [2, 4, 6]
