@@ -1,12 +1,12 @@
 """Training throughput and MFU of every distance kind against `dot`, in one process.
 
     python benchmarks/train.py [--presets char-small,seed] [--kinds dot,l1,...] [--steps 30]
-                               [--threads N]
+                               [--threads N] [--precision fp32|bf16]
 
 Each kind trains its preset on random token batches for a few warm-up steps, then is timed over
 `--steps` steps; kinds are measured in interleaved rounds and the median round is kept, so a
 burst of load elsewhere on a shared machine hits every kind alike. Ratios to `dot` are the
-figures to read. Writes benchmarks/results/train.json and train.md.
+figures to read. Writes benchmarks/results/train[.threadsN][.bf16].json and .md.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ RESULTS = Path(__file__).parent / "results"
 VOCAB = {"char-small": 80, "seed": 50257}
 
 
-def make_core(preset_name: str, kind: str) -> TruthGPTOptimizationCore:
+def make_core(preset_name: str, kind: str, precision: str = "fp32") -> TruthGPTOptimizationCore:
     fields = preset(preset_name) | {"distance_type": kind, "device": "cpu", "seed": 0}
+    fields["precision"] = precision
     config = TruthGPTOptimizationCoreConfig(vocab_size=VOCAB[preset_name], **fields)
     return TruthGPTOptimizationCore(config)
 
@@ -44,8 +45,10 @@ def batches(config: TruthGPTOptimizationCoreConfig, n: int) -> list[torch.Tensor
     return [torch.randint(0, config.vocab_size, shape, generator=g) for _ in range(n)]
 
 
-def measure(preset_name: str, kinds: list[str], steps: int, rounds: int, peak: float) -> dict:
-    cores = {kind: make_core(preset_name, kind) for kind in kinds}
+def measure(
+    preset_name: str, kinds: list[str], steps: int, rounds: int, peak: float, precision: str
+) -> dict:
+    cores = {kind: make_core(preset_name, kind, precision) for kind in kinds}
     data = batches(next(iter(cores.values())).config, steps)
     for core in cores.values():  # warm-up: allocation, kernel compilation
         core._peak_flops = peak
@@ -65,6 +68,7 @@ def measure(preset_name: str, kinds: list[str], steps: int, rounds: int, peak: f
         tokens_per_s = steps * cfg.batch_size * cfg.block_size / seconds
         rows[kind] = {
             "tokens_per_s": tokens_per_s,
+            "seconds_per_step": seconds / steps,
             "mfu": core.mfu(tokens_per_s, cfg.block_size),
             "num_parameters": core.model.num_parameters(),
         }
@@ -80,6 +84,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16"), help="autocast (MFU: fp32 peak)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +106,7 @@ def main() -> None:
     }
     for name in args.presets.split(","):
         print(f"[{name}]", flush=True)
-        rows = measure(name, kinds, args.steps, args.rounds, peak)
+        rows = measure(name, kinds, args.steps, args.rounds, peak, args.precision)
         result["presets"][name] = rows
         for kind, row in rows.items():
             print(
@@ -110,23 +117,25 @@ def main() -> None:
     result["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     out_name = "train" + (f".threads{args.threads}" if args.threads else "")
+    out_name += "" if args.precision == "fp32" else f".{args.precision}"
     (RESULTS / f"{out_name}.json").write_text(json.dumps(result, indent=2) + "\n")
     load = ", ".join(f"{x:.2f}" for x in result["load_average_at_start"])
     load_end = ", ".join(f"{x:.2f}" for x in result["load_average_at_end"])
     lines = [
         f"Training throughput ({result['machine']}; measured matmul peak "
-        f"{result['peak_matmul_gflops']:.0f} GFLOP/s; median of {args.rounds} rounds of "
-        f"{args.steps} steps; load average (1, 5, 15 min) {load} at the start, {load_end} at "
-        "the end: on a busy machine read the ratios, not the speeds). "
+        f"{result['peak_matmul_gflops']:.0f} GFLOP/s; {args.precision}; median of "
+        f"{args.rounds} rounds of {args.steps} steps; load average (1, 5, 15 min) {load} at "
+        f"the start, {load_end} at the end: on a busy machine read the ratios, not the speeds). "
         f"Command: `{result['command']}`.",
         "",
-        "| preset | kind | tokens/s | ratio to dot | MFU |",
-        "|---|---|---|---|---|",
+        "| preset | kind | tokens/s | s/step | ratio to dot | MFU |",
+        "|---|---|---|---|---|---|",
     ]
     for name, rows in result["presets"].items():
         for kind, row in rows.items():
             lines.append(
-                f"| {name} | {kind} | {row['tokens_per_s']:,.0f} | {row['ratio_to_dot']:.2f} "
+                f"| {name} | {kind} | {row['tokens_per_s']:,.0f} | {row['seconds_per_step']:.3f} "
+                f"| {row['ratio_to_dot']:.2f} "
                 f"| {row['mfu']:.1%} |"
             )
     (RESULTS / f"{out_name}.md").write_text("\n".join(lines) + "\n")
