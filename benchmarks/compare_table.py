@@ -3,10 +3,11 @@
     python benchmarks/compare_table.py OUT.md RESULTS_DIR [RESULTS_DIR ...] [--title TEXT]
 
 Each RESULTS_DIR is a `truthgpt compare --out` folder (its results.json); a row is one kind
-under one set of `--set` overrides, with mean ± std over its seeds, perplexity (e^loss),
-bits per character, tokens/s and seconds per step, and the per-seed losses, so that no run
-is left out. OUT.json gets the same rows. The study in benchmarks/results/scale.md is built
-with it; the commands that made each folder are listed there.
+under one set of `--set` overrides and step budget, pooling the seeds of every folder that
+ran it (`compare --first-seed` adds seeds to a study), with mean ± std over its seeds,
+perplexity (e^loss), bits per character, tokens/s (and s/step with --tokens-per-step) and the
+per-seed losses, so that no run is left out. OUT.json gets the same rows. The tables in
+benchmarks/results/scale.md are built with it; the commands behind each folder are there.
 """
 
 from __future__ import annotations
@@ -18,28 +19,39 @@ import statistics
 from pathlib import Path
 
 
-def rows_of(folder: Path) -> list[dict]:
-    result = json.loads((folder / "results.json").read_text())
-    overrides = ", ".join(f"{k}={v}" for k, v in sorted(result["overrides"].items()))
+def pooled_rows(folders: list[Path]) -> list[dict]:
+    """One row per (preset, kind, settings, steps, eval batches), its runs from every folder."""
+    groups: dict[tuple, dict] = {}
+    for folder in folders:
+        result = json.loads((folder / "results.json").read_text())
+        overrides = ", ".join(f"{k}={v}" for k, v in sorted(result["overrides"].items()))
+        for kind, r in result["kinds"].items():
+            key = (result["preset"], kind, overrides, result["steps"], result["eval_batches"])
+            group = groups.setdefault(key, {"sources": [], "runs": [], "lambda": []})
+            group["sources"].append(folder.name)
+            group["runs"] += r["per_seed"]
+            group["lambda"] += [r["lambda_min"], r["lambda_max"]]
     rows = []
-    for kind, r in result["kinds"].items():
-        runs = r["per_seed"]
+    for (preset, kind, overrides, steps, _), group in groups.items():
+        runs = sorted(group["runs"], key=lambda run: run["seed"])
+        seeds = [run["seed"] for run in runs]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"{kind} ({overrides or 'defaults'}): seed run twice in {group}")
         losses = [run["val_loss"] for run in runs]
-        tokens = [run["tokens_per_s"] for run in runs]
         rows.append(
             {
-                "source": folder.name,
-                "preset": result["preset"],
+                "sources": group["sources"],
+                "preset": preset,
                 "kind": kind,
                 "settings": overrides or "defaults",
-                "steps": result["steps"],
-                "seeds": [run["seed"] for run in runs],
+                "steps": steps,
+                "seeds": seeds,
                 "val_loss": losses,
                 "mean": statistics.fmean(losses),
                 "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
                 "bits_per_char": statistics.fmean(run["bits_per_char"] for run in runs),
-                "tokens_per_s": statistics.fmean(tokens),
-                "lambda": (r["lambda_min"], r["lambda_max"]),
+                "tokens_per_s": statistics.fmean(run["tokens_per_s"] for run in runs),
+                "lambda": (min(group["lambda"]), max(group["lambda"])),
             }
         )
     return rows
@@ -54,8 +66,9 @@ def table(rows: list[dict], tokens_per_step: int | None) -> str:
         pairs = zip(r["seeds"], r["val_loss"], strict=True)
         per_seed = ", ".join(f"{seed}: {loss:.4f}" for seed, loss in pairs)
         step = f"{tokens_per_step / r['tokens_per_s']:.3f} | " if tokens_per_step else ""
+        spread = f" ± {r['std']:.4f}" if len(r["seeds"]) > 1 else " (1 seed)"
         lines.append(
-            f"| {r['kind']} | {r['settings']} | {r['steps']} | {r['mean']:.4f} ± {r['std']:.4f} | "
+            f"| {r['kind']} | {r['settings']} | {r['steps']} | {r['mean']:.4f}{spread} | "
             f"{math.exp(r['mean']):.2f} | {r['bits_per_char']:.4f} | {r['tokens_per_s']:,.0f} | "
             f"{step}{r['lambda'][0]:.3g} – {r['lambda'][1]:.3g} | {per_seed} |"
         )
@@ -71,7 +84,7 @@ def main() -> None:
         "--tokens-per-step", type=int, help="batch_size × block_size: adds a s/step column"
     )
     args = parser.parse_args()
-    rows = [row for folder in args.folders for row in rows_of(folder)]
+    rows = pooled_rows(args.folders)
     text = (args.title + "\n\n" if args.title else "") + table(rows, args.tokens_per_step)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")

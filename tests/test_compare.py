@@ -59,12 +59,17 @@ def test_compare_cli_rejects_unknown_kind(tmp_path, capsys):
     assert "manhatten" in capsys.readouterr().err
 
 
-def test_compare_cli_evals_sets_the_curve_and_is_checked(tmp_path, corpus, capsys):
+def test_compare_cli_evals_and_first_seed(tmp_path, corpus, capsys):
     assert main(["compare", "--kinds", "l1", "--evals", "0", "--out", str(tmp_path / "a")]) == 2
     assert "--evals must be positive, got 0" in capsys.readouterr().err
     sets = [f"--set={k}={v}" for k, v in TINY.items()]
-    args = ["compare", "--kinds", "l1", "--seeds", "1", "--steps", "6", "--evals", "3"]
+    args = ["compare", "--kinds", "l1", "--seeds", "1", "--first-seed", "3", "--steps", "6"]
+    args += ["--evals", "3"]
     args += ["--eval-batches", "2", "--corpus", str(corpus), "--out", str(tmp_path / "b")]
     assert main(args + sets) == 0
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert [s for s, _ in saved["kinds"]["l1"]["per_seed"][0]["val_curve"]] == [2, 4, 6]
+    [run] = saved["kinds"]["l1"]["per_seed"]
+    assert [s for s, _ in run["val_curve"]] == [2, 4, 6]
+    assert run["seed"] == 3 and (tmp_path / "b" / "runs" / "l1-seed3").is_dir()
+    assert main(["compare", "--first-seed", "-1", "--out", str(tmp_path / "c")]) == 2
+    assert "--first-seed must be in [0, " in capsys.readouterr().err

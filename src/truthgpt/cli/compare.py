@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preset", default="char-small", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 for every kind")
+    p.add_argument("--seeds", type=int, default=2, help="N seeds for every kind")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (default 0)")
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--corpus",
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         preset_name=args.preset,
         steps=args.steps,
         seeds=args.seeds,
+        first_seed=args.first_seed,
         data_dir=args.data,
         corpus=args.corpus,
         eval_batches=args.eval_batches,

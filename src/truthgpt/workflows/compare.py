@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from truthgpt.config import preset
+from truthgpt.config import MAX_SEED, preset
 from truthgpt.data import load_prepared, prepare_data
 from truthgpt.io import json_safe
 from truthgpt.io.lock import RunLock
@@ -37,6 +37,7 @@ def compare_kinds(
     preset_name: str = "char-small",
     steps: int = 2000,
     seeds: int = 2,
+    first_seed: int = 0,
     data_dir: str | Path | None = None,
     corpus: Sequence[str] | None = None,
     eval_batches: int = 200,
@@ -44,7 +45,8 @@ def compare_kinds(
     overrides: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train every kind for `steps` with seeds 0..seeds−1; write results.json/.md and a plot.
+    """Train every kind for `steps` with seeds first_seed..first_seed+seeds−1; write
+    results.json/.md and a plot. (A later call with another first_seed adds seeds to a study.)
 
     `kinds` are registered kinds or aliases, each trained once under its own name.
     """
@@ -52,6 +54,8 @@ def compare_kinds(
     for name, value in (("--seeds", seeds), ("--steps", steps), ("--evals", evals)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
+    if not 0 <= first_seed <= MAX_SEED - seeds:
+        raise ValueError(f"--first-seed must be in [0, {MAX_SEED - seeds}], got {first_seed}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # Its runs, data and results go inside: never mixed into a folder of the user's.
@@ -62,7 +66,7 @@ def compare_kinds(
         per_kind: dict[str, dict[str, Any]] = {}
         for kind in kinds:
             runs = []
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 fields = preset(preset_name) | (overrides or {})
                 fields |= {"distance_type": kind, "seed": seed, "max_steps": steps}
                 fields |= {"eval_interval": max(1, steps // evals), "eval_batches": eval_batches}
@@ -96,6 +100,7 @@ def compare_kinds(
                 "preset": preset_name,
                 "steps": steps,
                 "seeds": seeds,
+                "first_seed": first_seed,
                 "eval_batches": eval_batches,
                 "data": str(data.data_dir),
                 "overrides": overrides or {},
