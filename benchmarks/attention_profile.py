@@ -3,11 +3,12 @@
     python benchmarks/attention_profile.py --compare DIR [DIR ...] [--kinds l1,dot]
         [--samples 100] [--out benchmarks/results/attention_profile]
 
-For every `truthgpt compare --out` folder DIR and kind, runs `truthgpt analyze` on each seed's
-run (DIR/runs/KIND-seedS, into DIR/analysis/KIND-seedS) and draws, per layer, the attention
-entropy and the mean attended distance (tokens back), mean over heads and seeds, each head a
-dot. Dashed lines are uniform attention over the visible keys, what a model that learned
-nothing (the original design's demo: entropy 2.74) shows. Writes OUT.png, OUT.md and OUT.json.
+For every `truthgpt compare --out` folder DIR and kind it has, runs `truthgpt analyze` on
+each seed's run (DIR/runs/KIND-seedS, into DIR/analysis/KIND-seedS) and draws, per layer,
+the attention entropy and the mean attended distance (tokens back), mean over heads and
+seeds, each head a dot. Dashed lines are uniform attention over the visible keys, what a
+model that learned nothing shows (the original design's demo: entropy 2.74). Writes OUT.png,
+OUT.md and OUT.json.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def analyse(run: Path, out: Path, samples: int) -> dict:
+def analyse(run: Path, data: str, out: Path, samples: int) -> dict:
     if not (out / "analysis.json").exists():
-        command = [sys.executable, "-m", "truthgpt", "analyze", "--run", str(run)]
+        command = [sys.executable, "-m", "truthgpt", "analyze", "--run", str(run), "--data", data]
         subprocess.run(
             [*command, "--out", str(out), "--samples", str(samples), "--force"],
             check=True,
@@ -43,11 +44,13 @@ def uniform(block_size: int) -> tuple[float, float]:
     )
 
 
-def profile(folder: Path, kind: str, samples: int) -> dict:
+def profile(folder: Path, kind: str, samples: int) -> dict | None:
+    """The kind's per-layer statistics over its seeds in `folder`; None if it has no runs."""
     runs = sorted((folder / "runs").glob(f"{kind}-seed*"))
     if not runs:
-        raise SystemExit(f"--compare: {folder} has no runs of kind {kind}")
-    analyses = [analyse(run, folder / "analysis" / run.name, samples) for run in runs]
+        return None
+    data = json.loads((folder / "results.json").read_text())["data"]  # compare's prepared data
+    analyses = [analyse(run, data, folder / "analysis" / run.name, samples) for run in runs]
     layers = len(analyses[0]["layers"])
     out: dict = {"runs": [str(r) for r in runs], "block_size": analyses[0]["block_size"]}
     for stat in ("entropy", "entropy_normalized", "distance_mean", "top1", "self_weight"):
@@ -126,10 +129,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--out", type=Path, default=RESULTS / "attention_profile")
     args = parser.parse_args()
-    results = {
-        folder.name: {kind: profile(folder, kind, args.samples) for kind in args.kinds.split(",")}
-        for folder in args.compare
-    }
+    results = {}
+    for folder in args.compare:
+        found = {kind: profile(folder, kind, args.samples) for kind in args.kinds.split(",")}
+        results[folder.name] = {kind: r for kind, r in found.items() if r is not None}
+        if not results[folder.name]:
+            raise SystemExit(f"--compare: {folder} has no runs of {args.kinds}")
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(results))
     plot(results, args.out.with_suffix(".png"))

@@ -139,3 +139,29 @@ def test_lambda_lr_scale_resumes_exactly(tmp_path):
     first.save_checkpoint(tmp_path / "c")
     resumed = load_core(tmp_path / "c")
     assert [resumed.train_step(batch_at(i))["loss"] for i in range(2, 4)] == losses[2:]
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "chebyshev", "lp", "dot", "cosine", "sql2"])
+def test_default_lambda_is_scaled_with_width_for_norms_of_q_minus_k(kind):
+    """At width 128 every kind starts at the registry's λ; 4× wider, the norms of q − k start
+    at half of it (their scores grow with the size of q and k), the dot-product kinds not."""
+    from truthgpt.nn.attention import default_lambda
+    from truthgpt.nn.model import initial_lambda
+
+    p = 3.0 if kind == "lp" else None
+    for width, heads in ((128, 4), (512, 8)):
+        config = TruthGPTConfig(
+            vocab_size=30, hidden_size=width, num_attention_heads=heads, distance_type=kind,
+            num_hidden_layers=1, max_position_embeddings=8,
+        )  # fmt: skip
+        registry = default_lambda(kind, width // heads, p=p)
+        scaled = kind in ("l1", "l2", "chebyshev", "lp") and width == 512
+        assert initial_lambda(config) == pytest.approx(registry / 2 if scaled else registry)
+        torch.testing.assert_close(
+            TruthGPTModel(config).lambdas()[0],
+            torch.full((heads,), initial_lambda(config)),
+            rtol=1e-6,
+            atol=0,
+        )
+        given = TruthGPTConfig(**{**config.to_dict(), "lambda_param": 0.3})
+        assert initial_lambda(given) == 0.3  # an explicit λ is taken as it is

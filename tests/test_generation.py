@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import truthgpt.nn.generation as generation
 from truthgpt.config import TruthGPTConfig
-from truthgpt.nn.attention import kinds
+from truthgpt.nn.attention import default_lambda, kinds
 from truthgpt.nn.generation import TextStreamer, filter_logits, next_token, slide_keep
 from truthgpt.nn.model import TruthGPTModel
 
@@ -25,9 +25,11 @@ def tiny_model(kind: str = "l1", window: int = 64, seed: int = 0) -> TruthGPTMod
     GPT-2 init (std 0.02) gives nearly uniform attention and tiny logits, which would let a
     wrong cache pass a 1e-5 comparison. std 0.3 on the q/k/v projection makes the scores O(1)
     (sharp attention); std 0.1 elsewhere keeps the logits O(1), where float32 rounding stays
-    well under 1e-5.
+    well under 1e-5. λ is the kind's default for 16-wide heads, without the model's width
+    scaling (which would double it at width 32 on top of std 0.3).
     """
     torch.manual_seed(seed)
+    p = 3.0 if kind == "lp" else None
     config = TruthGPTConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -35,6 +37,7 @@ def tiny_model(kind: str = "l1", window: int = 64, seed: int = 0) -> TruthGPTMod
         num_attention_heads=2,
         max_position_embeddings=window,
         distance_type=kind,
+        lambda_param=default_lambda(kind, 16, p=p),
     )
     model = TruthGPTModel(config)
     with torch.no_grad():

@@ -24,6 +24,7 @@ pytest.importorskip("transformers", reason="transformers is not installed (pip i
 from truthgpt.cli import main
 from truthgpt.config import TruthGPTOptimizationCoreConfig
 from truthgpt.data import build_tokenizer
+from truthgpt.nn.attention import default_lambda
 from truthgpt.nn.attention.kinds import builtin_names
 from truthgpt.nn.model import TruthGPTModel
 from truthgpt.training.checkpoint import CheckpointManager
@@ -90,7 +91,8 @@ with open(f"{root}/results.json", "w") as f:
 
 def trained_run(run_dir: Path, kind: str, spec: str, **options: object) -> TruthGPTModel:
     """A run of a few training steps, its weights spread out first so that greedy decoding
-    wanders instead of repeating one token."""
+    wanders instead of repeating one token. λ is the registry's for 16-wide heads (not scaled
+    up for the narrow width): with the spread-out weights that keeps float32 rounding < 1e-5."""
     tokenizer = build_tokenizer(spec, TEXT * 4)
     config = TruthGPTOptimizationCoreConfig(
         vocab_size=tokenizer.vocab_size,
@@ -101,6 +103,7 @@ def trained_run(run_dir: Path, kind: str, spec: str, **options: object) -> Truth
         block_size=WINDOW,
         batch_size=2,
         distance_type=kind,
+        lambda_param=default_lambda(kind, 16, p=3.0 if kind == "lp" else None),
         device="cpu",
         peak_flops=1e12,
         **options,

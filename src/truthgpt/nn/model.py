@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from truthgpt.config import TruthGPTConfig
+from truthgpt.config import LAMBDA_MAX, LAMBDA_MIN, TruthGPTConfig
 from truthgpt.io import pretrained
 from truthgpt.io.manifest import FolderReader
 from truthgpt.io.runs import WEIGHTS_FILE
 from truthgpt.io.tensors import TensorSpec, check_tensors, read_header
 from truthgpt.nn.attention import DistanceAttention
-from truthgpt.nn.attention.module import distance_kind
+from truthgpt.nn.attention.module import default_lambda, distance_kind
 from truthgpt.nn.cache import KVCache, LayerCache
 from truthgpt.nn.inputs import check_token_ids
 
@@ -38,6 +38,31 @@ class CausalLMOutput:
     loss: Tensor | None = None  # mean next-token cross-entropy, when labels were given
     attentions: tuple[Tensor, ...] | None = None  # per layer (B, H, T, T_total)
     past_key_values: PastKeyValues | KVCache | None = None
+
+
+# The width at which the distance kinds' default λ were tuned (the char-small preset).
+LAMBDA_REFERENCE_WIDTH = 128
+
+
+def initial_lambda(config: TruthGPTConfig) -> float:
+    """The λ every head starts at: `lambda_param` when set, else the kind's default λ
+    (`default_lambda`), which for the norms of q − k (l1, l2, chebyshev, lp: the kinds with
+    `linear_in_scale`) is scaled by √(LAMBDA_REFERENCE_WIDTH / hidden_size).
+
+    Why: q and k start with entries of size 0.02·√hidden_size (layer-normed inputs times the
+    N(0, 0.02²) projections), and a norm of q − k grows linearly with that size, so at a
+    fixed λ a model 4× wider starts with distance scores 2× sharper. The scaling makes them
+    start as sharp as at width 128 at every width; dot-product kinds keep the usual 1/√D.
+    Measured in benchmarks/results/scale.md: at width 512 (the seed preset) l1 at the
+    unscaled λ trails dot, at the scaled one it does not.
+    """
+    if config.lambda_param is not None:
+        return float(config.lambda_param)
+    kind = distance_kind(config.distance_type)
+    lam = default_lambda(kind, config.head_dim, p=config.p_norm)
+    if kind.linear_in_scale:
+        lam *= math.sqrt(LAMBDA_REFERENCE_WIDTH / config.hidden_size)
+    return min(max(lam, LAMBDA_MIN), LAMBDA_MAX)
 
 
 class MLP(nn.Module):
@@ -62,7 +87,7 @@ class Block(nn.Module):
             config.hidden_size,
             config.num_attention_heads,
             config.distance_type,
-            lambda_init=config.lambda_param,
+            lambda_init=initial_lambda(config),
             learnable_lambda=config.use_learnable_lambda,
             p=config.p_norm,
             dropout=config.attention_probs_dropout_prob,

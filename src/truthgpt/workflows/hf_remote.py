@@ -302,6 +302,8 @@ def modeling_source(hf: ModuleType) -> str:
             model,
             "PastKeyValues",
             "CausalLMOutput",
+            "LAMBDA_REFERENCE_WIDTH",
+            "initial_lambda",
             "MLP",
             "Block",
             (

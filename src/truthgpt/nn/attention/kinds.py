@@ -84,6 +84,9 @@ class DistanceKind:
     takes_p: bool = False
     # (p, kind): at these p the kind equals another one, whose faster path is used instead.
     same_as: tuple[tuple[float, str], ...] = ()
+    # d(c·q, c·k) = c·d(q, k), as for every norm of q − k: the model scales the default λ with
+    # its width for these kinds (`truthgpt.nn.model.initial_lambda`).
+    linear_in_scale: bool = False
     # (q, k, v, scale) -> (q', k', v', scale'): dot-product attention on these gives this
     # kind's attention; v' may have extra columns, dropped from the output.
     as_dot_product: Callable[..., tuple[Tensor, Tensor, Tensor, float | Tensor]] | None = None
@@ -378,6 +381,7 @@ _builtin(
         lambda D: 2.0 / math.sqrt(D),
         aliases=("manhattan",),
         kernel=MinkowskiKernel(1.0, _sum_reduce, pair_grad=_l1_grad, native_code=0),
+        linear_in_scale=True,
     )
 )
 # l2: 2; the spread of ‖q−k‖ is ≈ 0.86 for any D, so this gives ≈ 1.7.
@@ -388,6 +392,7 @@ _builtin(
         lambda D: 2.0,
         aliases=("euclidean",),
         kernel=MinkowskiKernel(2.0, _root_sum_square_reduce, linear_grad=_l2_weight, native_code=1),
+        linear_in_scale=True,
     )
 )
 # sql2: 1/(2√D); −λ‖q−k‖² = 2λ·q·k − λ‖k‖² + (row constant): dot's scale on q·k, and the ‖k‖²
@@ -409,6 +414,7 @@ _builtin(
         lambda D: 3.0,
         aliases=("linf",),
         kernel=MinkowskiKernel(math.inf, _max_reduce, pair_grad=_chebyshev_grad, native_code=2),
+        linear_in_scale=True,
     )
 )
 
@@ -427,5 +433,6 @@ _builtin(
         takes_p=True,
         same_as=((1.0, "l1"), (2.0, "l2")),
         kernel=MinkowskiKernel(None, _power_reduce, pair_grad=_lp_grad, native_code=3),
+        linear_in_scale=True,
     )
 )
