@@ -27,12 +27,13 @@ def pooled_rows(folders: list[Path]) -> list[dict]:
         overrides = ", ".join(f"{k}={v}" for k, v in sorted(result["overrides"].items()))
         for kind, r in result["kinds"].items():
             key = (result["preset"], kind, overrides, result["steps"], result["eval_batches"])
+            key += (result["data"],)
             group = groups.setdefault(key, {"sources": [], "runs": [], "lambda": []})
             group["sources"].append(folder.name)
             group["runs"] += r["per_seed"]
             group["lambda"] += [r["lambda_min"], r["lambda_max"]]
     rows = []
-    for (preset, kind, overrides, steps, _), group in groups.items():
+    for (preset, kind, overrides, steps, _, data), group in groups.items():
         runs = sorted(group["runs"], key=lambda run: run["seed"])
         seeds = [run["seed"] for run in runs]
         if len(set(seeds)) != len(seeds):
@@ -42,6 +43,7 @@ def pooled_rows(folders: list[Path]) -> list[dict]:
             {
                 "sources": group["sources"],
                 "preset": preset,
+                "data": data,
                 "kind": kind,
                 "settings": overrides or "defaults",
                 "steps": steps,

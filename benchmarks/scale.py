@@ -30,6 +30,20 @@ RESULTS = Path(__file__).parent / "results" / "scale"
 SEED = ["--preset", "seed", "--data", "{work}/data-gpt2", "--steps", "1000", "--evals", "4"]
 SEED += ["--set", "precision=bf16"]
 CHAR = ["--preset", "char-small", "--data", "{work}/data-char", "--steps", "2000"]
+FORTUNES = ["--preset", "seed", "--data", "{work}/data-fortunes-gpt2", "--steps", "500"]
+FORTUNES += ["--evals", "2", "--set", "precision=bf16"]
+FORTUNE_FILES = "/usr/share/games/fortunes"
+
+# seed-base and seed-l2-cosine ran before the default λ of l1 and l2 was scaled with the
+# width: their l1 and l2 rows are the old defaults (today: --set lambda_param=0.25 for l1,
+# 2.0 for l2), and the lambda_param=0.125 / 1.0 rows are today's defaults at width 512.
+LABELS = {
+    ("seed-base", "l1"): "λ₀ 0.25, the default before width scaling",
+    ("seed-l2-cosine", "l2"): "λ₀ 2.0, the default before width scaling",
+    ("seed-l1-lambda-0.125-s0", "l1"): "λ₀ 0.125, today's default",
+    ("seed-l1-lambda-0.125-s1", "l1"): "λ₀ 0.125, today's default",
+    ("seed-l2-lambda-1.0", "l2"): "λ₀ 1.0, today's default",
+}
 
 
 def compare(setting: list[str], kinds: str, seeds: int = 1, first: int = 0, *sets: str):
@@ -43,6 +57,11 @@ STUDY: dict[str, list[str]] = {
     "seed-l2-cosine": compare(SEED, "l2,cosine", 2),
     "seed-l1-lambda-0.125-s0": compare(SEED, "l1", 1, 0, "lambda_param=0.125"),
     "seed-l1-lambda-0.125-s1": compare(SEED, "l1", 1, 1, "lambda_param=0.125"),
+    "seed-l2-lambda-1.0": compare(SEED, "l2", 1, 0, "lambda_param=1.0"),
+    # Another English text, a new user's first try: Debian's fortunes (apt install fortunes).
+    "fortunes-seed-dot": compare(FORTUNES, "dot"),
+    "fortunes-seed-l1": compare(FORTUNES, "l1"),
+    "fortunes-seed-l1-lambda-0.25": compare(FORTUNES, "l1", 1, 0, "lambda_param=0.25"),
     "char-base-s0": compare(CHAR, "l1,dot"),
     "char-base-s12": compare(CHAR, "l1,dot", 2, 1),
     "char-qk-rms": compare(CHAR, "l1", 1, 0, "qk_norm=rms"),
@@ -60,9 +79,18 @@ STUDY: dict[str, list[str]] = {
 
 def run(names: list[str], work: Path) -> None:
     cli = [sys.executable, "-m", "truthgpt"]
-    for spec, folder in (("gpt2", "data-gpt2"), ("char", "data-char")):
-        if not (work / folder).exists():
-            prepare = ["prepare", "--corpus", "shakespeare", "--tokenizer", spec]
+    fortunes = [
+        str(f)
+        for f in sorted(Path(FORTUNE_FILES).glob("*"))
+        if f.suffix not in (".dat", ".u8") and f.name != "ascii-art"
+    ]
+    for corpus, spec, folder in (
+        (["shakespeare"], "gpt2", "data-gpt2"),
+        (["shakespeare"], "char", "data-char"),
+        (fortunes, "gpt2", "data-fortunes-gpt2"),
+    ):
+        if not (work / folder).exists() and corpus:
+            prepare = ["prepare", "--corpus", *corpus, "--tokenizer", spec]
             subprocess.run([*cli, *prepare, "--out", str(work / folder)], check=True)
     for name in names:
         args = [a.format(work=work) for a in STUDY[name]]
@@ -84,9 +112,19 @@ def main() -> None:
         run(args.run or list(STUDY), args.work)
     stored = [RESULTS / name for name in STUDY if (RESULTS / name / "results.json").exists()]
     text = []
-    for preset, tokens in (("seed", 4 * 64), ("char-small", 12 * 64)):
-        rows = [r for r in pooled_rows(stored) if r["preset"] == preset]
-        text.append(f"**{preset}** (val loss in nats per token)\n\n" + table(rows, tokens))
+    rows = pooled_rows(stored)
+    for row in rows:
+        labels = {LABELS.get((source, row["kind"])) for source in row["sources"]}
+        if labels != {None}:
+            row["settings"] += " (" + "; ".join(sorted(str(x) for x in labels)) + ")"
+    groups = (
+        ("seed preset, Shakespeare, GPT-2 tokens", "seed", "data-gpt2", 4 * 64),
+        ("seed preset, fortunes, GPT-2 tokens", "seed", "data-fortunes-gpt2", 4 * 64),
+        ("char-small, Shakespeare, characters", "char-small", "data-char", 12 * 64),
+    )
+    for title, preset, data, tokens in groups:
+        chosen = [r for r in rows if r["preset"] == preset and Path(r["data"]).name == data]
+        text.append(f"**{title}** (val loss in nats per token)\n\n" + table(chosen, tokens))
     (RESULTS / "tables.md").write_text("\n".join(text))
     print("\n".join(text))
 
