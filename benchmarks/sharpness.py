@@ -1,7 +1,7 @@
 """How sharp each layer's attention scores are, at initialisation and after training.
 
     python benchmarks/sharpness.py --data DATA_DIR RUN_DIR [RUN_DIR ...] [--windows 16]
-        [--out FILE.md]
+        [--initial-lambda λ] [--out FILE.md]
 
 For each run, a freshly initialised model of its config and its trained checkpoint read the
 same validation windows of DATA_DIR; per layer, the score spread is the standard deviation of
@@ -72,6 +72,12 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--data", type=Path, required=True, help="the runs' prepared data")
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument(
+        "--initial-lambda",
+        type=float,
+        help="λ of the fresh models (default: today's default for their config; give the "
+        "one a run started at when that default has changed since)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     lines = [
@@ -81,7 +87,8 @@ def main() -> None:
     for run in args.runs:
         trained = TruthGPTModel.from_pretrained(run).eval()
         torch.manual_seed(0)
-        initial = TruthGPTModel(trained.config).eval()
+        fresh = trained.config.to_dict() | {"lambda_param": args.initial_lambda}
+        initial = TruthGPTModel(type(trained.config)(**fresh)).eval()
         ids = windows(args.data, args.windows, trained.config.max_position_embeddings)
         before, after = layer_spreads(initial, ids), layer_spreads(trained, ids)
         for i, (b, a) in enumerate(zip(before, after, strict=True)):
