@@ -358,7 +358,8 @@ def _lp_grad(g: Tensor, d: Tensor, q: Tensor, k: Tensor, p: float) -> Tensor:
 # default λ: chosen so that the score spread at initialisation is sensible. "Spread" is the
 # standard deviation of one query's scores across keys for unit-normal q and k (the softmax
 # sees only differences along a row); `benchmarks/attention.py --spread` measures it. It
-# matters: log λ moves only 0.2–0.4 in a 2000-step run.
+# matters: log λ moves only 0.2–0.4 in a 2000-step run. TruthGPTModel scales the λ of the
+# kinds with `linear_in_scale` by √(128 / hidden_size) (`truthgpt.nn.model.initial_lambda`).
 
 # dot: 1/√D, the standard transformer scale; spread ≈ 1.
 _builtin(
