@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_training import batch_at, tiny_config
+from test_training import batch_at, straight_and_resumed, tiny_config
 from truthgpt.config import ConfigError, TruthGPTConfig
 from truthgpt.nn.attention import DistanceAttention, distance_attention
 from truthgpt.nn.model import TruthGPTModel
@@ -131,14 +131,8 @@ def test_lambda_lr_scale_gives_log_lambda_its_own_rate():
 
 def test_lambda_lr_scale_resumes_exactly(tmp_path):
     config = tiny_config(distance_type="l1", lambda_lr_scale=5.0)
-    straight = TruthGPTOptimizationCore(config)
-    losses = [straight.train_step(batch_at(i))["loss"] for i in range(4)]
-    first = TruthGPTOptimizationCore(config)
-    for i in range(2):
-        first.train_step(batch_at(i))
-    first.save_checkpoint(tmp_path / "c")
-    resumed = load_core(tmp_path / "c")
-    assert [resumed.train_step(batch_at(i))["loss"] for i in range(2, 4)] == losses[2:]
+    _, losses, resumed, again = straight_and_resumed(config, tmp_path / "c", 4, 2)
+    assert len(resumed.optimizer.param_groups) == 3 and again == losses[2:]
 
 
 @pytest.mark.parametrize("kind", ["l1", "l2", "chebyshev", "lp", "dot", "cosine", "sql2"])

@@ -158,19 +158,26 @@ def test_bf16_autocast_trains_on_cpu():
     assert set(seen) == {torch.float32}
 
 
-def test_bf16_run_checkpoints_and_resumes_exactly(tmp_path):
+def straight_and_resumed(config, folder, steps: int, stop: int):
+    """(core trained `steps` steps in one go, its losses, core resumed from a checkpoint
+    saved after `stop` steps and trained to `steps`, its losses after the resume)."""
     from truthgpt.training import load_core
 
-    config = tiny_config(precision="bf16", distance_type="l1")
     straight = TruthGPTOptimizationCore(config)
-    losses = [straight.train_step(batch_at(i))["loss"] for i in range(6)]
+    losses = [straight.train_step(batch_at(i))["loss"] for i in range(steps)]
     first = TruthGPTOptimizationCore(config)
-    for i in range(3):
+    for i in range(stop):
         first.train_step(batch_at(i))
-    first.save_checkpoint(tmp_path / "c")
-    resumed = load_core(tmp_path / "c")
+    first.save_checkpoint(folder)
+    resumed = load_core(folder)
+    again = [resumed.train_step(batch_at(i))["loss"] for i in range(stop, steps)]
+    return straight, losses, resumed, again
+
+
+def test_bf16_run_checkpoints_and_resumes_exactly(tmp_path):
+    config = tiny_config(precision="bf16", distance_type="l1")
+    straight, losses, resumed, again = straight_and_resumed(config, tmp_path / "c", 6, 3)
     assert resumed.config.precision == "bf16"
-    again = [resumed.train_step(batch_at(i))["loss"] for i in range(3, 6)]
     assert again == losses[3:]
     for (name, a), b in zip(
         straight.model.named_parameters(), resumed.model.parameters(), strict=True
