@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
+
+from truthgpt.workflows.compare import summarise_seeds
 
 
 def pooled_rows(folders: list[Path]) -> list[dict]:
-    """One row per (preset, kind, settings, steps, eval batches), its runs from every folder."""
+    """One row per (preset, kind, settings, steps, eval batches, data), its runs from every
+    folder, summarised as `truthgpt compare` summarises a kind's seeds."""
     groups: dict[tuple, dict] = {}
     for folder in folders:
         result = json.loads((folder / "results.json").read_text())
@@ -28,17 +30,15 @@ def pooled_rows(folders: list[Path]) -> list[dict]:
         for kind, r in result["kinds"].items():
             key = (result["preset"], kind, overrides, result["steps"], result["eval_batches"])
             key += (result["data"],)
-            group = groups.setdefault(key, {"sources": [], "runs": [], "lambda": []})
+            group = groups.setdefault(key, {"sources": [], "runs": []})
             group["sources"].append(folder.name)
             group["runs"] += r["per_seed"]
-            group["lambda"] += [r["lambda_min"], r["lambda_max"]]
     rows = []
     for (preset, kind, overrides, steps, _, data), group in groups.items():
         runs = sorted(group["runs"], key=lambda run: run["seed"])
         seeds = [run["seed"] for run in runs]
         if len(set(seeds)) != len(seeds):
             raise SystemExit(f"{kind} ({overrides or 'defaults'}): seed run twice in {group}")
-        losses = [run["val_loss"] for run in runs]
         rows.append(
             {
                 "sources": group["sources"],
@@ -48,12 +48,8 @@ def pooled_rows(folders: list[Path]) -> list[dict]:
                 "settings": overrides or "defaults",
                 "steps": steps,
                 "seeds": seeds,
-                "val_loss": losses,
-                "mean": statistics.fmean(losses),
-                "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-                "bits_per_char": statistics.fmean(run["bits_per_char"] for run in runs),
-                "tokens_per_s": statistics.fmean(run["tokens_per_s"] for run in runs),
-                "lambda": (min(group["lambda"]), max(group["lambda"])),
+                "val_loss": [run["val_loss"] for run in runs],
+                **summarise_seeds(runs),
             }
         )
     return rows
@@ -64,15 +60,18 @@ def table(rows: list[dict], tokens_per_step: int | None) -> str:
     head += "tokens/s | " + ("s/step | " if tokens_per_step else "")
     head += "final λ | per seed |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in sorted(rows, key=lambda r: (r["preset"], r["mean"])):
+    for r in sorted(rows, key=lambda r: (r["preset"], r["val_loss_mean"])):
         pairs = zip(r["seeds"], r["val_loss"], strict=True)
         per_seed = ", ".join(f"{seed}: {loss:.4f}" for seed, loss in pairs)
         step = f"{tokens_per_step / r['tokens_per_s']:.3f} | " if tokens_per_step else ""
-        spread = f" ± {r['std']:.4f}" if len(r["seeds"]) > 1 else " (1 seed)"
+        mean = r["val_loss_mean"]
+        spread = f" ± {r['val_loss_std']:.4f}" if len(r["seeds"]) > 1 else " (1 seed)"
+        bpc = r["bits_per_char_mean"]
         lines.append(
-            f"| {r['kind']} | {r['settings']} | {r['steps']} | {r['mean']:.4f}{spread} | "
-            f"{math.exp(r['mean']):.2f} | {r['bits_per_char']:.4f} | {r['tokens_per_s']:,.0f} | "
-            f"{step}{r['lambda'][0]:.3g} – {r['lambda'][1]:.3g} | {per_seed} |"
+            f"| {r['kind']} | {r['settings']} | {r['steps']} | {mean:.4f}{spread} | "
+            f"{math.exp(mean):.2f} | {'–' if bpc is None else f'{bpc:.4f}'} | "
+            f"{r['tokens_per_s']:,.0f} | {step}{r['lambda_min']:.3g} – {r['lambda_max']:.3g} | "
+            f"{per_seed} |"
         )
     return "\n".join(lines) + "\n"
 

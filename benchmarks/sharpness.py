@@ -40,13 +40,7 @@ def layer_spreads(model: TruthGPTModel, ids: torch.Tensor) -> list[dict[str, flo
     enough = visible.sum(-1) >= 8
     for block, x in zip(model.blocks, inputs, strict=True):
         attn = block.attn
-        B, C = x.shape[0], x.shape[-1]
-        H, D = attn.num_heads, attn.head_dim
-        q, k, _ = attn.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, H, D).transpose(1, 2).double()
-        k = k.view(B, T, H, D).transpose(1, 2).double()
-        if attn.qk_norm != "none":
-            q, k = attn._normalise(q, attn.q_gain), attn._normalise(k, attn.k_gain)
+        q, k, _ = (t.double() for t in attn.project(x))
         scores = pairwise_scores(q, k, attn.distance_type, attn.lambda_.double(), attn.p)
         scores = scores.masked_fill(~visible, float("nan"))
         mean = scores.nanmean(-1, keepdim=True)

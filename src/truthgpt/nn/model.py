@@ -301,13 +301,17 @@ class TruthGPTModel(nn.Module):
         "lr_scale" the trainer multiplies into the schedule's rate: log λ otherwise moves
         only a few tenths in a whole run. With 1 the layout is the two groups of earlier
         releases, so their optimizer state keeps loading."""
-        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        own = lambda_lr_scale != 1.0
-        lam = [p for name, p in named if own and name.endswith("log_lambda")]
-        rest = [p for name, p in named if not (own and name.endswith("log_lambda"))]
+        decay, no_decay, lam = [], [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if lambda_lr_scale != 1.0 and name.endswith("log_lambda"):
+                lam.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
         ]
         if lam:
             groups.append({"params": lam, "weight_decay": 0.0, "lr_scale": lambda_lr_scale})

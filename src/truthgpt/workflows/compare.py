@@ -95,7 +95,7 @@ def compare_kinds(
                         "val_curve": [[int(r["step"]), r["loss"]] for r in core.eval_history],
                     }
                 )
-            per_kind[kind] = _summarise(runs)
+            per_kind[kind] = summarise_seeds(runs)
             result = {
                 "preset": preset_name,
                 "steps": steps,
@@ -130,7 +130,8 @@ def _resolve(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(resolved))
 
 
-def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One kind's figures over its seeds' runs (the entries of results.json's per_seed)."""
     losses = [r["val_loss"] for r in runs]
     bpcs = [r["bits_per_char"] for r in runs if r["bits_per_char"] is not None]
     return {

@@ -146,13 +146,17 @@ class DistanceAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.ones(self.head_dim)) if gain else None
         self.k_gain = nn.Parameter(torch.ones(self.head_dim)) if gain else None
 
-    def _normalise(self, x: Tensor, gain: Tensor | None) -> Tensor:
-        """x (B, H, T, D) with unit RMS (or zero mean and unit variance) over D, times gain."""
-        if self.qk_norm == "rms":
-            return F.rms_norm(x, (self.head_dim,), gain, eps=1e-6)
-        if self.qk_norm == "layer":
-            return F.layer_norm(x, (self.head_dim,), gain, eps=1e-6)
-        return x
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, T, D) of x (B, T, C): the heads the scores are computed from, q and
+        k normalised over D when qk_norm is set (before any cache: cached keys are too)."""
+        B, T, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if self.qk_norm != "none":  # unit RMS, or zero mean and unit variance, times the gain
+            norm = F.rms_norm if self.qk_norm == "rms" else F.layer_norm
+            q = norm(q, (D,), self.q_gain, eps=1e-6)
+            k = norm(k, (D,), self.k_gain, eps=1e-6)
+        return q, k, v
 
     @property
     def lambda_(self) -> Tensor:
@@ -174,12 +178,7 @@ class DistanceAttention(nn.Module):
             raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
         B, T, C = x.shape
         H, D = self.num_heads, self.head_dim
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, H, D).transpose(1, 2)
-        v = v.view(B, T, H, D).transpose(1, 2)
-        if self.qk_norm != "none":  # before the cache: cached keys are normalised ones
-            q, k = self._normalise(q, self.q_gain), self._normalise(k, self.k_gain)
+        q, k, v = self.project(x)
         present: tuple[Tensor, Tensor] | LayerCache
         if isinstance(past_key_value, LayerCache):
             k, v = past_key_value.append(k, v)
