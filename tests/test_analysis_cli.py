@@ -80,6 +80,7 @@ def test_analyze_writes_json_table_and_pngs(run_dir: Path, tmp_path: Path, capsy
     for name in ("attention_layer0.png", "attention_layer1.png", "attention_distance.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
     assert sorted(p.name for p in out.iterdir()) == [
+        ".truthgpt.json",
         "analysis.json",
         "attention.html",
         "attention_distance.png",
@@ -118,9 +119,17 @@ def test_analyze_refuses_a_non_empty_out(run_dir: Path, tmp_path: Path, capsys) 
     assert main(["analyze", "--run", str(run_dir), "--out", str(out), "--samples", "2"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # --force replaces only an earlier analysis, never a folder holding a file of the user's.
     argv = ["analyze", "--run", str(run_dir), "--out", str(out), "--samples", "2", "--force"]
+    assert main(argv) == 2
+    assert "not an analysis folder written by truthgpt" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
     assert main(argv) == 0
-    assert (out / "notes.txt").read_text() == "mine" and (out / "analysis.json").is_file()
+    first = (out / "analysis.json").read_text()
+    argv[argv.index("2")] = "3"
+    assert main(argv) == 0  # an earlier analysis: replaced
+    assert (out / "analysis.json").read_text() != first
 
 
 def test_analyze_bad_input(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -31,6 +31,7 @@ def test_prepare_char_on_shakespeare(tmp_path: Path) -> None:
     out = tmp_path / "data"
     meta = prepare_data(["shakespeare"], "char", out)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".truthgpt.json",  # the marker: a prepared data folder, holding these files
         "meta.json",
         "tokenizer.json",
         "train.bin",
@@ -98,8 +99,15 @@ def test_refuses_to_overwrite_unless_forced(tmp_path: Path, text_file: Path) -> 
     with pytest.raises(FileExistsError, match=r"not empty.*--force"):
         prepare_data([str(text_file)], "char", out)
     assert (out / "keep.txt").read_text() == "precious"
-    prepare_data([str(text_file)], "char", out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "meta.json").is_file()
+    # --force replaces prepared data only: never a folder holding a file of the user's.
+    with pytest.raises(FileExistsError, match=r"not a prepared data folder written by truthgpt"):
+        prepare_data([str(text_file)], "char", out, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    prepare_data([str(text_file)], "char", out)
+    first = (out / "meta.json").read_text()
+    prepare_data([str(text_file)], "char", out, force=True, val_fraction=0.2)
+    assert (out / "meta.json").read_text() != first
     assert _leftovers(tmp_path) == []
 
 

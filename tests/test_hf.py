@@ -219,10 +219,16 @@ def test_export_refuses_a_folder_with_files(tmp_path: Path, capsys) -> None:
     assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
-    # The positional form of release 0.1 still works.
-    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--overwrite"]) == 0
-    assert not (tmp_path / "hf" / "keep.txt").exists()
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
+    # --overwrite replaces only an earlier export: a folder of the user's stays as it was.
+    # (The positional form of release 0.1 still works.)
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--overwrite"]) == 2
+    assert "not an export folder written by truthgpt" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "new")]) == 0
+    first = (tmp_path / "new" / "model.safetensors").read_bytes()
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "new"), "--overwrite"]) == 0
+    assert (tmp_path / "new" / "model.safetensors").read_bytes() == first
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "new") is not None
 
 
 def test_export_of_a_missing_run_is_a_clear_error(tmp_path: Path, capsys) -> None:

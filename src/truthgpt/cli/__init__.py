@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 # Subcommand modules, in the order `truthgpt --help` lists them.
@@ -61,8 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from truthgpt.training.errors import exit_code, one_line
 
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        # A warning is one line, like an error: what happened and what was done instead.
+        text = " ".join(str(message).split())
+        print(f"truthgpt {args.command}: warning: {text}", file=file or sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restored on return: main may run inside a program
+            warnings.showwarning = show_warning
+            return int(args.func(args) or 0)
     except BaseException as err:
         code = exit_code(err)
         if code is None or debug:

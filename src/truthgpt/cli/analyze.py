@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--sample-tokens", type=int, default=48, help="tokens shown in the heat maps (default 48)"
     )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--force", action="store_true", help="replace files in a non-empty --out")
+    p.add_argument("--force", action="store_true", help="replace an earlier analysis in --out")
     p.set_defaults(func=run)
 
 
@@ -34,17 +34,16 @@ def run(args: argparse.Namespace) -> int:
     from truthgpt.analysis import analyze_attention, layer_weights
     from truthgpt.cli.common import data_for_run
     from truthgpt.io import json_safe
-    from truthgpt.io.atomic import write_files_into
+    from truthgpt.io.folders import check_output, write_owned_folder
     from truthgpt.training import load_core
     from truthgpt.workflows.explorer import explorer_html
     from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
     from truthgpt.workflows.report import format_table, rich_table
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise FileExistsError(f"--out: {out} is not empty; choose a new folder or pass --force")
+    inputs = [args.run] + ([args.data] if args.data else [])
+    target = {"kind": "analysis", "replace": args.force, "replace_flag": "--force"}
+    check_output(out, inputs=inputs, **target)  # before any work; again before the rename
 
     core = load_core(args.run, **({"device": args.device} if args.device else {}))
     data = data_for_run(args.run, args.data)
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "attention.html").write_text(page, encoding="utf-8")
 
     # Everything is written first, so a failure leaves --out as it was.
-    write_files_into(out, write)
+    write_owned_folder(out, write=write, inputs=[*inputs, data.data_dir], **target)
 
     if sys.stdout.isatty():
         from rich.console import Console

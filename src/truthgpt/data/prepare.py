@@ -19,9 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from truthgpt.data.corpus import check_val_fraction, iter_sources, load_corpus, split_text
+from truthgpt.data.corpus import (
+    check_val_fraction,
+    expand_sources,
+    iter_sources,
+    load_corpus,
+    split_text,
+)
 from truthgpt.data.tokenization import Tokenizer, build_tokenizer, parse_tokenizer_spec
-from truthgpt.io.atomic import write_folder_atomically
+from truthgpt.io.files import read_json_file
+from truthgpt.io.folders import check_output, write_owned_folder
 
 DATA_FORMAT = "truthgpt-data"
 DATA_FORMAT_VERSION = 1
@@ -34,14 +41,20 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def _check_target(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output {str(out_dir)!r} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(
-            f"output directory {str(out_dir)!r} is not empty; choose another directory or pass "
-            "--force (force=True) to replace it"
-        )
+def is_prepared_data(folder: Path) -> bool:
+    """Whether `folder` holds prepared data of a release before folder markers: its files
+    are those `prepare_data` writes, and meta.json says so."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+        meta = read_json_file(folder / "meta.json", what="meta.json")
+    except (OSError, ValueError):
+        return False
+    return names <= set(FILES) and isinstance(meta, dict) and meta.get("format") == DATA_FORMAT
+
+
+def _source_paths(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The files the sources name (folders and globs expanded): prepare's inputs."""
+    return [item for item in expand_sources(sources) if isinstance(item, Path)]
 
 
 def fit_tokenizer(spec: str, text: str, train_text: str, unk_token: str | None) -> Tokenizer:
@@ -73,7 +86,16 @@ def prepare_data(
     # Everything that can be checked cheaply is checked before any work or any write.
     parse_tokenizer_spec(tokenizer_spec, unk_token)
     check_val_fraction(val_fraction)
-    _check_target(out_dir, force)
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    target = {
+        "kind": "prepared data",
+        "replace": force,
+        "replace_flag": "--force",
+        "inputs": _source_paths(sources),
+        "legacy": is_prepared_data,
+    }
+    check_output(out_dir, **target)  # before any work; again before the rename
 
     corpus = load_corpus(sources)
     train_text, val_text = split_text(corpus.text, val_fraction)
@@ -104,6 +126,5 @@ def prepare_data(
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-    # Checked again just before the rename: something may have appeared while encoding.
-    write_folder_atomically(out_dir, write, check=lambda target: _check_target(target, force))
+    write_owned_folder(out_dir, write=write, **target)
     return meta

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,28 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def refuse_link(target: Path) -> None:
+    """A link is never written through, replaced or deleted: renaming it would leave the
+    folder it points to beside a new real folder, and the link behind under a .tmp- name."""
+    if target.is_symlink():
+        raise FileExistsError(
+            f"{target}: is a symbolic link (to {os.readlink(target)}); truthgpt does not write "
+            "through links: pass the folder itself"
+        )
+
+
+def delete_tree(path: Path) -> None:
+    """Delete a folder of ours that has been renamed out of the way; a link is only unlinked.
+    What cannot be deleted is reported, not hidden: it is left under its .tmp- name."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    failed: list[str] = []
+    shutil.rmtree(path, onerror=lambda _f, p, _e: failed.append(p))
+    if failed:
+        warnings.warn(f"{path}: could not delete {failed[0]} (left in place)", stacklevel=2)
 
 
 def refuse_non_folder(target: Path) -> None:
@@ -53,6 +76,7 @@ def write_folder_atomically(
     after `write`, e.g. to add a manifest of what was written.
     """
     target = Path(target)
+    refuse_link(target)
     check(target)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +90,7 @@ def write_folder_atomically(
             if path.is_file():
                 fsync_path(path)
         fsync_path(tmp)
+        refuse_link(target)
         check(target)
         if target.exists():
             # Two renames: there is no atomic swap of non-empty folders in the standard library.
@@ -73,7 +98,7 @@ def write_folder_atomically(
             old = parent / f"{TMP_PREFIX}{target.name}-old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
             os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            delete_tree(old)
         else:
             os.rename(tmp, target)
         fsync_path(parent)
@@ -135,8 +160,9 @@ def remove_folder(path: Path) -> None:
     """Delete a folder so that an interruption never leaves part of it under its own name:
     rename first, then delete."""
     doomed = path.with_name(f"{TMP_PREFIX}{path.name}-del-{uuid.uuid4().hex[:8]}")
+    refuse_link(path)
     os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    delete_tree(doomed)
 
 
 def remove_leftovers(folder: Path) -> None:

@@ -21,13 +21,33 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def parse_json(path: Path, data: bytes, error: type[ValueError] = JSONFileError) -> Any:
+def parse_json(
+    path: Path, data: bytes, error: type[ValueError] = JSONFileError, *, unique_keys: bool = False
+) -> Any:
     """`data` (read from `path`) as JSON; raises `error` naming the file. Numbers of more
-    digits than Python converts, and nesting deeper than its stack, are refused alike."""
+    digits than Python converts, and nesting deeper than its stack, are refused alike.
+    `unique_keys`: a key twice in one object is refused too (where the last one silently
+    winning would hide what the file holds, as in a safetensors header)."""
+    hook = _unique_object if unique_keys else None
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"), object_pairs_hook=hook)
+    except _DuplicateKey as err:
+        raise error(f"{path}: {err}") from None
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError among them
         raise error(f"{path}: not valid JSON ({err})") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"the name {twice!r} appears twice in one object")
+    return obj
 
 
 def json_safe(value: Any) -> Any:

@@ -8,15 +8,21 @@ or foreign file raises `CheckpointError` naming the file and what is wrong.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 from torch import Tensor
 
+from truthgpt.io.files import (
+    CONFIG_LIMIT,
+    STATE_LIMIT,
+    check_depth,
+    not_regular_reason,
+    read_regular_file,
+)
 from truthgpt.io.jsonio import is_int, json_bytes, parse_json
 
 FORMAT = "truthgpt-checkpoint"
@@ -79,10 +85,18 @@ class FolderReader:
 
     `known_files` are the names a writer may put there: one present on disk but absent from
     the manifest is an error, so a lost manifest entry is never taken for an optional part.
+    `limits` caps the size of named files (JSON files not named: `STATE_LIMIT`), checked
+    against the manifest before any file but the manifest is read.
     """
 
-    def __init__(self, folder: Path, known_files: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        known_files: Iterable[str] = (),
+        limits: Mapping[str, int] | None = None,
+    ) -> None:
         self.folder = folder
+        self.limits = dict(limits or {})
         self.files = self._read_manifest()
         self._json: dict[str, dict[str, Any]] = {}
         for name in self.files:
@@ -91,10 +105,24 @@ class FolderReader:
             if name not in self.files and (folder / name).exists():
                 raise CheckpointError(f"{folder / name}: not listed in {MANIFEST_FILE} ('files')")
 
+    def limit(self, name: str) -> int | None:
+        """The most bytes `name` may hold, if it is capped."""
+        return self.limits.get(name, STATE_LIMIT if name.endswith(".json") else None)
+
     def _check_size(self, name: str) -> None:
         path = self.folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        limit = self.limit(name)
+        if limit is not None and self.files[name]["size"] > limit:
+            raise CheckpointError(
+                f"{path}: {self.files[name]['size']:,} bytes listed in {MANIFEST_FILE}, more "
+                f"than a {name} may hold ({limit:,}); refusing to read it"
+            )
+        reason = not_regular_reason(path)
+        if reason is not None:
+            missing = reason == "does not exist"
+            raise CheckpointError(
+                f"{path}: {'missing' if missing else reason} (listed in {MANIFEST_FILE})"
+            )
         size = path.stat().st_size
         if size != self.files[name]["size"]:
             raise CheckpointError(
@@ -104,11 +132,15 @@ class FolderReader:
 
     def _read_manifest(self) -> dict[str, dict[str, Any]]:
         path = self.folder / MANIFEST_FILE
+        reason = not_regular_reason(path)
+        if reason is not None and reason != "does not exist":
+            raise CheckpointError(f"{path}: {reason}")
         if not path.is_file():
             raise CheckpointError(
                 f"{path}: missing; {self.folder} is not a complete truthgpt checkpoint"
             )
-        manifest = parse_json(path, path.read_bytes(), CheckpointError)
+        data = read_regular_file(path, CONFIG_LIMIT, what=MANIFEST_FILE, error=CheckpointError)
+        manifest = check_depth(parse_json(path, data, CheckpointError), path, CheckpointError)
         check_format(manifest, path)
         files = manifest.get("files")
         if not isinstance(files, dict):
@@ -147,7 +179,7 @@ class FolderReader:
         path = self.folder / name
         self.size(name)
         entry = self.files[name]
-        data = path.read_bytes()
+        data = read_regular_file(path, entry["size"], what=name, error=CheckpointError)
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:
             raise CheckpointError(
@@ -161,6 +193,7 @@ class FolderReader:
         if name not in self._json:
             path = self.folder / name
             data = parse_json(path, self.bytes(name), CheckpointError)
+            check_depth(data, path, CheckpointError)
             if not isinstance(data, dict):
                 raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
             self._json[name] = data
@@ -170,10 +203,14 @@ class FolderReader:
         """A verified safetensors file: its tensors (fresh CPU copies) and its metadata."""
         path = self.folder / name
         data = self.bytes(name)
+        header_len = int.from_bytes(data[:8], "little")
+        try:
+            header = parse_json(path, data[8 : 8 + header_len], CheckpointError, unique_keys=True)
+        except CheckpointError as err:
+            reason = str(err).removeprefix(f"{path}: ")
+            raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
         try:
             tensors = safetensors.torch.load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + header_len])
             metadata = header.get("__metadata__") or {}
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from truthgpt.config import ConfigError, TruthGPTConfig
 from truthgpt.io.atomic import write_folder_atomically
+from truthgpt.io.files import CONFIG_LIMIT
 from truthgpt.io.jsonio import json_bytes
 from truthgpt.io.manifest import (
     CheckpointError,
@@ -79,7 +80,11 @@ def save_model_folder(directory: str | Path, config: TruthGPTConfig, model: nn.M
 
 def open_folder(path: str | Path, known_files: tuple[str, ...] = ()) -> FolderReader:
     """The verified checkpoint folder `path` means (a folder, a run, a pointer)."""
-    return FolderReader(resolve_checkpoint(path), (CONFIG_FILE, WEIGHTS_FILE, *known_files))
+    return FolderReader(
+        resolve_checkpoint(path),
+        (CONFIG_FILE, WEIGHTS_FILE, *known_files),
+        limits={CONFIG_FILE: CONFIG_LIMIT},
+    )
 
 
 # The model fields config.json has held since format 1 (every one): a folder that lacks one

@@ -61,7 +61,13 @@ def read_header(reader: FolderReader, name: str) -> dict[str, TensorSpec]:
                     f"{path}: not a readable safetensors file (a header of {length} bytes in a "
                     f"file of {size})"
                 )
-            header = parse_json(path, f.read(length), CheckpointError)
+            try:
+                header = parse_json(path, f.read(length), CheckpointError, unique_keys=True)
+            except CheckpointError as err:
+                reason = str(err).removeprefix(f"{path}: ")
+                raise CheckpointError(
+                    f"{path}: not a readable safetensors file ({reason})"
+                ) from None
         return _parse_header(header, size - 8 - length, path)
     except CheckpointError:
         reader.bytes(name)  # raises if the file is not the one saved: corrupt, not crafted

@@ -17,7 +17,8 @@ RUN_DIR/checkpoints/step-NNNNNNN with `latest` and `best` pointers (`CheckpointM
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from truthgpt.config import ConfigError, TrainConfig, TruthGPTConfig
-from truthgpt.io.atomic import remove_folder, remove_leftovers, write_file_atomically
+from truthgpt.io.atomic import fsync_path, remove_folder, remove_leftovers, write_file_atomically
 from truthgpt.io.atomic import write_folder_atomically as _write_folder
 from truthgpt.io.jsonio import is_int, json_bytes
 from truthgpt.io.manifest import (
@@ -47,6 +48,7 @@ from truthgpt.io.runs import (
     BEST,
     CHECKPOINTS_DIR,
     LATEST,
+    damaged_after,
     latest_in,
     read_pointer,
     step_folders,
@@ -317,6 +319,48 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         return latest_in(self.directory) if self.directory.is_dir() else None
+
+    def set_aside_damaged(self) -> list[tuple[Path, Path, str]]:
+        """Rename every step folder newer than the latest complete checkpoint, and not one
+        itself, to damaged-step-N: training on from the older one would otherwise fail when
+        it reaches that step and finds the name taken. Returns (old, new, why) of each."""
+        if not self.directory.is_dir():
+            return []
+        moved = []
+        for path, why in damaged_after(self.directory, self.latest()):
+            new = self.directory / f"damaged-{path.name}"
+            n = 1
+            while new.exists() or new.is_symlink():
+                n += 1
+                new = self.directory / f"damaged-{path.name}-{n}"
+            os.rename(path, new)
+            moved.append((path, new, why))
+        if moved:
+            fsync_path(self.directory)
+        return moved
+
+    def check_recorded_config(self, recorded: dict[str, Any], may_change: Iterable[str]) -> None:
+        """Raise unless every checkpoint of the run holds the config its run.json records
+        (`recorded`, flat), but for the training fields a resume `may_change`: a checkpoint
+        copied in from another run is refused before it is trained on."""
+        if not self.directory.is_dir():
+            return
+        may_change = set(may_change)
+        for folder in step_folders(self.directory):
+            reader = open_checkpoint(folder)
+            saved = reader.json(CONFIG_FILE)
+            parts = [saved.get("train"), saved.get("model")]
+            fields = {k: v for part in parts if isinstance(part, dict) for k, v in part.items()}
+            differ = [
+                f"{key}={value!r} (checkpoint) vs {recorded[key]!r}"
+                for key, value in fields.items()
+                if key in recorded and key not in may_change and recorded[key] != value
+            ]
+            if differ:
+                raise CheckpointError(
+                    f"{folder}: not a checkpoint of this run: {', '.join(differ)} (run.json); "
+                    "move it out of the run"
+                )
 
     def best(self) -> Path | None:
         return read_pointer(self.directory / BEST) if self.directory.is_dir() else None

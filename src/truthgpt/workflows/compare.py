@@ -18,9 +18,13 @@ from typing import Any
 from truthgpt.config import MAX_SEED, preset
 from truthgpt.data import load_prepared, prepare_data
 from truthgpt.io import json_safe
+from truthgpt.io.folders import check_output, write_marker
 from truthgpt.io.lock import RunLock
 from truthgpt.nn.attention import kinds as distance_kinds
 from truthgpt.training import Monitor, TruthGPTOptimizationCore, build_config, train
+
+# What a comparison folder holds (its marker lists these).
+COMPARISON_ENTRIES = ("data", "runs", "results.json", "results.md", "val_curves.png", ".lock")
 
 
 def _prepared(out: Path, data_dir: str | Path | None, corpus: Sequence[str] | None) -> Any:
@@ -57,10 +61,12 @@ def compare_kinds(
     if not 0 <= first_seed <= MAX_SEED - seeds:
         raise ValueError(f"--first-seed must be in [0, {MAX_SEED - seeds}], got {first_seed}")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        # Its runs, data and results go inside: never mixed into a folder of the user's.
-        raise FileExistsError(f"--out: {out} exists and is not empty; choose a new folder")
+    # Its runs, data and results go inside: never mixed into a folder of the user's.
+    inputs = [data_dir] if data_dir is not None else [c for c in corpus or [] if Path(c).exists()]
+    check_output(out, "comparison", inputs=inputs)
     with RunLock(out):  # one writer at a time
+        check_output(out, "comparison", inputs=inputs)  # again, under the lock
+        write_marker(out, "comparison", COMPARISON_ENTRIES)
         data = _prepared(out, data_dir, corpus)
 
         per_kind: dict[str, dict[str, Any]] = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +20,21 @@ import torch
 from truthgpt.config import preset
 from truthgpt.data import load_prepared, prepare_data
 from truthgpt.io import json_safe
+from truthgpt.io.folders import check_output, write_owned_folder
 from truthgpt.training import TruthGPTOptimizationCore, build_config, train
 
 MAX_STEPS = 2000  # nanoGPT's char-level Shakespeare budget; the demo never trains longer
-TRAIN_SHARE = 0.72  # of the time budget, for training; the rest is everything else
+MIN_MINUTES = 0.5  # below this the demo cannot train, analyse and tune in its budget
 PROMPT = "Romeo:\n"
+# Shares of the time left once the steps are timed; the rest goes to saving, reloading,
+# sampling, plots and the report. Each phase sizes itself from the measured step times.
+TRAIN_SHARE = 0.55  # training, with its evaluations
+EVAL_SHARE = 0.15  # of the training share: the evaluations along the way and the final one
+ANALYSIS_SHARE = 0.10
+TUNING_SHARE = 0.12
+REST_SHARE = 1 - TRAIN_SHARE - ANALYSIS_SHARE - TUNING_SHARE
+RUN_OVERHEAD_S = 1.5  # a run's own fixed cost: monitor, checkpoint, curves plot
+FULL = {"analysis_samples": 100, "tune_steps": 120, "eval_batches": 200}  # the 5-minute sizes
 
 
 def _dir_size(path: Path) -> int:
@@ -56,8 +65,28 @@ def plan_training(
     return kinds, steps
 
 
-def time_steps(config: Any, data: Any, n: int = 20, warmup: int = 5) -> float:
-    """Seconds per training step of `config` on `data`, after warm-up steps."""
+def fit(seconds: float, unit_s: float, low: int, high: int) -> int:
+    """How many units of `unit_s` seconds fit in `seconds`, within [low, high]."""
+    return max(low, min(high, int(seconds / max(unit_s, 1e-9))))
+
+
+class Timer:
+    """Seconds used and left of the demo's budget."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start = time.perf_counter()
+        self.budget_s = budget_s
+
+    def used(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return max(0.0, self.budget_s - self.used())
+
+
+def time_steps(config: Any, data: Any, n: int = 4, warmup: int = 2) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluation batch) of `config` on `data`,
+    after warm-up steps."""
     from truthgpt.data import RandomBatches
 
     core = TruthGPTOptimizationCore(config)
@@ -67,7 +96,10 @@ def time_steps(config: Any, data: Any, n: int = 20, warmup: int = 5) -> float:
     start = time.perf_counter()
     for i in range(warmup, warmup + n):
         core.train_step(batches.batch(i))
-    return (time.perf_counter() - start) / n
+    step_s = (time.perf_counter() - start) / n
+    start = time.perf_counter()
+    core.evaluate(data.val, max_batches=n)
+    return step_s, (time.perf_counter() - start) / n
 
 
 def run_demo(
@@ -81,7 +113,43 @@ def run_demo(
     prompt: str = PROMPT,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the whole demo into `out_dir`; returns the metrics written to `metrics.json`."""
+    """Run the whole demo into `out_dir`; returns the metrics written to `metrics.json`.
+
+    Every phase sizes itself to keep the whole run within `minutes`. `out_dir` must be new,
+    empty or an earlier demo report (then replaced once the new one is complete)."""
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes >= 0:
+        raise ValueError(f"--minutes: must be a number of minutes, got {minutes!r}")
+    if minutes < MIN_MINUTES:
+        raise ValueError(
+            f"--minutes: at least {MIN_MINUTES} (the smallest budget in which the demo trains, "
+            f"analyses, tunes and samples), got {minutes!r}"
+        )
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"--steps: must be in [1, {MAX_STEPS}], got {steps!r}")
+    timer = Timer(minutes * 60)
+    target = {"kind": "demo report", "replace": True}
+    check_output(out_dir, **target)  # before any work; again before the rename
+    metrics: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        metrics.update(_demo(tmp, timer, distance, compare, steps, seed, prompt, log))
+
+    out = write_owned_folder(out_dir, write=write, **target)
+    log(f"== report: {out / 'report.md'} ({metrics['total_time_s']:.0f} s)")
+    return metrics
+
+
+def _demo(
+    out: Path,
+    timer: Timer,
+    distance: str,
+    compare: str | None,
+    steps: int | None,
+    seed: int,
+    prompt: str,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every phase of the demo, written into `out` (a temporary folder)."""
     from truthgpt.analysis import (
         analyze_attention,
         layer_weights,
@@ -92,15 +160,8 @@ def run_demo(
     from truthgpt.workflows.plots import plot_attended_distance, plot_attention_heatmaps
     from truthgpt.workflows.report import format_table
 
-    if not minutes > 0:
-        raise ValueError(f"--minutes: must be positive, got {minutes!r}")
-    demo_start = time.perf_counter()
-    budget_s = minutes * 60
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     metrics: dict[str, Any] = {"distance_type": distance, "compare": compare, "seed": seed}
+    metrics["budget_s"] = timer.budget_s
 
     # 1. Data: the built-in corpus, character-level.
     log("== 1. data: built-in Shakespeare corpus, char tokenizer")
@@ -118,27 +179,37 @@ def run_demo(
         f"vocab {meta['vocab_size']}"
     )
 
-    def config_for(kind: str, max_steps: int) -> Any:
+    def config_for(kind: str, max_steps: int, eval_batches: int = 1) -> Any:
         fields = preset("char-small") | {"distance_type": kind, "seed": seed, "device": "cpu"}
         # Four evaluations along the way (only the final one for very short runs).
         evals = 4 if max_steps >= 40 else 1
         fields |= {"max_steps": max_steps, "eval_interval": max_steps // evals}
         fields |= {"checkpoint_every": max_steps, "log_interval": max(1, max_steps // 20)}
+        fields |= {"eval_batches": eval_batches}
         return build_config(vocab_size=data.tokenizer.vocab_size, overrides=fields)
 
-    # 2. How many steps fit the budget.
+    # 2. How long a step takes, and from it the size of every phase.
     kinds = [distance] + ([compare] if compare and compare != distance else [])
+    log("== 2. timing a few steps to fit the time budget")
+    timing = {k: time_steps(config_for(k, MAX_STEPS), data) for k in kinds}
+    per_step = {k: t[0] for k, t in timing.items()}
+    per_eval = {k: t[1] for k, t in timing.items()}
+    left = timer.left()
+    train_s = left * TRAIN_SHARE
+    evals = 5  # four along the way and the final one, at most
+    eval_batches = fit(
+        train_s * EVAL_SHARE / evals, sum(per_eval.values()), 4, FULL["eval_batches"]
+    )
+    train_s -= evals * eval_batches * sum(per_eval.values()) + RUN_OVERHEAD_S * len(kinds)
     if steps is None:
-        log("== 2. timing a few steps to fit the time budget")
-        per_step = {k: time_steps(config_for(k, MAX_STEPS), data) for k in kinds}
-        left = budget_s * TRAIN_SHARE - (time.perf_counter() - demo_start)
-        kinds, steps = plan_training(per_step, left)
-        metrics["timing_s_per_step"] = per_step
-        log(
-            "   "
-            + ", ".join(f"{k}: {1000 * s:.1f} ms/step" for k, s in per_step.items())
-            + f" → {steps} steps each for {', '.join(kinds)}"
-        )
+        kinds, steps = plan_training(per_step, train_s)
+    metrics["timing_s_per_step"] = per_step
+    metrics["timing_s_per_eval_batch"] = per_eval
+    log(
+        "   "
+        + ", ".join(f"{k}: {1000 * s:.1f} ms/step" for k, s in per_step.items())
+        + f" → {steps} steps each for {', '.join(kinds)}, {eval_batches} validation batches"
+    )
     metrics["steps"] = steps
 
     # 3. Train (and evaluate periodically), one model per kind.
@@ -146,7 +217,8 @@ def run_demo(
     cores: dict[str, TruthGPTOptimizationCore] = {}
     for kind in kinds:
         log(f"== 3. training {kind} (char-small, {steps} steps)")
-        core = TruthGPTOptimizationCore(config_for(kind, steps), tokenizer=data.tokenizer)
+        config = config_for(kind, steps, eval_batches)
+        core = TruthGPTOptimizationCore(config, tokenizer=data.tokenizer)
         report = train(core, data, out / "runs" / kind)
         runs[kind] = json_safe(report)
         cores[kind] = core
@@ -154,12 +226,16 @@ def run_demo(
     core = cores[distance]
     model = core.raw_model
 
-    # 4. Attention patterns on validation text.
+    # 4. Attention patterns on validation text; a few windows first, to time one.
     log("== 4. attention analysis on validation text")
     start = time.perf_counter()
+    analysis_s = timer.left() * ANALYSIS_SHARE / (ANALYSIS_SHARE + TUNING_SHARE + REST_SHARE)
+    analyze_attention(model, data, num_samples=4, block_size=64)
+    per_sample = (time.perf_counter() - start) / 4
+    samples = fit(analysis_s - 4 * per_sample, per_sample * len(cores), 4, FULL["analysis_samples"])
     analyses, sample_weights = {}, {}
     for kind, c in cores.items():
-        analyses[kind] = analyze_attention(c.raw_model, data, num_samples=100, block_size=64)
+        analyses[kind] = analyze_attention(c.raw_model, data, num_samples=samples, block_size=64)
         sample = torch.tensor([analyses[kind]["sample"]["token_ids"]])  # the same for every kind
         sample_weights[kind] = [w[0] for w in layer_weights(c.raw_model, sample)]
     analysis = analyses[distance]
@@ -177,7 +253,17 @@ def run_demo(
 
     # 5. λ optimisation: only the per-head λ move.
     log("== 5. λ optimisation (all other weights frozen)")
-    tuning = tune_lambda(core, data, num_epochs=3, steps_per_epoch=40, log=log)
+    tuning_s = timer.left() * TUNING_SHARE / (TUNING_SHARE + REST_SHARE)
+    tune_eval = fit(tuning_s * 0.3 / 2, per_eval[distance], 4, FULL["eval_batches"])
+    tune_steps = fit(tuning_s * 0.7, per_step[distance], 3, FULL["tune_steps"])
+    tuning = tune_lambda(
+        core,
+        data,
+        num_epochs=3,
+        steps_per_epoch=max(1, tune_steps // 3),
+        eval_batches=tune_eval,
+        log=log,
+    )
     metrics["lambda_tuning"] = json_safe(tuning)
 
     # 6. Save, reload from disk, and check the reloaded model computes the same logits.
@@ -205,17 +291,20 @@ def run_demo(
     # 7. Generate a passage.
     log("== 7. sample")
     ids = torch.tensor([data.tokenizer.encode(prompt)])
+    options = {"temperature": 0.8, "top_k": 40, "seed": seed}
     start = time.perf_counter()
-    generated = reloaded.generate(ids, max_new_tokens=400, temperature=0.8, top_k=40, seed=seed)
+    reloaded.generate(ids, max_new_tokens=16, **options)  # to time a token
+    new_tokens = fit(timer.left() * 0.3, (time.perf_counter() - start) / 16, 50, 400)
+    start = time.perf_counter()
+    generated = reloaded.generate(ids, max_new_tokens=new_tokens, **options)
     gen_s = time.perf_counter() - start
     text = data.tokenizer.decode(generated[0].tolist())
-    metrics["sample"] = {"prompt": prompt, "text": text, "tokens_per_s": 400 / gen_s}
+    metrics["sample"] = {"prompt": prompt, "text": text, "tokens_per_s": new_tokens / gen_s}
     log(text)
 
-    metrics["total_time_s"] = time.perf_counter() - demo_start
+    metrics["total_time_s"] = timer.used()
     (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
     write_report(out / "report.md", metrics, analyses, heatmaps)
-    log(f"== report: {out / 'report.md'} ({metrics['total_time_s']:.0f} s)")
     return metrics
 
 

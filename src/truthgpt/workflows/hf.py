@@ -46,7 +46,8 @@ from transformers.utils import logging as hf_logging
 
 from truthgpt.config import TruthGPTConfig
 from truthgpt.io import resolve_checkpoint
-from truthgpt.io.atomic import refuse_non_empty, refuse_non_folder, write_folder_atomically
+from truthgpt.io.files import read_json_file
+from truthgpt.io.folders import check_output, write_owned_folder
 from truthgpt.nn.attention.kinds import builtin_names
 from truthgpt.nn.generation import slide_keep
 from truthgpt.nn.model import TruthGPTModel
@@ -299,10 +300,15 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     `from_pretrained(out_dir, trust_remote_code=True)` needs no truthgpt; a kind added with
     `register_distance` still needs `import truthgpt.hf` and the kind registered.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
     folder = resolve_checkpoint(source)
+    target = {
+        "kind": "export",
+        "replace": overwrite,
+        "replace_flag": "--overwrite",
+        "inputs": [source, folder],
+        "legacy": is_export,
+    }
+    check_output(out_dir, **target)  # before any work; again before the rename
     model = TruthGPTModel.from_pretrained(folder)
     saved_tokenizer = read_tokenizer(folder)
     tokenizer = hf_tokenizer(saved_tokenizer) if saved_tokenizer is not None else None
@@ -334,5 +340,34 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
         if remote_code:
             hf_remote.write_remote_code(tmp, sys.modules[__name__])
 
-    check = refuse_non_folder if overwrite else refuse_non_empty
-    return write_folder_atomically(out_dir, write, check=check)
+    return write_owned_folder(out_dir, write=write, **target)
+
+
+# What `export_hf` writes (transformers' own names; a tokenizer adds the last three).
+EXPORT_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        hf_remote.CONFIG_FILE,
+        hf_remote.MODELING_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+)
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is an export of a release before folder markers: only the files an
+    export writes, and a config.json of model_type "truthgpt"."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+        config = read_json_file(folder / "config.json", what="config.json")
+    except (OSError, ValueError):
+        return False
+    return (
+        names <= EXPORT_FILES
+        and isinstance(config, dict)
+        and config.get("model_type") == (TruthGPTHFConfig.model_type)
+    )
