@@ -369,6 +369,70 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
             assert row["spill_bytes"] == 0, row
 
 
+def _sass_meter():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_sass.py")
+    spec = importlib.util.spec_from_file_location("triton_sass", path)
+    module = sys.modules["triton_sass"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sass_meter_counts_nested_loops_once_per_coordinate():
+    """benchmarks/triton_sass.py on hand-written SASS: a tile loop of 3 instructions around
+    a coordinate loop of 4 executes 3 − 4 + D·4 per iteration; the trap after EXIT (a branch
+    to itself) is no loop."""
+    sass = "\n".join(
+        [
+            "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+            ".L_x_0:",
+            "        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;",
+            ".L_x_1:",
+            "        /*0020*/                   FADD R3, |R2|, R3 ;",
+            "        /*0030*/                   SHFL.BFLY PT, R5, R3, 0x1, 0x1f ;",
+            "        /*0040*/                   ISETP.NE.AND P0, PT, R6, RZ, PT ;",
+            "        /*0050*/              @P0 BRA `(.L_x_1) ;",
+            "        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;",
+            "        /*0070*/              @P1 BRA `(.L_x_0) ;",
+            "        /*0080*/                   EXIT ;",
+            ".L_x_2:",
+            "        /*0090*/                   BRA `(.L_x_2);",
+            "        /*00a0*/                   NOP;",
+        ]
+    )
+    meter = _sass_meter()
+    (counts,) = meter.loop_counts(sass, D=8)
+    assert sum(counts.values()) == 8 * 4 + 3
+    assert counts["fp32"] == 8 and counts["shuffle"] == 8 and counts["barrier"] == 1
+    assert counts["load"] == 1 and counts["control"] == 8 + 1
+    assert meter.occupancy(registers=128, shared_bytes=0, num_warps=8) == 0.25
+    assert meter.occupancy(registers=32, shared_bytes=100 * 1024, num_warps=4) == 0.125
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not HAVE_TRITON, reason=f"triton is not installed ({triton_kernels.INSTALL_HINT})"
+)
+def test_sass_meter_counts_a_compiled_loop_known_by_construction(tmp_path):
+    """The meter on machine code ptxas made: `chain_kernel`'s loop is CHAIN additions, one
+    compare and one branch back, and the meter must find exactly that."""
+    import json
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from triton_aot import CHAIN
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = os.path.join(os.path.dirname(__file__), "triton_aot.py")
+    result = subprocess.run(
+        [sys.executable, script, "meter"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (loop,) = json.loads(result.stdout.splitlines()[-1])["loops"]
+    assert loop == {"fp32": CHAIN + 1, "control": 1}, loop
+
+
 @needs_triton
 def test_strided_views_as_the_model_passes_them():
     """q, k, v as views of one (B, T, 3, H, D) projection and a transposed output gradient:

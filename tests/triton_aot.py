@@ -8,6 +8,13 @@ B=1, H=2, T=64, D=64, down to machine code by the ptxas bundled with triton; one
 kernel gives its registers and spilled bytes. The interpreter checks the math; this catches
 what only the compiler rejects (types, layouts, tl.dot shapes) and register spills.
 
+    python tests/triton_aot.py meter
+
+compiles a kernel whose loop is known by construction (`chain_kernel`: CHAIN dependent fp32
+additions per iteration, written as PTX with explicit rounding, which ptxas may not merge, a
+compare and a branch back) and prints what benchmarks/triton_sass.py counts in it, so that
+the meter can fail.
+
 Run by tests/test_attention_triton.py in a fresh process without TRITON_INTERPRET (the
 kernels must be defined as compiled ones).
 """
@@ -23,11 +30,14 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from truthgpt.nn.attention import _triton_jit, kinds, triton_kernels
+
+CHAIN = 7  # the additions in chain_kernel's PTX
 
 ARCH = 90
 TYPES = {
@@ -107,7 +117,41 @@ def check(dtype_name: str, kind: str, causal: bool, masked: bool, dropout_p: flo
     return rows
 
 
+@triton.jit
+def chain_kernel(X, limit):
+    """CHAIN dependent fp32 additions per iteration on one value, while it is below `limit`
+    (a loop without a trip count: ptxas unrolls counted loops)."""
+    x = tl.load(X)
+    while x < limit:
+        x = tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, 0f3F800000;" + " add.rn.f32 $0, $0, 0f3F800000;" * 6,
+            "=r,r",
+            [x],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    tl.store(X, x)
+
+
+def meter() -> dict:
+    """What the meter counts in `chain_kernel`'s loop (one warp, one value)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "triton_sass.py"
+    spec = importlib.util.spec_from_file_location("triton_sass", path)
+    sass_meter = sys.modules["triton_sass"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass_meter)
+    x = torch.zeros(16)
+    result = sass_meter.compile_sm90(chain_kernel, (x, 1000.0), dict(num_warps=1))
+    counts = sass_meter.loop_counts(result["sass"], D=1)
+    return {"loops": [dict(c) for c in counts], "registers": result["registers"]}
+
+
 def main() -> None:
+    if sys.argv[1] == "meter":
+        print(json.dumps(meter()))
+        return
     for case in json.loads(sys.argv[1]):
         for row in check(*case):
             print(json.dumps(row), flush=True)
