@@ -9,7 +9,8 @@ specialisation (pointers and integers divisible by 16 marked so), for sm_90a, by
 ptxas it bundles; the SASS comes from the nvdisasm it bundles. The meter finds the loops (a
 branch back to an earlier label), takes as the tile loop each outermost loop that holds the
 kernel's work, and counts the instructions one iteration of it executes: its own body plus,
-for a loop nested inside it, D times that loop's body (a nested loop runs once per coordinate).
+for a loop nested inside it, D / UNROLL times that loop's body (a nested loop is a coordinate
+loop, each iteration UNROLL coordinates: `_triton_jit.UNROLL`, 1 where the module has none).
 Divided by the (i, j, d) triples one thread handles per iteration (BLOCK_M·BLOCK_N·D over the
 program's threads), that is the instructions per triple; where a kernel has several tile
 loops (causal: the diagonal tiles apart), the largest. A static count: every instruction of a
@@ -149,15 +150,15 @@ def find_loops(instructions: list[Instruction], labels: dict[str, int]) -> list[
     return roots
 
 
-def _executed(loop: Loop, instructions: list[Instruction], D: int) -> Counter:
+def _executed(loop: Loop, instructions: list[Instruction], trips: int) -> Counter:
     """Instructions by class one iteration of `loop` executes: its body, with each nested loop
-    counted D times (once per coordinate) instead of once."""
+    counted `trips` times instead of once."""
     counts = Counter(ins.kind for ins in instructions[loop.start : loop.end + 1])
     for child in loop.children:
         once = Counter(ins.kind for ins in instructions[child.start : child.end + 1])
-        inner = _executed(child, instructions, D)
+        inner = _executed(child, instructions, trips)
         for name in set(once) | set(inner):
-            counts[name] += D * inner[name] - once[name]
+            counts[name] += trips * inner[name] - once[name]
     return counts
 
 
@@ -167,11 +168,12 @@ def tile_loops(roots: list[Loop]) -> list[Loop]:
     return roots
 
 
-def loop_counts(sass: str, D: int) -> list[Counter]:
-    """Per tile loop, the instructions by class one iteration executes."""
+def loop_counts(sass: str, D: int, unroll: int = 1) -> list[Counter]:
+    """Per tile loop, the instructions by class one iteration executes; its nested loops run
+    D / unroll times."""
     instructions, labels = parse_sass(sass)
     loops = tile_loops(find_loops(instructions, labels))
-    return [_executed(loop, instructions, D) for loop in loops]
+    return [_executed(loop, instructions, max(1, D // unroll)) for loop in loops]
 
 
 def occupancy(registers: int, shared_bytes: int, num_warps: int) -> float:
@@ -289,6 +291,13 @@ def compile_sm90(fn, args: tuple, meta: dict) -> dict:
     }
 
 
+def _unroll() -> int:
+    """Coordinates per iteration of the kernels' coordinate loops."""
+    from truthgpt.nn.attention import _triton_jit
+
+    return int(getattr(getattr(_triton_jit, "UNROLL", 1), "value", 1))
+
+
 def measure(kind: str, dtype_name: str, D: int, T: int) -> list[dict]:
     """One row per kernel (and per autotune config) of one forward + backward."""
     rows = []
@@ -304,7 +313,7 @@ def measure(kind: str, dtype_name: str, D: int, T: int) -> list[dict]:
             result = compile_sm90(jit, args, cfg)
             threads = 32 * result["num_warps"]
             per_iteration = cfg["BLOCK_M"] * cfg["BLOCK_N"] * D / threads
-            counts = loop_counts(result["sass"], D)
+            counts = loop_counts(result["sass"], D, _unroll())
             row = {
                 "kind": kind,
                 "pass": phase,
