@@ -9,6 +9,7 @@ Layouts (all row-major, one (b, h) slice after another):
         padded with zeros to Tqp, Tkp (multiples of every tile), so that a coordinate of a
         tile is one contiguous run read without a mask or a conversion;
     V, DO (B, H, T, D) with strides given; Out (B, H, Tq, D); Delta (B·H, Tqp);
+    GT (B·H, D, Tqp), VT (B·H, D, Tkp): dO and v transposed, padded, in ACC, as QT and KT;
     Lse (B·H, Tqp): each row's log-sum-exp in base 2 (of the scores times log2(e));
     DQT (B·H, D, Tqp): the gradient of q, transposed, in ACC (added to atomically);
     DKT (B·H, D, Tkp): the gradient of k, transposed, in ACC (each program its own keys);
@@ -105,13 +106,20 @@ def _distance(
     RN: tl.constexpr,
     MP: tl.constexpr,
     NP: tl.constexpr,
+    gt,
+    vt,
+    WITH_DP: tl.constexpr,
 ):
     """(RM, RN, MP, NP) distances from exact differences q_d − k_d (no ‖q‖² + ‖k‖² − 2q·k
     expansion), the kind's reduction over them inside each thread. rows (RM, 1, MP, 1),
-    keys (1, RN, 1, NP)."""
+    keys (1, RN, 1, NP). WITH_DP: also dO·v in the same loop, from gt, vt (dO and v
+    transposed like q and k), in the same layout; else zeros."""
     acc = tl.zeros([RM, RN, MP, NP], ACC)
+    dp = tl.zeros([RM, RN, MP, NP], ACC)
     for d in tl.range(0, D, loop_unroll_factor=UNROLL):
         x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        if WITH_DP:
+            dp += tl.load(gt + d * Tqp + rows) * tl.load(vt + d * Tkp + keys)
         if KIND == L1:
             acc += tl.abs(x)
         elif KIND == L2:
@@ -125,7 +133,7 @@ def _distance(
         acc = tl.sqrt(acc)
     elif KIND == LP:
         acc = tl.where(acc > 0, tl.exp2(tl.log2(tl.where(acc > 0, acc, 1.0)) / p), 0.0)
-    return acc
+    return acc, dp
 
 
 @triton.jit
@@ -234,7 +242,9 @@ def forward_kernel(
         hi = tl.minimum(Tk, m0 + BLOCK_M + offset)
     for n0 in range(0, hi, BLOCK_N):
         keys = _index(n0, RN, NP)[None, :, None, :]
-        dist = _distance(qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP)
+        dist, _ = _distance(
+            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
+        )
         s = _scores(dist, lam, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS)
         m_new = tl.maximum(m_i, tl.max(tl.max(s, 1), 2))
         alpha = tl.exp2(m_i - m_new)
@@ -315,6 +325,8 @@ def backward_kernel(
     KT,
     V,
     DO,
+    GT,
+    VT,
     Lse,
     Delta,
     Scale,
@@ -384,8 +396,8 @@ def backward_kernel(
     dkt = DKT + bh.to(tl.int64) * D * Tkp
     do_ptr = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-    v_ptrs = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_n[:, None] * svt
-    v = tl.load(v_ptrs + offs_d[None, :], mask=mask_nd, other=0.0)
+    gt = GT + bh.to(tl.int64) * D * Tqp
+    vt = VT + bh.to(tl.int64) * D * Tkp
     lam = tl.load(Scale + h).to(ACC)
     lam2 = -lam * LOG2E
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -402,12 +414,15 @@ def backward_kernel(
         rows = rows2[:, None, :, None]
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_md = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-        dist = _distance(qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP)
+        # dp = dO·vᵀ on CUDA cores in the distance's loop and layout: a tensor-core product
+        # would come in another layout, which the coordinate loop below would then inherit
+        dist, dp = _distance(
+            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True
+        )
         s = _scores(dist, lam2, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS)
         lse = tl.load(Lse + bh.to(tl.int64) * Tqp + rows)
         prob = tl.exp2(s - lse)
         do = tl.load(do_ptr + offs_m[:, None] * sot + offs_d[None, :], mask=mask_md, other=0.0)
-        dp = _from_tile(_mm(do, tl.trans(v), DOT, ACC), RM, RN, MP, NP)
         if DROPOUT:
             keep = _keep(seed, bh, rows, keys, Tq, Tk, dropout_p)
             kept = _to_tile(tl.where(keep, prob * drop_scale, 0.0), BLOCK_M, BLOCK_N)

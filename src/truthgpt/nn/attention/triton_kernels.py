@@ -236,11 +236,13 @@ def forward_launch(qt, kt, v, scale, out, lse, cfg: KernelConfig) -> tuple[tuple
 def backward_launch(qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg: KernelConfig):
     """(grid, arguments, keyword arguments) of the backward kernel; dlam (B·H, key tiles)."""
     B, H, Tq = do.shape[:3]
+    gt = _padded_transposed(do, qt.shape[3], qt.dtype)
+    vt = _padded_transposed(v, kt.shape[3], kt.dtype)
     bias_args, sizes, flags = _shared(qt, kt, v, Tq, scale, cfg, lse.dtype)
     tile = _tile(cfg.backward_tile, Tq, v.shape[2])
     n_tiles = dlam.shape[1]
     grid = (n_tiles * B * H,)
-    args = (qt, kt, v, do, lse, delta, scale, bias_args[0], dqt, dkt, dv, dlam)
+    args = (qt, kt, v, do, gt, vt, lse, delta, scale, bias_args[0], dqt, dkt, dv, dlam)
     args += (*v.stride()[:3], *do.stride()[:3], *bias_args[1:], *sizes, n_tiles)
     return grid, args, _meta(flags, tile, cfg.backward_warps)
 
