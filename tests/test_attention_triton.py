@@ -310,6 +310,55 @@ def test_a_kind_without_a_triton_op_is_refused():
         triton_kernels.triton_attention(q, k, v, "l1", 0.5, forward_tile=(16, 24))
 
 
+def test_the_grid_has_one_axis_past_cudas_65535():
+    """B·H programs do not go on a grid axis CUDA caps at 65535 (a decoding step of a large
+    batch): every launch puts B·H·tiles on axis 0 (up to 2³¹ − 1)."""
+    if not HAVE_TRITON:
+        pytest.skip(f"triton is not installed ({triton_kernels.INSTALL_HINT})")
+    B, H, T, D = 70000, 1, 1, 2
+    cfg = triton_kernels.KernelConfig(code=0, p=1.0, causal=True, bias=None, dropout_p=0.0, seed=0)
+    Tqp, Tkp = triton_kernels._lengths(T, T, cfg)
+    qt, kt = torch.zeros(B, H, D, Tqp), torch.zeros(B, H, D, Tkp)
+    v, out, do = torch.zeros(B, H, T, D), torch.zeros(B, H, T, D), torch.zeros(B, H, T, D)
+    lse, scale = torch.zeros(B, H, Tqp), torch.ones(H)
+    grid, _, _ = triton_kernels.forward_launch(qt, kt, v, scale, out, lse, cfg)
+    assert grid == (B * H,)
+    dlam = torch.zeros(B * H, 1)
+    launch = triton_kernels.backward_launch(qt, kt, v, do, lse, lse, scale, qt, kt, v, dlam, cfg)
+    assert launch[0] == (B * H,)
+
+
+@needs_triton
+def test_kernels_launch_on_the_tensors_device(monkeypatch):
+    """Every launch is made inside a context for q's device (torch's current device may be
+    another one: cuda:1 tensors would otherwise be read by a kernel on cuda:0)."""
+    seen = []
+    real = triton_kernels._on
+
+    def on(device):
+        seen.append(device)
+        return real(device)
+
+    monkeypatch.setattr(triton_kernels, "_on", on)
+    q, k, v = make(B=1, H=2, Tq=5, Tk=5, D=3, dtype=torch.float64, grad=True)
+    run(q, k, v, "l1", 0.5).sum().backward()
+    assert [d.type for d in seen] == [DEVICE, DEVICE]
+    ctx = real(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+
+
+@needs_triton
+def test_lambda_is_not_rounded_to_the_input_dtype():
+    """λ reaches the kernels in fp32 even for bf16 inputs: an update below bf16's resolution
+    (2⁻⁸ relative) still changes the output."""
+    q, k, v = make(B=1, H=2, Tq=16, Tk=16, D=4, seed=2)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    lam = torch.tensor([0.8, 1.1])
+    a = run(q, k, v, "l1", lam).float()
+    b = run(q, k, v, "l1", lam * (1 + 2**-12)).float()
+    assert not torch.equal(a, b)
+
+
 def test_the_package_works_without_triton():
     """A fresh process where `import triton` fails: the package imports, CPU attention runs,
     and asking for the triton backend says what to install."""
