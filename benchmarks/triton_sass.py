@@ -168,6 +168,18 @@ def tile_loops(roots: list[Loop]) -> list[Loop]:
     return roots
 
 
+def coordinate_loop_sync(sass: str) -> int:
+    """Shuffles and barriers inside loops nested in a tile loop (the coordinate loops), as
+    written (not times their trips)."""
+    instructions, labels = parse_sass(sass)
+    total = 0
+    for root in tile_loops(find_loops(instructions, labels)):
+        for child in root.children:
+            body = instructions[child.start : child.end + 1]
+            total += sum(ins.kind in ("shuffle", "barrier") for ins in body)
+    return total
+
+
 def loop_counts(sass: str, D: int, unroll: int = 1) -> list[Counter]:
     """Per tile loop, the instructions by class one iteration executes; its nested loops run
     D / unroll times."""
@@ -196,11 +208,19 @@ def _tools():
     return Path(get_ptxas(ARCH).path).parent
 
 
-def capture(kind: str, dtype_name: str, D: int, T: int, causal: bool = True) -> list[tuple]:
+def capture(
+    kind: str,
+    dtype_name: str,
+    D: int,
+    T: int,
+    causal: bool = True,
+    masked: bool = False,
+    dropout_p: float = 0.0,
+) -> list[tuple]:
     """(kernel, grid, args, meta) of every kernel launch of one forward and backward of
     `triton_attention` at (B=1, H=1, T, D), made by the host code on CPU tensors and recorded
     instead of run. The host code is the runtime's: the kernels get its tiles, flags and
-    layouts."""
+    layouts. masked: with a boolean mask (B, 1, T, T)."""
     import torch
 
     from truthgpt.nn.attention import triton_kernels as tk
@@ -229,7 +249,8 @@ def capture(kind: str, dtype_name: str, D: int, T: int, causal: bool = True) -> 
         q, k, v = (torch.randn(1, 1, T, D, generator=g).to(dtype).requires_grad_() for _ in "qkv")
         scale = torch.ones(1, requires_grad=True)
         p = P if kind == "lp" else None
-        out = tk.triton_attention(q, k, v, kind, scale, causal, p=p)
+        mask = torch.rand(1, 1, T, T, generator=g) > 0.2 if masked else None
+        out = tk.triton_attention(q, k, v, kind, scale, causal, mask, dropout_p, p=p, seed=1)
         out.backward(torch.ones_like(out))
     finally:
         tk._load, tk.check = saved
@@ -330,6 +351,7 @@ def measure(kind: str, dtype_name: str, D: int, T: int) -> list[dict]:
                     result["registers"], result["shared_bytes"], result["num_warps"]
                 ),
                 "tile_loops": len(counts),
+                "coordinate_loop_sync": coordinate_loop_sync(result["sass"]),
             }
             if counts:
                 worst = max(counts, key=lambda c: sum(c.values()))
@@ -353,13 +375,16 @@ def markdown(rows: list[dict], command: str, versions: str, seconds: float) -> s
         f"Command: `{command}` ({versions}; {seconds:.0f} s). Causal, T as given, B = H = 1 "
         "(the machine code does not depend on them). Instructions per (i, j, d) triple: one "
         "iteration of the kernel's tile loop (nested coordinate loops counted D times) over "
-        "the triples a thread handles in it; by class, the same per triple. Occupancy: "
-        "resident warps / 64.",
+        "the triples a thread handles in it; by class, the same per triple. Sync in d-loop: "
+        "shuffles and barriers written inside the coordinate loops. Occupancy: resident "
+        "warps / 64. Spill B: bytes of registers spilled (ptxas), smem B: shared memory per "
+        "program.",
         "",
         "| kind | pass | dtype | D | instr/triple | fp32 | fp16x2 | fp64 | alu | conv | load "
-        "| shfl | bar | atomic | regs | spill B | smem B | occupancy | tile, warps |",
+        "| shfl | bar | atomic | sync in d-loop | regs | spill B | smem B | occupancy "
+        "| tile, warps |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|---|",
+        "---:|---:|---|",
     ]
     for r in rows:
         per = r.get("per_triple") or {}
@@ -371,6 +396,7 @@ def markdown(rows: list[dict], command: str, versions: str, seconds: float) -> s
             _fmt(r["instructions_per_triple"]),
             *(_fmt(per.get(c)) for c in ("fp32", "fp16x2", "fp64", "alu", "conversion", "load")),
             *(_fmt(per.get(c), 3) for c in ("shuffle", "barrier", "atomic")),
+            str(r["coordinate_loop_sync"]),
             str(r["registers"]),
             str(r["spill_bytes"]),
             str(r["shared_bytes"]),

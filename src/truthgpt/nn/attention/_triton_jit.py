@@ -303,20 +303,22 @@ def _coordinate_grads(
             ratio = tl.abs(x) * inv
             w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
         # w·sign(x): the sign bit of x flips w's; 0 at a tie
-        w = tl.where(x != 0, _flip_sign(w, x), 0.0)
+        w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
         tl.atomic_add(dqt + d * Tqp + rows2, _rows_of(w), sem="relaxed")
         dk_ptrs = dkt + d * Tkp + keys2
         tl.store(dk_ptrs, tl.load(dk_ptrs) - _keys_of(w))
 
 
 @triton.jit
-def _flip_sign(w, x):
+def _flip_sign(w, x, dtype: tl.constexpr):
     """w with its sign flipped where x is negative: one bitwise operation."""
-    if w.dtype == tl.float64:
+    if dtype == tl.float64:
         sign = x.to(tl.int64, bitcast=True) & -9223372036854775808
-        return (w.to(tl.int64, bitcast=True) ^ sign).to(tl.float64, bitcast=True)
-    sign = x.to(tl.int32, bitcast=True) & -2147483648
-    return (w.to(tl.int32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
+        flipped = (w.to(tl.int64, bitcast=True) ^ sign).to(tl.float64, bitcast=True)
+    else:
+        sign = x.to(tl.int32, bitcast=True) & -2147483648
+        flipped = (w.to(tl.int32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
+    return flipped
 
 
 @triton.jit

@@ -62,6 +62,9 @@ FORWARD_TILE = (128, 128)
 BACKWARD_TILE = (64, 64)
 FORWARD_WARPS = 8
 BACKWARD_WARPS = 4
+# float64 holds each value in two registers: smaller tiles, or the forward spills and takes
+# 192 KiB of shared memory.
+FP64_TILES = ((64, 64), (32, 64))
 # Triton 3.9 warns unless fused multiply-adds are asked for explicitly; they are its default.
 _OPTIONS = {"enable_fp_fusion": True}
 INSTALL_HINT = "pip install 'truthgpt[gpu]' (triton==3.9.0)"
@@ -337,15 +340,16 @@ def triton_attention(
     *,
     p: float | None = None,
     seed: int | None = None,
-    forward_tile: tuple[int, int] = FORWARD_TILE,
-    backward_tile: tuple[int, int] = BACKWARD_TILE,
+    forward_tile: tuple[int, int] | None = None,
+    backward_tile: tuple[int, int] | None = None,
 ) -> Tensor:
     """Exact attention with the Triton kernels, (B, H, Tq, D), for l1, l2, chebyshev and lp.
 
     Arguments as `distance_attention` (checked there). seed: dropout seed; None draws one from
     torch's global generator, so torch.manual_seed makes runs reproducible. forward_tile,
-    backward_tile: (query rows, keys) per program, powers of two ≥ 16; any give the same
-    result up to rounding (and the same dropout mask).
+    backward_tile: (query rows, keys) per program, powers of two ≥ 16 (None: FORWARD_TILE,
+    BACKWARD_TILE, or FP64_TILES for float64); any give the same result up to rounding
+    (and the same dropout mask).
     """
     check(q, kind)
     spec = kinds.get(kind)
@@ -359,6 +363,9 @@ def triton_attention(
         scale_t = torch.full((q.shape[1],), float(scale), dtype=acc, device=q.device)
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
+    defaults = FP64_TILES if q.dtype == torch.float64 else (FORWARD_TILE, BACKWARD_TILE)
+    forward_tile = forward_tile or defaults[0]
+    backward_tile = backward_tile or defaults[1]
     for tile in (forward_tile, backward_tile):
         if any(t < 16 or t & (t - 1) for t in tile):
             raise ValueError(f"tiles must be powers of two >= 16, got {tile}")
