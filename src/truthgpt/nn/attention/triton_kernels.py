@@ -62,9 +62,10 @@ FORWARD_TILE = (128, 128)
 BACKWARD_TILE = (64, 64)
 FORWARD_WARPS = 8
 BACKWARD_WARPS = 4
-# float64 holds each value in two registers: smaller tiles, or the forward spills and takes
-# 192 KiB of shared memory.
-FP64_TILES = ((64, 64), (32, 64))
+# fp32 and fp64 inputs: smaller tiles. Their p·v products are IEEE ones on CUDA cores (no
+# TF32), whose operands and sums stay in registers, and float64 holds each value in two:
+# at the tiles above both spill (and float64's forward takes 192 KiB of shared memory).
+WIDE_TILES = ((64, 64), (32, 64))
 # Triton 3.9 warns unless fused multiply-adds are asked for explicitly; they are its default.
 _OPTIONS = {"enable_fp_fusion": True}
 INSTALL_HINT = "pip install 'truthgpt[gpu]' (triton==3.9.0)"
@@ -348,7 +349,7 @@ def triton_attention(
     Arguments as `distance_attention` (checked there). seed: dropout seed; None draws one from
     torch's global generator, so torch.manual_seed makes runs reproducible. forward_tile,
     backward_tile: (query rows, keys) per program, powers of two ≥ 16 (None: FORWARD_TILE,
-    BACKWARD_TILE, or FP64_TILES for float64); any give the same result up to rounding
+    BACKWARD_TILE, or WIDE_TILES for fp32 and fp64); any give the same result up to rounding
     (and the same dropout mask).
     """
     check(q, kind)
@@ -363,7 +364,8 @@ def triton_attention(
         scale_t = torch.full((q.shape[1],), float(scale), dtype=acc, device=q.device)
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    defaults = FP64_TILES if q.dtype == torch.float64 else (FORWARD_TILE, BACKWARD_TILE)
+    wide = q.dtype in (torch.float32, torch.float64)
+    defaults = WIDE_TILES if wide else (FORWARD_TILE, BACKWARD_TILE)
     forward_tile = forward_tile or defaults[0]
     backward_tile = backward_tile or defaults[1]
     for tile in (forward_tile, backward_tile):
