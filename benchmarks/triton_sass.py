@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -74,12 +73,11 @@ CLASS_OF = {op: name for name, ops in CLASSES.items() for op in ops}
 CLASS_NAMES = (*CLASSES, "alu")  # alu: integer, logic, moves, predicates, uniform datapath
 
 
-@dataclasses.dataclass
 class Instruction:
-    address: int
-    opcode: str  # e.g. "FADD", "LDG.E.U16"
-    text: str
-    target: str | None  # a branch's label
+    """One SASS instruction: its address, opcode (e.g. "LDG.E.U16"), text, branch label."""
+
+    def __init__(self, address: int, opcode: str, text: str, target: str | None):
+        self.address, self.opcode, self.text, self.target = address, opcode, text, target
 
     @property
     def base(self) -> str:
@@ -117,11 +115,13 @@ def parse_sass(text: str) -> tuple[list[Instruction], dict[str, int]]:
     return instructions, labels
 
 
-@dataclasses.dataclass
 class Loop:
-    start: int  # index of the first instruction of the body
-    end: int  # index of the branch back, inclusive
-    children: list[Loop] = dataclasses.field(default_factory=list)
+    """A loop's body: instructions start to end (the branch back), inclusive; its nested
+    loops."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+        self.children: list[Loop] = []
 
     def __len__(self) -> int:
         return self.end - self.start + 1
