@@ -349,14 +349,19 @@ def test_kernels_launch_on_the_tensors_device(monkeypatch):
 
 @needs_triton
 def test_lambda_is_not_rounded_to_the_input_dtype():
-    """λ reaches the kernels in fp32 even for bf16 inputs: an update below bf16's resolution
-    (2⁻⁸ relative) still changes the output."""
+    """λ reaches the kernels in fp32 even for bf16 inputs, also through distance_attention
+    (the attention module passes its fp32 λ): an update below bf16's resolution (2⁻⁸
+    relative) still changes the output."""
     q, k, v = make(B=1, H=2, Tq=16, Tk=16, D=4, seed=2)
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     lam = torch.tensor([0.8, 1.1])
     a = run(q, k, v, "l1", lam).float()
     b = run(q, k, v, "l1", lam * (1 + 2**-12)).float()
     assert not torch.equal(a, b)
+    q, k, v = (t.to(DEVICE) for t in (q, k, v))  # through distance_attention, as the model
+    a = distance_attention(q, k, v, "l1", lam.to(DEVICE), backend="triton").float()
+    b = distance_attention(q, k, v, "l1", lam.to(DEVICE) * (1 + 2**-12), backend="triton")
+    assert not torch.equal(a, b.float())
 
 
 def test_the_package_works_without_triton():

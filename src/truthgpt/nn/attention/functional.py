@@ -297,6 +297,11 @@ def distance_attention(
     """
     kind = kinds.get(kind)
     _check_args(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
+    # λ as given goes to the Triton kernels, which take it in fp32 (a bf16 λ would drop
+    # small updates); the other paths compute the scores in q's dtype
+    exact_scale = scale
+    if isinstance(scale, Tensor):
+        scale = scale.to(q.dtype)
     backend = _backend_name(backend)  # checked for every kind, used by the blocked ones
     for value, other in kind.same_as:  # same math, faster paths (lp at p = 1 and 2)
         if p == value:
@@ -312,7 +317,7 @@ def distance_attention(
         return native.native_attention(q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p)
     if backend == "triton":  # also the decoding step: one launch, nothing Tq×Tk held
         return triton_kernels.triton_attention(
-            q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p
+            q, k, v, kind, exact_scale, causal, attn_mask, dropout_p, p=p
         )
     if q.shape[2] == 1:  # one decoding step holds only Tk scores per head: plain is cheap
         out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)

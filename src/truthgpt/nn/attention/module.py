@@ -195,7 +195,7 @@ class DistanceAttention(nn.Module):
             k,
             v,
             self.distance_type,
-            self.lambda_.to(q.dtype),
+            self.lambda_,  # rounded to q's dtype by the paths that compute in it
             causal=True,
             attn_mask=attn_mask,
             p=self.p,
