@@ -30,6 +30,14 @@ class UnreadableFile(ValueError):
     """A path that should hold a file truthgpt reads is not a regular file, or too large."""
 
 
+def named(err: OSError, path: str | Path) -> OSError:
+    """`err` with `path` as its file name when it names none (a failed write() names no
+    file, so "No space left on device" alone would not say where)."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
+
+
 def describe(mode: int) -> str:
     """What a file system entry is, in words, from its st_mode."""
     for test, words in (

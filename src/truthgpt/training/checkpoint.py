@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from truthgpt.config import ConfigError, TrainConfig, TruthGPTConfig
 from truthgpt.io.atomic import fsync_path, remove_folder, remove_leftovers, write_file_atomically
 from truthgpt.io.atomic import write_folder_atomically as _write_folder
+from truthgpt.io.files import named
 from truthgpt.io.jsonio import is_int, json_bytes
 from truthgpt.io.manifest import (
     CheckpointError,
@@ -286,7 +287,10 @@ class CheckpointManager:
         remove_leftovers(self.directory)
         name = step_name(core.step)
         extra = {"val_loss": val_loss} if val_loss is not None else {}
-        path = core.save_checkpoint(self.directory / name, full_state=full_state, **extra)
+        try:
+            path = core.save_checkpoint(self.directory / name, full_state=full_state, **extra)
+        except OSError as err:  # a write() names no file: name the checkpoint
+            raise named(err, str(self.directory / name))  # noqa: B904
         write_file_atomically(self.directory / LATEST, (name + "\n").encode("utf-8"))
         if val_loss is not None and math.isfinite(val_loss):
             best = self.best_val_loss()

@@ -8,7 +8,6 @@ uninterrupted run would have drawn.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,12 @@ from truthgpt.config import (
 )
 from truthgpt.data import RandomBatches
 from truthgpt.io.atomic import write_file_atomically
+from truthgpt.io.files import CONFIG_LIMIT, not_regular_reason, read_json_file, read_toml_file
 from truthgpt.io.jsonio import json_bytes, json_safe
 from truthgpt.training.checkpoint import CheckpointManager
 from truthgpt.training.core import TrainingDiverged, TruthGPTOptimizationCore
 from truthgpt.training.distributed import World, gather_full_state, is_sharded, mean_over_ranks
+from truthgpt.training.errors import RunFailed
 from truthgpt.training.monitoring import Monitor
 
 
@@ -59,19 +60,20 @@ def build_config(
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat mapping of config fields from a .toml or .json file."""
+    """A flat mapping of config fields from a .toml or .json file (read within bounds: a
+    FIFO, a device, a huge or deeply nested file is refused, naming it)."""
     path = Path(path)
-    if not path.is_file():
+    reason = not_regular_reason(path)
+    if reason == "does not exist":
         raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            raise ConfigError(f"{path}: config files must end in .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot parse ({err})") from err
+    if reason is not None:
+        raise ConfigError(f"{path}: {reason}; a config file is a .toml or .json file")
+    if path.suffix == ".toml":
+        data = read_toml_file(path, CONFIG_LIMIT, error=ConfigError)
+    elif path.suffix == ".json":
+        data = read_json_file(path, CONFIG_LIMIT, what="config file", error=ConfigError)
+    else:
+        raise ConfigError(f"{path}: config files must end in .toml or .json")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table/object of config fields")
     # Accept [model] / [train] sections as well as a flat file.
@@ -162,6 +164,15 @@ def train(
         monitor.log_event("diverged", step=core.step, message=str(err))
         monitor.print(f"stopped: {err}")
         raise
+    except OSError as err:
+        # Disk full, a permission taken away: the run had started, so exit 1, naming the
+        # path; the newest checkpoint is untouched (checkpoints are written atomically).
+        where = err.filename or run_dir
+        latest = manager.latest() if manager is not None else None
+        resume = f"; {latest.name} can be resumed" if latest is not None else ""
+        raise RunFailed(
+            f"{where}: {err.strerror or err} (stopped at step {core.step}{resume})"
+        ) from err
     except KeyboardInterrupt:
         # A sharded model needs every rank to gather it, which an interrupt cannot arrange.
         if manager is not None and not is_sharded(core.model):
