@@ -12,17 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_robust import TRAIN_TINY, data_dir, one_error_line, train  # noqa: F401
+import test_cli_robust
+from test_cli_robust import one_error_line, train
 from truthgpt.cli import main
 from truthgpt.io import CheckpointError
 from truthgpt.io.files import CONFIG_LIMIT
 from truthgpt.nn.model import TruthGPTModel
 
 DEEP = 100_000
+data_dir = test_cli_robust.data_dir  # the fixture: prepared text for tiny runs
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, data_dir) -> Path:  # noqa: F811
+def run(tmp_path_factory, data_dir) -> Path:
     """A 4-step run with checkpoints at steps 2 and 4, as `truthgpt train` leaves it."""
     run = tmp_path_factory.mktemp("hostile") / "run"
     assert train(data_dir, run, "--max-steps", "4") == 0
@@ -75,7 +77,7 @@ def test_run_json_nested_deeply_is_one_line(copy, capsys) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
-def test_a_config_file_nested_deeply_is_one_line(tmp_path, data_dir, capsys, suffix) -> None:  # noqa: F811
+def test_a_config_file_nested_deeply_is_one_line(tmp_path, data_dir, capsys, suffix) -> None:
     config = tmp_path / f"deep{suffix}"
     body = "[" * DEEP + "]" * DEEP
     config.write_text(f"x = {body}\n" if suffix == ".toml" else body)
@@ -84,7 +86,7 @@ def test_a_config_file_nested_deeply_is_one_line(tmp_path, data_dir, capsys, suf
     assert not (tmp_path / "r").exists()
 
 
-def test_a_fifo_as_config_or_corpus_is_named_a_fifo(tmp_path, data_dir, capsys) -> None:  # noqa: F811
+def test_a_fifo_as_config_or_corpus_is_named_a_fifo(tmp_path, data_dir, capsys) -> None:
     fifo = tmp_path / "pipe.toml"
     os.mkfifo(fifo)
     argv = ["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--config", str(fifo)]
@@ -106,7 +108,7 @@ def test_a_huge_config_json_is_refused_before_it_is_read(run, tmp_path) -> None:
         TruthGPTModel.from_pretrained(folder)
 
 
-def test_a_checkpoint_of_another_run_is_not_resumed(copy, data_dir, tmp_path, capsys) -> None:  # noqa: F811
+def test_a_checkpoint_of_another_run_is_not_resumed(copy, data_dir, tmp_path, capsys) -> None:
     other = tmp_path / "other"
     assert train(data_dir, other, "--max-steps", "2", "--set", "hidden_size=64") == 0
     step = copy / "checkpoints" / "step-0000006"
@@ -158,7 +160,7 @@ def rows(run: Path) -> list[dict]:
 def test_metrics_after_the_checkpoint_are_not_logged_twice_on_resume(
     tmp_path,
     data_dir,
-    capsys,  # noqa: F811
+    capsys,
 ) -> None:
     """A run stopped after logging steps past its last checkpoint (and tearing a line) logs
     those steps again when it resumes: metrics.jsonl ends with the same rows, in the same
@@ -183,7 +185,7 @@ def test_a_full_disk_while_training_is_exit_1_naming_the_path(
     tmp_path,
     data_dir,
     capsys,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ) -> None:
     """The second checkpoint's write fails as a full disk fails a write() (ENOSPC, no file
     name): the run had started, so exit 1, one line naming the checkpoint; the first
