@@ -25,7 +25,7 @@ from test_attention import (
     make,
     reference,
 )
-from truthgpt.nn.attention import distance_attention, functional, kinds, native
+from truthgpt.nn.attention import distance_attention, functional, kernels, kinds, native
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel not built: {native.UNAVAILABLE}"
@@ -214,7 +214,7 @@ def test_auto_picks_native_and_each_backend_can_be_forced(monkeypatch):
     calls = []
     monkeypatch.setattr(native, "native_attention", lambda *a, **kw: calls.append("native") or a[0])
     monkeypatch.setattr(
-        functional,
+        kernels,
         "blocked_attention",
         lambda *a, compiled, **kw: calls.append("compiled" if compiled else "eager") or a[0],
     )
@@ -246,11 +246,10 @@ def test_without_the_native_kernel_auto_warns_once_and_falls_back(monkeypatch):
 
     def eager_instead(*args, compiled, **kwargs):
         used.append(compiled)
-        return functional.blocked_attention.__wrapped__(*args, compiled=False, **kwargs)
+        return real(*args, compiled=False, **kwargs)
 
-    real = functional.blocked_attention
-    eager_instead.__wrapped__ = real
-    monkeypatch.setattr(functional, "blocked_attention", eager_instead)
+    real = kernels.blocked_attention
+    monkeypatch.setattr(kernels, "blocked_attention", eager_instead)
     q, k, v = make(dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="native attention kernel is not available"):
         out = distance_attention(q, k, v, "l1", 0.5)

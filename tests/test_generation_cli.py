@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     batches = RandomBatches(data.train, block_size=16, batch_size=4, seed=0)
     for step in range(5):
         core.train_step(batches.batch(step))
-    CheckpointManager(root / "run").save(core)
+    CheckpointManager(root / "run").save(core.checkpoint_state())
     return root / "run"
 
 

@@ -93,3 +93,16 @@ def test_the_version_is_declared_once_per_file_and_agrees() -> None:
     assert declared == truthgpt.__version__ == "0.2.0"
     changelog = pyproject.parent / "CHANGELOG.md"
     assert f"## [{declared}]" in changelog.read_text(), "CHANGELOG.md names this release"
+
+
+def test_tune_lambda_moved_to_the_trainers_layer() -> None:
+    """λ tuning drives a trainer, so it lives in truthgpt.training; release 0.1's
+    `truthgpt.analysis.tune_lambda` still works, with a warning naming the new path."""
+    import truthgpt.analysis
+    from truthgpt.training import tune_lambda
+
+    with pytest.warns(DeprecationWarning, match="truthgpt.training.tune_lambda"):
+        old = truthgpt.analysis.tune_lambda
+    assert old is tune_lambda
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        truthgpt.analysis.nothing  # noqa: B018

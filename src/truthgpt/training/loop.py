@@ -158,7 +158,9 @@ def train(
                 full_state = gather_full_state(core.model, core.optimizer)
                 if manager is not None:
                     val_loss = last_eval["loss"] if last_eval and last_eval_step(core) else None
-                    path = manager.save(core, val_loss=val_loss, full_state=full_state)
+                    path = manager.save(
+                        core.checkpoint_state(), val_loss=val_loss, full_state=full_state
+                    )
                     monitor.log_event("checkpoint", step=core.step, path=str(path))
     except TrainingDiverged as err:
         monitor.log_event("diverged", step=core.step, message=str(err))
@@ -176,7 +178,7 @@ def train(
     except KeyboardInterrupt:
         # A sharded model needs every rank to gather it, which an interrupt cannot arrange.
         if manager is not None and not is_sharded(core.model):
-            path = manager.save(core)
+            path = manager.save(core.checkpoint_state())
             monitor.print(f"interrupted at step {core.step}; checkpoint saved to {path}")
         raise
     finally:
