@@ -13,7 +13,8 @@ it either, except what `train --resume` writes.
 
 The cases of one command run in one child process (torch is imported once), each through
 `truthgpt.cli.main` (or the library call) in-process under an interval timer. The suite runs
-a seeded sample, each damage with two of the commands; the full product runs alone:
+a seeded sample (each damage with one fast reader, a few with each slow command, and the
+damages that once found bugs); the full product runs alone:
 
     PYTHONPATH=src python tests/test_hostile_fs_fuzz.py OUT_DIR [SEED] [--full]
 """
@@ -45,7 +46,6 @@ TIME_LIMIT_S = 5.0  # for one case
 MEMORY_GROWTH_LIMIT_MB = 1024  # peak RSS of a child, above that after its first case
 ADDRESS_SPACE_HEADROOM = 3 * 2**30  # RLIMIT_AS, above the address space after that case
 HUGE = 2 * 2**30  # the sparse file's size
-COMMANDS_PER_DAMAGE = 2  # in the sampled (suite) run
 TEXT = "Now is the winter of our discontent\nMade glorious summer.\n" * 40
 TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set"]
 TINY += ["num_attention_heads=2", "--set", "block_size=16", "--set", "batch_size=4"]
@@ -53,6 +53,10 @@ TINY += ["--set", "eval_interval=3", "--set", "eval_batches=2", "--set", "warmup
 TINY += ["--checkpoint-every", "2", "--max-steps", "4"]
 KINDS = ("dev-zero", "loop", "other-run", "fifo", "folder", "empty", "huge")
 COMMANDS = ("eval", "generate", "analyze", "export-hf", "train-resume", "pretrained", "core")
+FAST = ("eval", "generate", "pretrained", "core")  # the sample: each damage with one of these
+SLOW = {"export-hf": 16, "train-resume": 10, "analyze": 3}  # and this many with each of these
+# Always with train-resume: damages that once wrote outside the run, failed or took too long.
+FOUND = [(t, k) for t in (".lock", "checkpoints") for k in KINDS] + [("metrics.jsonl", "huge")]
 CHECKPOINT_FILES = ("manifest.json", "config.json", "model.safetensors", "trainer_state.json")
 CHECKPOINT_FILES += ("optimizer.safetensors", "tokenizer.json")
 TOP = ("run.json", "metrics.jsonl", "report.json", ".truthgpt.json", ".lock", "checkpoints")
@@ -69,7 +73,7 @@ def test_hostile_fs_fuzz(tmp_path: Path) -> None:
     failures = [c for c in report["cases"] if c["problems"]]
     shown = "\n".join(f"{c['case']}: {'; '.join(c['problems'])}" for c in failures[:25])
     assert not failures, f"{len(failures)} of {len(report['cases'])} cases failed:\n{shown}"
-    assert len(report["cases"]) == len(TARGETS) * len(KINDS) * COMMANDS_PER_DAMAGE
+    assert len(report["cases"]) >= len(TARGETS) * len(KINDS) + sum(SLOW.values())
     assert max(report["max_rss_growth_mb"].values()) < MEMORY_GROWTH_LIMIT_MB
     assert time.perf_counter() - start < 120
 
@@ -78,11 +82,16 @@ def test_hostile_fs_fuzz(tmp_path: Path) -> None:
 
 
 def all_cases(rng: random.Random, full: bool) -> list[tuple[str, str, str]]:
-    """(command, target, kind): the full product, or each damage with a few commands."""
+    """(command, target, kind): the full product, or a sample of it: each damage with one of
+    the fast readers, a few with each slow command, and the damages that once found bugs."""
     damages = [(target, kind) for target in TARGETS for kind in KINDS]
     if full:
         return [(c, t, k) for c in COMMANDS for t, k in damages]
-    return [(c, t, k) for t, k in damages for c in rng.sample(COMMANDS, COMMANDS_PER_DAMAGE)]
+    cases = [(rng.choice(FAST), t, k) for t, k in damages]
+    for command, count in SLOW.items():
+        cases += [(command, t, k) for t, k in rng.sample(damages, count)]
+    found = [("train-resume", t, k) for t, k in FOUND]
+    return cases + [case for case in found if case not in cases]
 
 
 def fuzz(root: Path, seed: int, full: bool) -> dict:
@@ -95,7 +104,7 @@ def fuzz(root: Path, seed: int, full: bool) -> dict:
     results: list[dict] = []
     growth: dict[str, float] = {}
     tries: dict[str, int] = {}
-    pending = list(by_command)
+    pending = sorted(by_command, key=lambda command: command not in SLOW)  # slow ones first
     running: list[tuple[str, subprocess.Popen, float]] = []
     while pending or running:
         while pending and len(running) < 2:
