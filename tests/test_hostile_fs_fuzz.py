@@ -5,8 +5,9 @@ sparse 2 GB file, and every command that reads a run (`eval`, `generate`, `analy
 `export-hf`, `train --resume`, `TruthGPTModel.from_pretrained`, `load_core`) run on the copy.
 
 Each case must end with exit code 0 (the command went on from what is sound, saying so in a
-warning line when it passed over a damaged checkpoint) or 2 with one error line naming a path
-of the run; never a traceback, never 5 s, memory bounded (RLIMIT_AS, peak RSS reported, as in
+line when it passed over the newest checkpoint, damaged) or 2 with one error line naming a
+path of the run; never a traceback, never 5 s more than the sound copy takes (analyze draws
+its plots in ~4 s), memory bounded (RLIMIT_AS, peak RSS growth under 1 GB, as in
 `test_checkpoint_fuzz.py`). Nothing outside the run folder may change (the other run, the
 data, /dev/zero, the folder around the run: only a fresh --out may appear), and nothing inside
 it either, except what `train --resume` writes.
