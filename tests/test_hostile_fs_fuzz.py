@@ -308,7 +308,7 @@ def run_case(
         line = lines[-1] if lines else ""
         if not line.startswith(f"truthgpt {command.split('-resume')[0]}: error: "):
             problems.append(f"the last line is not an error line: {line[:300]!r}")
-        elif str(run) not in line:
+        elif str(run) not in line or "/.tmp-" in line:
             problems.append(f"the error names no path of the run: {line[:300]}")
     others = [x for x in lines[:-1] if code == 2] + [x for x in lines if code == 0]
     odd = [x for x in others if ": warning: " not in x and command != "train-resume"]
