@@ -215,3 +215,26 @@ def test_a_full_disk_while_training_is_exit_1_naming_the_path(
     monkeypatch.setattr(checkpoint, "write_model_files", real)
     assert main(["eval", "--run", str(run)]) == 0
     assert main(["train", "--resume", str(run), "--max-steps", "6"]) == 0
+
+
+def test_a_lock_file_linked_elsewhere_is_refused_and_not_written(copy, tmp_path, capsys) -> None:
+    """The lock file is truncated and written: through a link it would change another file."""
+    outside = tmp_path / "outside.lock"
+    outside.write_text("not ours\n")
+    (copy / ".lock").unlink()
+    (copy / ".lock").symlink_to(outside)
+    refused(["train", "--resume", str(copy), "--max-steps", "6"], capsys, ".lock", "link")
+    assert outside.read_text() == "not ours\n"
+
+
+def test_a_checkpoints_folder_that_is_a_link_or_a_file_is_not_resumed(copy, tmp_path, capsys):
+    """A run writes its checkpoints only inside its folder."""
+    checkpoints = copy / "checkpoints"
+    checkpoints.rename(tmp_path / "elsewhere")
+    checkpoints.symlink_to(tmp_path / "elsewhere")
+    refused(["train", "--resume", str(copy), "--max-steps", "6"], capsys, "checkpoints", "link")
+    assert not (tmp_path / "elsewhere" / "step-0000006").exists()
+    checkpoints.unlink()
+    checkpoints.write_text("")
+    refused(["train", "--resume", str(copy), "--max-steps", "6"], capsys, "is a file")
+    assert checkpoints.read_text() == ""

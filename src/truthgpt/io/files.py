@@ -23,6 +23,7 @@ POINTER_LIMIT = 4 * KiB  # `latest`, `best`: a folder name
 CONFIG_LIMIT = 1 * MiB  # config.json, run.json, meta.json, manifest.json, --config files
 STATE_LIMIT = 64 * MiB  # trainer_state.json: random states and the evaluation history
 TOKENIZER_LIMIT = 64 * MiB  # tokenizer.json (a byte-level BPE of 50k tokens is ~3 MB)
+METRICS_LIMIT = 256 * MiB  # metrics.jsonl, read again on resume: a row is ~300 bytes
 MAX_DEPTH = 64  # nesting of a JSON or TOML value; what truthgpt writes nests ≤ 6 deep
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from truthgpt.config import ConfigError, TrainConfig, TruthGPTConfig
 from truthgpt.io.atomic import fsync_path, remove_folder, remove_leftovers, write_file_atomically
 from truthgpt.io.atomic import write_folder_atomically as _write_folder
-from truthgpt.io.files import named
+from truthgpt.io.files import named, not_regular_reason
 from truthgpt.io.jsonio import is_int, json_bytes
 from truthgpt.io.manifest import (
     CheckpointError,
@@ -283,6 +283,19 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.directory = self.run_dir / CHECKPOINTS_DIR
         self.keep_last = keep_last
+
+    def check_folder(self) -> None:
+        """Refuse a checkpoints entry that is not a real folder of the run: a link (writes
+        would land in another folder, another run's perhaps), a file, a FIFO or a device.
+        Absent is fine: the first checkpoint creates it."""
+        path = self.directory
+        if path.is_symlink():
+            raise CheckpointError(
+                f"{path}: is a symbolic link; a run writes its checkpoints only inside its folder"
+            )
+        if os.path.lexists(path) and not path.is_dir():
+            why = not_regular_reason(path) or "is a file, not a regular file"
+            raise CheckpointError(f"{path}: {why.replace('a regular file', 'a folder')}")
 
     def save(
         self,

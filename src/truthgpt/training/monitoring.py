@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from truthgpt.io.atomic import write_file_atomically
-from truthgpt.io.files import named, not_regular_reason
+from truthgpt.io.files import METRICS_LIMIT, named, not_regular_reason
 
 MAX_ROW = 2**20  # bytes; a row is a few hundred
 
@@ -27,12 +27,18 @@ def keep_rows_up_to(path: Path, step: int) -> None:
     resumes from: the rows a run logged after its last checkpoint are logged again when it
     resumes, so the file ends as an uninterrupted run's. A torn last line (a crash in the
     middle of a write) goes too. Read a line at a time (a line longer than any row is no
-    row), rewritten atomically, and only when something changes."""
+    row), up to METRICS_LIMIT bytes, rewritten atomically, and only when something changes."""
     reason = "is a symbolic link" if path.is_symlink() else not_regular_reason(path)
     if reason is not None:
         raise ValueError(f"{path}: {reason}; a run's metrics.jsonl is a file it wrote")
     kept, dropped = [], False
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size  # a million rows take ~300 MB: bound the read
+        if size > METRICS_LIMIT:
+            raise ValueError(
+                f"{path}: {size:,} bytes, more than a run's metrics.jsonl may hold "
+                f"({METRICS_LIMIT:,}); move it aside to resume"
+            )
         while line := f.readline(MAX_ROW):
             row_step = _row_step(line)
             if row_step is not None and row_step <= step:
