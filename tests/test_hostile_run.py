@@ -238,3 +238,14 @@ def test_a_checkpoints_folder_that_is_a_link_or_a_file_is_not_resumed(copy, tmp_
     checkpoints.write_text("")
     refused(["train", "--resume", str(copy), "--max-steps", "6"], capsys, "is a file")
     assert checkpoints.read_text() == ""
+
+
+def test_a_folder_in_place_of_report_json_fails_the_run_with_exit_1(copy, capsys) -> None:
+    """The run trains, then cannot write its report: a run that started and failed (exit
+    1), naming the file; the checkpoints it wrote stay."""
+    (copy / "report.json").unlink()
+    (copy / "report.json").mkdir()
+    assert main(["train", "--resume", str(copy), "--max-steps", "6"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert str(copy / "report.json") in line and ".tmp-" not in line, line
+    assert (copy / "checkpoints" / "latest").read_text().strip() == "step-0000006"

@@ -167,14 +167,7 @@ def train(
         monitor.print(f"stopped: {err}")
         raise
     except OSError as err:
-        # Disk full, a permission taken away: the run had started, so exit 1, naming the
-        # path; the newest checkpoint is untouched (checkpoints are written atomically).
-        where = err.filename or run_dir
-        latest = manager.latest() if manager is not None else None
-        resume = f"; {latest.name} can be resumed" if latest is not None else ""
-        raise RunFailed(
-            f"{where}: {err.strerror or err} (stopped at step {core.step}{resume})"
-        ) from err
+        raise _run_failed(err, run_dir, core, manager) from err
     except KeyboardInterrupt:
         # A sharded model needs every rank to gather it, which an interrupt cannot arrange.
         if manager is not None and not is_sharded(core.model):
@@ -188,8 +181,23 @@ def train(
     report = core.get_performance_report()
     report["final_eval"] = last_eval
     if world.is_main:
-        write_file_atomically(run_dir / "report.json", json_bytes(json_safe(report)))
+        try:
+            write_file_atomically(run_dir / "report.json", json_bytes(json_safe(report)))
+        except OSError as err:
+            raise _run_failed(err, run_dir, core, manager) from err
     return report
+
+
+def _run_failed(
+    err: OSError, run_dir: Path, core: TruthGPTOptimizationCore, manager: CheckpointManager | None
+) -> RunFailed:
+    """Disk full, a permission taken away, a file replaced by a folder: the run had started,
+    so it fails with exit 1, naming the path; the newest checkpoint is untouched
+    (checkpoints are written atomically) and named for the resume."""
+    where = err.filename or run_dir
+    latest = manager.latest() if manager is not None else None
+    resume = f"; {latest.name} can be resumed" if latest is not None else ""
+    return RunFailed(f"{where}: {err.strerror or err} (stopped at step {core.step}{resume})")
 
 
 def last_eval_step(core: TruthGPTOptimizationCore) -> bool:
