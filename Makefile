@@ -37,10 +37,12 @@ check-install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/truthgpt demo
 
+# pytest-xdist: one worker per core (tests/conftest.py keeps those sharing an expensive
+# fixture in one worker).
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

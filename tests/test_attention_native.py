@@ -6,6 +6,7 @@ The per-backend tests in test_attention.py run it on short sequences as well.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -187,23 +188,54 @@ def test_half_inputs_are_computed_in_float32():
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=0)
 
 
-def test_subnormal_floats_survive_an_l1_call():
+# The checks that need a fresh process share one: starting one (torch, truthgpt) costs more
+# than the checks themselves. Each prints one JSON line; the tests below read them.
+FRESH_PROCESS_CHECKS = """
+import json, torch
+from pathlib import Path
+from truthgpt.nn.attention import native
+
+# subnormals: first, before anything else has run in this process
+q = torch.randn(1, 2, 80, 16, requires_grad=True)
+native.native_attention(q, q, q, 'l1', 0.5).sum().backward()
+x = 1e-39
+print(json.dumps({'python': x * 0.5, 'torch': (torch.tensor([1e-39]) * 0.5).item()}))
+
+# the rise of the resident-set high-water mark over forward + backward at T = 4096
+def status(field):
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1]) * 1024
+q, k, v = (torch.randn(1, 1, 4096, 16, requires_grad=True) for _ in range(3))
+for kind in ('l1', 'l2'):
+    native.native_attention(q, k, v, kind, 0.5).sum().backward()  # warm-up
+Path('/proc/self/clear_refs').write_text('5')
+before = status('VmRSS')
+for kind in ('l1', 'l2'):
+    native.native_attention(q, k, v, kind, 0.5).sum().backward()
+print(json.dumps({'peak': status('VmHWM') - before}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process() -> list[dict]:
+    """The JSON lines FRESH_PROCESS_CHECKS printed, in a process that ran nothing else (no
+    compiled call) with glibc returning freed blocks to the system."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_CHECKS], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_subnormal_floats_survive_an_l1_call(fresh_process):
     """The kernel changes no floating-point state (the compiled kernel's fast-math flag
     flushes subnormals to zero for the whole process); a fresh process, so that no earlier
     compiled call has set it."""
-    code = (
-        "import torch\n"
-        "from truthgpt.nn.attention import native\n"
-        "q = torch.randn(1, 2, 80, 16, requires_grad=True)\n"
-        "native.native_attention(q, q, q, 'l1', 0.5).sum().backward()\n"
-        "x = 1e-39\n"
-        "assert x * 0.5 > 0, 'subnormal flushed'\n"
-        "assert (torch.tensor([1e-39]) * 0.5).item() > 0, 'subnormal flushed (torch)'\n"
-        "print('ok')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    subnormal = fresh_process[0]
+    assert subnormal["python"] > 0, "subnormal flushed"
+    assert subnormal["torch"] > 0, "subnormal flushed (torch)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,32 +294,11 @@ def test_without_the_native_kernel_auto_warns_once_and_falls_back(monkeypatch):
         distance_attention(q, k, v, "l1", 0.5, backend="native")
 
 
-def test_no_t_by_t_matrix_is_held_on_a_long_sequence():
+def test_no_t_by_t_matrix_is_held_on_a_long_sequence(fresh_process):
     """T = 4096 in one head: a T×T float32 matrix would be 64 MiB; forward + backward stay
     far below (q, k, v and their gradients are 0.25 MiB each). Measured in a fresh process
     as the rise of the resident-set high-water mark, with glibc returning freed blocks."""
-    code = (
-        "import torch\n"
-        "from pathlib import Path\n"
-        "from truthgpt.nn.attention import native\n"
-        "def status(field):\n"
-        "    for line in Path('/proc/self/status').read_text().splitlines():\n"
-        "        if line.startswith(field + ':'):\n"
-        "            return int(line.split()[1]) * 1024\n"
-        "q, k, v = (torch.randn(1, 1, 4096, 16, requires_grad=True) for _ in range(3))\n"
-        "for kind in ('l1', 'l2'):\n"
-        "    native.native_attention(q, k, v, kind, 0.5).sum().backward()  # warm-up\n"
-        "Path('/proc/self/clear_refs').write_text('5')\n"
-        "before = status('VmRSS')\n"
-        "for kind in ('l1', 'l2'):\n"
-        "    native.native_attention(q, k, v, kind, 0.5).sum().backward()\n"
-        "print(status('VmHWM') - before)\n"
-    )
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
-    )
-    peak = int(result.stdout.strip().splitlines()[-1])
+    peak = fresh_process[1]["peak"]
     assert peak < 16 * 2**20, f"peak rose by {peak / 2**20:.1f} MiB"
 
 
