@@ -88,8 +88,11 @@ def train(
     batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
+    schedule: str = "cosine",
+    callbacks: list | None = None,
 ) -> list[float]:
-    """HF Trainer run; returns the training loss of every step."""
+    """HF Trainer run; returns the training loss of every step. `schedule`: the Trainer's
+    lr_scheduler_type after a short warmup."""
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
@@ -97,7 +100,7 @@ def train(
             per_device_train_batch_size=batch_size,
             learning_rate=lr,
             warmup_steps=min(20, steps // 10),
-            lr_scheduler_type="cosine",
+            lr_scheduler_type=schedule,
             weight_decay=0.0,
             logging_steps=1,
             save_strategy="no",
@@ -108,7 +111,7 @@ def train(
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
         trainer.train()
         return [row["loss"] for row in trainer.state.log_history if "loss" in row]
 

@@ -278,7 +278,7 @@ def trained():
     return runs, unigram, val_ids
 
 
-TRAIN = dict(steps=80, batch_size=8, lr=1e-2)
+TRAIN = dict(steps=100, batch_size=8, lr=1e-2, schedule="constant_with_warmup")
 
 
 def test_trainer_both_learn(trained) -> None:
