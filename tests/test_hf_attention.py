@@ -110,8 +110,11 @@ def test_dot_kind_is_the_models_own_attention(arch: str) -> None:
     model = tiny(arch)
     batch = padded_batch([12, 9])
     real = batch["attention_mask"].bool()
+    right = {k: v.flip(-1) for k, v in padded_batch([12, 7]).items() if k != "position_ids"}
+    right_real = right["attention_mask"].bool()
     with torch.no_grad():
         want = model(**batch).logits
+        want_right = model(**right).logits
         want_gen = model.generate(**_gen(batch), max_new_tokens=6, do_sample=False)
     use_distance_attention(model, "dot")
     assert model.config._attn_implementation == "truthgpt_dot"
@@ -120,8 +123,10 @@ def test_dot_kind_is_the_models_own_attention(arch: str) -> None:
         torch.testing.assert_close(lam, torch.full_like(lam, head_dim**-0.5))
     with torch.no_grad():
         got = model(**batch).logits
+        got_right = model(**right).logits
         got_gen = model.generate(**_gen(batch), max_new_tokens=6, do_sample=False)
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_right[right_real], want_right[right_real], atol=1e-5, rtol=1e-5)
     assert torch.equal(got_gen, want_gen)
 
 
@@ -281,6 +286,7 @@ def trained():
 TRAIN = dict(steps=100, batch_size=8, lr=1e-2, schedule="constant_with_warmup")
 
 
+@pytest.mark.slow
 def test_trainer_both_learn(trained) -> None:
     runs, unigram, _ = trained
     for attn, (_, loss) in runs.items():
@@ -292,6 +298,7 @@ def test_trainer_both_learn(trained) -> None:
     )
 
 
+@pytest.mark.slow
 def test_trained_l1_is_l1_and_generates_consistently(trained) -> None:
     runs, _, val_ids = trained
     model = runs["truthgpt_l1"][0].eval()
