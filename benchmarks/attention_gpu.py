@@ -1,13 +1,19 @@
 """The Triton attention kernels on one GPU: correctness, speed, memory, GPT-2-small training.
 
-All in one process, in under ~8 minutes:
+All in one process, in under ~8 minutes (benchmarks/gpu_check.sh runs it in one call):
 
-    python benchmarks/attention_gpu.py            # T in 1024, 4096, 16384
+    python benchmarks/attention_gpu.py            # T in 1024, 4096
     python benchmarks/attention_gpu.py --quick    # T = 1024 only, fewer rounds
+    python benchmarks/attention_gpu.py --out DIR  # results to DIR (default: $OUT, else
+                                                  # benchmarks/results)
 
+0. The environment: device, capability, driver, CUDA, torch, triton.
 1. Correctness: every blocked kind (l1, l2, chebyshev, lp) with the Triton kernels against a
    naive float64 formula computed on the device (output and the gradients of q, k, v, λ):
-   float64 inputs (causal, Tq < Tk with a mask, a row with no key), and bf16 inputs.
+   float64 inputs (causal, Tq < Tk with a mask, a row with no key), and bf16 inputs; then
+   bf16 at the timed length (T=4096, D=64, two heads) against torch.cdist in float64.
+   Memory handed out by torch's allocator is first filled with NaN (poisoned), so an output
+   a kernel does not write shows up.
 2. Attention: B=4, H=16, D=64, causal, bf16, forward + backward, each kind with a per-head λ
    against `F.scaled_dot_product_attention` restricted to its flash backend; interleaved
    rounds, the median of (kind time / SDPA time in the same round); peak memory above the
@@ -16,7 +22,10 @@ All in one process, in under ~8 minutes:
    autocast, `TruthGPTOptimizationCore.train_step` on random tokens, l1 against dot.
 
 Each part records its error instead of stopping the run, so that one failure does not cost
-the others. Writes benchmarks/results/attention_gpu.json and attention_gpu.md.
+the others. Each result is appended to DIR/attention_gpu.jsonl as soon as it is measured (a
+timeout loses nothing measured); at the end DIR/attention_gpu.json and .md, with the targets
+(L1 forward + backward ≤ 5× SDPA flash at T=4096, memory ≤ 1.1×, GPT-2-small training
+tokens/s of l1 ≥ 0.6× dot) marked met or not.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import statistics
 import sys
 import time
@@ -39,7 +50,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 B, H, D = 4, 16, 64
 P = 3.0  # exponent for kind="lp"
 KINDS = ("l1", "l2", "chebyshev", "lp")
-BUDGET_S = 480.0  # parts still to run are skipped past this, and said to be
+BUDGET_S = 300.0  # parts still to run are skipped past this, and said to be
+TARGETS = {"l1_time_ratio_T4096": 5.0, "l1_memory_ratio_T4096": 1.1, "train_l1_over_dot": 0.6}
+_SINK: list[Path] = []  # the jsonl file results are appended to
 DEVICE = "cuda"
 # GPT-2 small; the sequence length is block_size.
 GPT2 = dict(
@@ -87,7 +100,7 @@ def _errors(kind: str, dtype: torch.dtype, Tq: int, Tk: int, causal: bool, maske
     """Largest |kernel − reference| of the output and of each gradient, relative to the
     reference's largest magnitude."""
     g = torch.Generator(device=DEVICE).manual_seed(Tq)
-    leaves = [torch.randn(2, 3, T, 24, device=DEVICE, generator=g) for T in (Tq, Tk, Tk)]
+    leaves = [torch.randn(2, 3, T, D, device=DEVICE, generator=g) for T in (Tq, Tk, Tk)]
     leaves = [t.to(dtype).requires_grad_() for t in leaves]
     wide = [t.detach().double().requires_grad_() for t in leaves]
     wide_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -108,9 +121,74 @@ def _errors(kind: str, dtype: torch.dtype, Tq: int, Tk: int, causal: bool, maske
     return {n: ((a.double() - b).abs().max() / b.abs().max()).item() for n, a, b in pairs}
 
 
-def correctness() -> list[dict]:
+def record(part: str, row: dict) -> None:
+    """Print a result and append it to the jsonl file at once."""
+    line = json.dumps({"part": part, **row}, default=str)
+    print(line, flush=True)
+    for path in _SINK:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def poison() -> None:
+    """Fill memory the caching allocator will hand out again with NaN."""
+    free = torch.cuda.mem_get_info()[0]
+    n = int(min(free * 0.5, 8 * 2**30)) // 4
+    if n > 0:
+        block = torch.full((n,), float("nan"), device=DEVICE)
+        del block
+
+
+def environment() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": f"sm_{props.major}{props.minor}",
+        "sms": props.multi_processor_count,
+        "memory_gib": props.total_memory / 2**30,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+
+
+def timed_shape_errors(kind: str, T: int = 4096) -> dict:
+    """bf16 at the timed length and width, two heads, against torch.cdist in float64:
+    the output and every gradient, after poisoning the allocator."""
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    leaves = [
+        torch.randn(1, 2, T, D, device=DEVICE, generator=g).to(torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    ]
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    scale = torch.full((2,), default_lambda(kind, D, p=P), device=DEVICE, requires_grad=True)
+    poison()
+    out = distance_attention(*leaves, kind, scale, causal=True, p=P, backend="triton")
+    norm = {"l1": 1.0, "l2": 2.0, "chebyshev": math.inf, "lp": P}[kind]
+    dist = torch.cdist(wide[0], wide[1], p=norm)
+    scores = -scale.double().view(1, -1, 1, 1) * dist
+    causal = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
+    ref = torch.softmax(scores.masked_fill(~causal, -math.inf), -1) @ wide[2]
+    grad = torch.randn(out.shape, device=DEVICE, generator=g).to(torch.bfloat16)
+    poison()
+    got = torch.autograd.grad(out, (*leaves, scale), grad)
+    want = torch.autograd.grad(ref, (*wide, scale), grad.double())
+    names = ("out", "dq", "dk", "dv", "dλ")
+    pairs = zip(names, (out, *got), (ref, *want), strict=True)
+    errors = {n: ((a.double() - b).abs().max() / b.abs().max()).item() for n, a, b in pairs}
+    errors["finite"] = all(bool(torch.isfinite(t).all()) for t in (out, *got))
+    return errors
+
+
+def correctness(deadline: float) -> list[dict]:
     rows = []
     for kind in KINDS:
+        if time.perf_counter() > deadline:
+            rows.append({"kind": kind, "skipped": "time budget spent"})
+            continue
         for dtype, Tq, Tk, causal, masked in (
             (torch.float64, 150, 150, True, False),
             (torch.float64, 70, 200, False, True),
@@ -119,12 +197,23 @@ def correctness() -> list[dict]:
             row = dict(kind=kind, dtype=str(dtype).removeprefix("torch."), Tq=Tq, Tk=Tk)
             row |= dict(causal=causal, masked=masked)
             try:
+                poison()
                 row["max_relative_error"] = _errors(kind, dtype, Tq, Tk, causal, masked)
             except Exception as err:  # recorded: the run goes on
                 row["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
-            print(json.dumps(row), flush=True)
+            record("correctness", row)
             rows.append(row)
+    for kind in KINDS:
+        row = dict(kind=kind, dtype="bfloat16", Tq=4096, Tk=4096, causal=True, masked=False)
+        try:
+            row["max_relative_error"] = timed_shape_errors(kind)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+        record("correctness", row)
+        rows.append(row)
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -206,6 +295,7 @@ def attention(Ts: list[int], rounds: int, deadline: float) -> dict:
         }
         summary = "  ".join(f"{r} {out[T][r]['time_ratio']:.2f}" for r in KINDS)
         print(f"T={T:5d} time/SDPA flash (fwd+bwd): {summary}", flush=True)
+        record("attention", {"T": T, **out[T]})
         del q, k, v, grad
         torch.cuda.empty_cache()
     return out
@@ -258,7 +348,7 @@ def training(kinds: list[str], steps: int, rounds: int, batch_size: int, deadlin
             "peak_memory_mb": peak[kind] / 2**20,  # both models are held meanwhile
             "rounds": len(seconds[kind]),
         }
-        print(f"train {kind}: {tokens_per_s:,.0f} tokens/s", flush=True)
+        record("training", {"kind": kind, **result[kind]})
     if "dot" in result and "tokens_per_s" in result["dot"]:
         for row in result.values():
             if "tokens_per_s" in row:
@@ -270,6 +360,30 @@ def training(kinds: list[str], steps: int, rounds: int, batch_size: int, deadlin
 # report
 
 
+def targets(result: dict) -> dict:
+    """Each target with its measured value and whether it is met (None: not measured)."""
+    l1 = result.get("attention", {}).get(4096, {}).get("l1", {})
+    train = result.get("training", {}).get("l1", {})
+    measured = {
+        "l1_time_ratio_T4096": l1.get("time_ratio"),
+        "l1_memory_ratio_T4096": l1.get("memory_ratio"),
+        "train_l1_over_dot": train.get("ratio_to_dot"),
+    }
+    out = {}
+    for name, bound in TARGETS.items():
+        value = measured[name]
+        higher_is_better = name.startswith("train")
+        met = None if value is None else (value >= bound if higher_is_better else value <= bound)
+        out[name] = {"bound": bound, "measured": value, "met": met}
+    return out
+
+
+def _target_row(name: str, t: dict) -> str:
+    value = "" if t["measured"] is None else f"{t['measured']:.3f}"
+    met = "not measured" if t["met"] is None else ("yes" if t["met"] else "no")
+    return f"| {name} | {t['bound']} | {value} | {met} |"
+
+
 def _markdown(result: dict) -> str:
     lines = [
         f"# Distance attention with the Triton kernels on {result['gpu']}",
@@ -277,12 +391,21 @@ def _markdown(result: dict) -> str:
         f"torch {result['torch']}, triton {result['triton']}, CUDA {result['cuda']}; "
         f"{result['seconds']:.0f} s in all. Command: `{result['command']}`.",
         "",
+        "## Targets",
+        "",
+        "| target | bound | measured | met |",
+        "|---|---:|---:|---|",
+        *(_target_row(name, t) for name, t in result["targets"].items()),
+        "",
         "## Correctness on the device (max |kernel − float64 reference| / max |reference|)",
         "",
         "| kind | inputs | Tq, Tk | causal | mask | out | dq | dk | dv | dλ |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["correctness"]:
+        if "skipped" in row:
+            lines.append(f"| {row['kind']} | {row['skipped']} | | | | | | | | |")
+            continue
         head = (
             f"| {row['kind']} | {row['dtype']} | {row['Tq']}, {row['Tk']} | {row['causal']} "
             f"| {row['masked']} |"
@@ -290,7 +413,10 @@ def _markdown(result: dict) -> str:
         if "error" in row:
             lines.append(f"{head} {row['error'][:120]} | | | | |")
         else:
-            lines.append(head + "".join(f" {e:.1e} |" for e in row["max_relative_error"].values()))
+            errors = dict(row["max_relative_error"])
+            finite = errors.pop("finite", True)
+            cells = "".join(f" {e:.1e} |" for e in errors.values())
+            lines.append(head + cells + ("" if finite else " not finite |"))
     lines += [
         "",
         f"## Attention, B={B}, H={H}, D={D}, causal, bf16, forward + backward, per-head λ",
@@ -337,28 +463,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per length")
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--train-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS,
+        help="folder for the results (default: $OUT, else benchmarks/results)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     if not triton_kernels.available():
         sys.exit(f"attention_gpu.py needs triton: {triton_kernels.unavailable_reason()}")
-    import triton
-
     begin = time.perf_counter()
     deadline = begin + BUDGET_S
-    Ts = [1024] if args.quick else [1024, 4096, 16384]
+    Ts = [1024] if args.quick else [1024, 4096]
     rounds = 2 if args.quick else args.rounds
+    args.out.mkdir(parents=True, exist_ok=True)
+    _SINK.append(args.out / "attention_gpu.jsonl")
     result: dict = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
+        **environment(),
         "command": "python " + " ".join(["benchmarks/attention_gpu.py", *sys.argv[1:]]),
         "train_steps": args.train_steps,
         "train_batch_size": args.train_batch_size,
     }
+    record("environment", result)
     print(f"[{result['gpu']}] correctness", flush=True)
-    result["correctness"] = correctness()
+    result["correctness"] = correctness(begin + BUDGET_S / 2)
     print("attention", flush=True)
     result["attention"] = attention(Ts, rounds, deadline)
     print("training", flush=True)
@@ -366,10 +496,11 @@ def main() -> None:
         ["dot", "l1"], args.train_steps, 1 if args.quick else 2, args.train_batch_size, deadline
     )
     result["seconds"] = time.perf_counter() - begin
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "attention_gpu.md").write_text(_markdown(result))
-    print(f"wrote {RESULTS / 'attention_gpu.md'} ({result['seconds']:.0f} s)")
+    result["targets"] = targets(result)
+    record("targets", result["targets"])
+    (args.out / "attention_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "attention_gpu.md").write_text(_markdown(result))
+    print(f"wrote {args.out / 'attention_gpu.md'} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -310,6 +310,55 @@ def test_a_kind_without_a_triton_op_is_refused():
         triton_kernels.triton_attention(q, k, v, "l1", 0.5, forward_tile=(16, 24))
 
 
+def test_the_grid_has_one_axis_past_cudas_65535():
+    """B·H programs do not go on a grid axis CUDA caps at 65535 (a decoding step of a large
+    batch): every launch puts B·H·tiles on axis 0 (up to 2³¹ − 1)."""
+    if not HAVE_TRITON:
+        pytest.skip(f"triton is not installed ({triton_kernels.INSTALL_HINT})")
+    B, H, T, D = 70000, 1, 1, 2
+    cfg = triton_kernels.KernelConfig(code=0, p=1.0, causal=True, bias=None, dropout_p=0.0, seed=0)
+    Tqp, Tkp = triton_kernels._lengths(T, T, cfg)
+    qt, kt = torch.zeros(B, H, D, Tqp), torch.zeros(B, H, D, Tkp)
+    v, out, do = torch.zeros(B, H, T, D), torch.zeros(B, H, T, D), torch.zeros(B, H, T, D)
+    lse, scale = torch.zeros(B, H, Tqp), torch.ones(H)
+    grid, _, _ = triton_kernels.forward_launch(qt, kt, v, scale, out, lse, cfg)
+    assert grid == (B * H,)
+    dlam = torch.zeros(B * H, 1)
+    launch = triton_kernels.backward_launch(qt, kt, v, do, lse, lse, scale, qt, kt, v, dlam, cfg)
+    assert launch[0] == (B * H,)
+
+
+@needs_triton
+def test_kernels_launch_on_the_tensors_device(monkeypatch):
+    """Every launch is made inside a context for q's device (torch's current device may be
+    another one: cuda:1 tensors would otherwise be read by a kernel on cuda:0)."""
+    seen = []
+    real = triton_kernels._on
+
+    def on(device):
+        seen.append(device)
+        return real(device)
+
+    monkeypatch.setattr(triton_kernels, "_on", on)
+    q, k, v = make(B=1, H=2, Tq=5, Tk=5, D=3, dtype=torch.float64, grad=True)
+    run(q, k, v, "l1", 0.5).sum().backward()
+    assert [d.type for d in seen] == [DEVICE, DEVICE]
+    ctx = real(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+
+
+@needs_triton
+def test_lambda_is_not_rounded_to_the_input_dtype():
+    """λ reaches the kernels in fp32 even for bf16 inputs: an update below bf16's resolution
+    (2⁻⁸ relative) still changes the output."""
+    q, k, v = make(B=1, H=2, Tq=16, Tk=16, D=4, seed=2)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    lam = torch.tensor([0.8, 1.1])
+    a = run(q, k, v, "l1", lam).float()
+    b = run(q, k, v, "l1", lam * (1 + 2**-12)).float()
+    assert not torch.equal(a, b)
+
+
 def test_the_package_works_without_triton():
     """A fresh process where `import triton` fails: the package imports, CPU attention runs,
     and asking for the triton backend says what to install."""
@@ -335,13 +384,17 @@ def test_the_package_works_without_triton():
 # --------------------------------------------------------------------------------------------
 # compiled for a GPU, without one
 
-# (dtype, kind, causal, masked, dropout_p): the training path of every op, and every flag.
+# (dtype, kind, causal, masked, dropout_p, D): the training path of every op, every flag,
+# every dtype, D past 64.
 AOT_CASES = [
-    ("bf16", "l1", True, False, 0.0),
-    ("bf16", "l2", True, False, 0.0),
-    ("bf16", "lp", True, False, 0.0),
-    ("bf16", "chebyshev", True, True, 0.1),
-    ("fp32", "l2", False, True, 0.0),
+    ("bf16", "l1", True, False, 0.0, 64),
+    ("bf16", "l2", True, False, 0.0, 64),
+    ("bf16", "lp", True, False, 0.0, 64),
+    ("bf16", "chebyshev", True, True, 0.1, 64),
+    ("fp32", "l2", False, True, 0.0, 64),
+    ("fp64", "l1", True, False, 0.0, 64),
+    ("fp16", "l1", True, False, 0.0, 128),
+    ("fp32", "l1", True, False, 0.0, 128),
 ]
 
 
@@ -350,9 +403,10 @@ AOT_CASES = [
     not HAVE_TRITON, reason=f"triton is not installed ({triton_kernels.INSTALL_HINT})"
 )
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    """Every kernel variant compiles to sm_90 machine code (ptxas included) from the very
-    arguments the host launches it with; the bf16 training path spills no registers at the
-    default tiles. A fresh process: in this one the kernels are interpreted ones."""
+    """Every kernel variant compiles to sm_90a machine code (ptxas included) from the very
+    launches the host makes, with the runtime's specialisation; the l1 training path spills
+    no registers in fp32, bf16 or fp16 at D ≤ 128. A fresh process: in this one the kernels
+    are interpreted ones."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -365,8 +419,74 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2 * len(AOT_CASES)
     for row in rows:
-        if row["dtype"] == "bf16" and not row["masked"] and not row["dropout_p"]:
+        assert row["registers"] > 0, row
+        if row["kind"] == "l1" and row["dtype"] != "fp64" and row["D"] <= 128:
             assert row["spill_bytes"] == 0, row
+
+
+def _sass_meter():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_sass.py")
+    spec = importlib.util.spec_from_file_location("triton_sass", path)
+    module = sys.modules["triton_sass"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sass_meter_counts_nested_loops_once_per_coordinate():
+    """benchmarks/triton_sass.py on hand-written SASS: a tile loop of 3 instructions around
+    a coordinate loop of 4 executes 3 − 4 + D·4 per iteration; the trap after EXIT (a branch
+    to itself) is no loop."""
+    sass = "\n".join(
+        [
+            "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+            ".L_x_0:",
+            "        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;",
+            ".L_x_1:",
+            "        /*0020*/                   FADD R3, |R2|, R3 ;",
+            "        /*0030*/                   SHFL.BFLY PT, R5, R3, 0x1, 0x1f ;",
+            "        /*0040*/                   ISETP.NE.AND P0, PT, R6, RZ, PT ;",
+            "        /*0050*/              @P0 BRA `(.L_x_1) ;",
+            "        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;",
+            "        /*0070*/              @P1 BRA `(.L_x_0) ;",
+            "        /*0080*/                   EXIT ;",
+            ".L_x_2:",
+            "        /*0090*/                   BRA `(.L_x_2);",
+            "        /*00a0*/                   NOP;",
+        ]
+    )
+    meter = _sass_meter()
+    (counts,) = meter.loop_counts(sass, D=8)
+    assert sum(counts.values()) == 8 * 4 + 3
+    assert counts["fp32"] == 8 and counts["shuffle"] == 8 and counts["barrier"] == 1
+    assert counts["load"] == 1 and counts["control"] == 8 + 1
+    assert meter.coordinate_loop_sync(sass) == 1  # the shuffle; the barrier is outside
+    assert meter.occupancy(registers=128, shared_bytes=0, num_warps=8) == 0.25
+    assert meter.occupancy(registers=32, shared_bytes=100 * 1024, num_warps=4) == 0.125
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not HAVE_TRITON, reason=f"triton is not installed ({triton_kernels.INSTALL_HINT})"
+)
+def test_sass_meter_counts_a_compiled_loop_known_by_construction(tmp_path):
+    """The meter on machine code ptxas made: `chain_kernel`'s loop is CHAIN additions, one
+    compare and one branch back, and the meter must find exactly that."""
+    import json
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from triton_aot import CHAIN
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = os.path.join(os.path.dirname(__file__), "triton_aot.py")
+    result = subprocess.run(
+        [sys.executable, script, "meter"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (loop,) = json.loads(result.stdout.splitlines()[-1])["loops"]
+    assert loop == {"fp32": CHAIN + 1, "control": 1}, loop
 
 
 @needs_triton

@@ -5,12 +5,23 @@ imports triton at the top and defines the kernels with `@triton.jit`, which deci
 moment whether they compile for the GPU or run in Triton's interpreter (TRITON_INTERPRET=1).
 
 Layouts (all row-major, one (b, h) slice after another):
-    QT (B, H, D, Tq), KT (B, H, D, Tk): q and k transposed, so that the per-coordinate loops
-        read one contiguous row of D-th coordinates per tile instead of a strided column;
-    V, DO (B, H, T, D) with strides given; Out (B, H, Tq, D); Lse, Delta (B, H, Tq);
-    DQT (B, H, D, Tq), DKT (B, H, D, Tk): the gradients of q and k, transposed, in ACC;
+    QT (B·H, D, Tqp), KT (B·H, D, Tkp): q and k transposed, in the accumulation dtype and
+        padded with zeros to Tqp, Tkp (multiples of every tile), so that a coordinate of a
+        tile is one contiguous run read without a mask or a conversion;
+    V, DO (B, H, T, D) with strides given; Out (B, H, Tq, D); Delta (B·H, Tqp);
+    GT (B·H, D, Tqp), VT (B·H, D, Tkp): dO and v transposed, padded, in ACC, as QT and KT;
+    Lse (B·H, Tqp): each row's log-sum-exp in base 2 (of the scores times log2(e));
+    DQT (B·H, D, Tqp): the gradient of q, transposed, in ACC (added to atomically);
+    DKT (B·H, D, Tkp): the gradient of k, transposed, in ACC (each program its own keys);
     DLam (B·H, key tiles): each backward program's part of dλ, summed by the host.
 KIND is the kind's `MinkowskiKernel.native_code`: 0 l1, 1 l2, 2 chebyshev, 3 lp.
+
+Register blocking: a (BLOCK_M, BLOCK_N) tile of scores is held as a 4-D tensor
+(RM, RN, MP, NP), query row m0 + rm·MP + mp and key n0 + rn·NP + np. Triton spreads a tensor's
+last dimensions over a program's threads and repeats its first ones inside each thread, so
+with MP·NP = the program's threads each thread holds RM rows × RN keys: per coordinate it
+loads RM + RN values for RM·RN differences, and the distance's sum over coordinates stays
+inside the thread. D is a compile-time constant: the coordinate loop is unrolled.
 """
 
 from __future__ import annotations
@@ -28,6 +39,10 @@ L1 = tl.constexpr(0)
 L2 = tl.constexpr(1)
 CHEBYSHEV = tl.constexpr(2)
 LP = tl.constexpr(3)
+LOG2E = tl.constexpr(1.4426950408889634)
+# Coordinates per iteration of the coordinate loops: unrolled this far, not over all of D,
+# which would multiply the compile time by D for a few loop instructions per coordinate.
+UNROLL = tl.constexpr(4)
 
 
 @triton.jit
@@ -38,52 +53,97 @@ def _mm(a, b, DOT: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _index(start, R: tl.constexpr, S: tl.constexpr):
+    """(R, S): start + s·R + r, the positions held as register r of thread s: each thread's
+    are adjacent."""
+    return start + tl.arange(0, R)[:, None] + tl.arange(0, S)[None, :] * R
+
+
+@triton.jit
+def _to_tile(x4, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(RM, RN, MP, NP) -> (BLOCK_M, BLOCK_N) in row and key order."""
+    return tl.reshape(tl.permute(x4, (2, 0, 3, 1)), (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _from_tile(x, RM: tl.constexpr, RN: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) -> (RM, RN, MP, NP)."""
+    return tl.permute(tl.reshape(x, (MP, RM, NP, RN)), (1, 3, 0, 2))
+
+
+@triton.jit
+def _flat(x2, n: tl.constexpr):
+    """(R, S) per-row (or per-key) values -> (n,) in position order."""
+    return tl.reshape(tl.trans(x2), (n,))
+
+
+@triton.jit
+def _rows_of(x4):
+    """Sum over the keys of a (RM, RN, MP, NP) tile: (RM, MP); the keys inside a thread
+    first."""
+    return tl.sum(tl.sum(x4, 1), 2)
+
+
+@triton.jit
+def _keys_of(x4):
+    """Sum over the rows: (RN, NP)."""
+    return tl.sum(tl.sum(x4, 0), 1)
+
+
+@triton.jit
 def _distance(
     qt,
     kt,
-    offs_m,
-    offs_n,
-    mask_m,
-    mask_n,
-    Tq,
-    Tk,
-    D,
+    rows,
+    keys,
+    Tqp,
+    Tkp,
     p,
     KIND: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
+    MP: tl.constexpr,
+    NP: tl.constexpr,
+    gt,
+    vt,
+    WITH_DP: tl.constexpr,
 ):
-    """(BLOCK_M, BLOCK_N) distances, one coordinate at a time: exact differences q_d − k_d
-    (no ‖q‖² + ‖k‖² − 2q·k expansion), the kind's reduction over them."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for d in range(D):
-        qc = tl.load(qt + d * Tq + offs_m, mask=mask_m, other=0.0).to(ACC)
-        kc = tl.load(kt + d * Tk + offs_n, mask=mask_n, other=0.0).to(ACC)
-        x = tl.abs(qc[:, None] - kc[None, :])
+    """(RM, RN, MP, NP) distances from exact differences q_d − k_d (no ‖q‖² + ‖k‖² − 2q·k
+    expansion), the kind's reduction over them inside each thread. rows (RM, 1, MP, 1),
+    keys (1, RN, 1, NP). WITH_DP: also dO·v in the same loop, from gt, vt (dO and v
+    transposed like q and k), in the same layout; else zeros."""
+    acc = tl.zeros([RM, RN, MP, NP], ACC)
+    dp = tl.zeros([RM, RN, MP, NP], ACC)
+    for d in tl.range(0, D, loop_unroll_factor=UNROLL):
+        x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        if WITH_DP:
+            dp += tl.load(gt + d * Tqp + rows) * tl.load(vt + d * Tkp + keys)
         if KIND == L1:
-            acc += x
+            acc += tl.abs(x)
         elif KIND == L2:
             acc += x * x
         elif KIND == CHEBYSHEV:
-            acc = tl.maximum(acc, x)
+            acc = tl.maximum(acc, tl.abs(x))
         else:  # lp: |x|^p = 2^(p·log2|x|), 0 at x = 0
-            acc += tl.where(x > 0, tl.exp2(p * tl.log2(tl.where(x > 0, x, 1.0))), 0.0)
+            ax = tl.abs(x)
+            acc += tl.where(ax > 0, tl.exp2(p * tl.log2(tl.where(ax > 0, ax, 1.0))), 0.0)
     if KIND == L2:
         acc = tl.sqrt(acc)
     elif KIND == LP:
         acc = tl.where(acc > 0, tl.exp2(tl.log2(tl.where(acc > 0, acc, 1.0)) / p), 0.0)
-    return acc
+    return acc, dp
 
 
 @triton.jit
 def _scores(
     dist,
     lam,
-    offs_m,
-    offs_n,
-    mask_m,
-    mask_n,
+    rows,
+    keys,
+    Tq,
+    Tk,
     bias_ptr,
     sbm,
     sbn,
@@ -91,23 +151,25 @@ def _scores(
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    """−λ·dist plus the user's additive mask; MASK where the key is out of range or (causal)
-    after the query's position; never below MASK."""
-    s = -lam * dist
+    """(−λ·dist plus the user's additive mask)·log2(e), the scores in base 2 (exp2 is one
+    instruction); MASK where the key is out of range or (causal) after the query's position;
+    never below MASK. lam: −λ·log2(e)."""
+    s = lam * dist
     if HAS_BIAS:
-        ptrs = bias_ptr + offs_m[:, None].to(tl.int64) * sbm + offs_n[None, :] * sbn
-        s += tl.load(ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(s.dtype)
-    valid = mask_n[None, :] & (offs_m[:, None] >= 0)
-    if CAUSAL:  # the queries are the last Tq positions: key j is visible iff j <= i + Tk − Tq
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + offset)
-    return tl.where(valid, tl.maximum(s, MASK), MASK)
+        ptrs = bias_ptr + rows.to(tl.int64) * sbm + keys * sbn
+        bias = tl.load(ptrs, mask=(rows < Tq) & (keys < Tk), other=0.0).to(s.dtype)
+        s = tl.maximum(s + bias * LOG2E, MASK)
+    if CAUSAL:  # the queries are the last Tq positions: key j is visible iff j <= i + Tk − Tq,
+        # which for a real row (i < Tq) is also j < Tk; padded rows are never read
+        return tl.where(keys <= rows + offset, s, MASK)
+    return tl.where(keys < Tk, s, MASK)
 
 
 @triton.jit
-def _keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p):
+def _keep(seed, bh, rows, keys, Tq, Tk, dropout_p):
     """Dropout's keep-mask for (b·h, rows, keys): Philox on the entry's global index, so the
     backward (and `dropout_keep`) regenerate it whatever the tiling."""
-    idx = (bh.to(tl.int64) * Tq + offs_m[:, None]) * Tk + offs_n[None, :]
+    idx = (bh.to(tl.int64) * Tq + rows) * Tk + keys
     return tl.rand(seed, idx) >= dropout_p
 
 
@@ -130,68 +192,80 @@ def forward_kernel(
     H,
     Tq,
     Tk,
-    D,
+    Tqp,
+    Tkp,
     offset,
     p,
     seed,
     dropout_p,
     drop_scale,
+    n_tiles,
     KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
 ):
-    """One program per (query tile, b·h): the online softmax over the key tiles it can see."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """One program per (query tile, b·h), the heaviest (last, when causal) tiles first: the
+    online softmax over the key tiles it can see."""
+    MP: tl.constexpr = BLOCK_M // RM
+    NP: tl.constexpr = BLOCK_N // RN
+    BH = tl.num_programs(0) // n_tiles
+    pid = tl.program_id(0)
+    bh = pid % BH
+    tile = pid // BH
+    if CAUSAL:
+        tile = n_tiles - 1 - tile
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = tile * BLOCK_M
+    rows2 = _index(m0, RM, MP)  # (RM, MP)
+    rows = rows2[:, None, :, None]
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Tq
-    mask_d = offs_d < D
-    qt = QT + bh.to(tl.int64) * D * Tq
-    kt = KT + bh.to(tl.int64) * D * Tk
+    qt = QT + bh.to(tl.int64) * D * Tqp
+    kt = KT + bh.to(tl.int64) * D * Tkp
     v_ptr = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-    lam = tl.load(Scale + h).to(ACC)
-    m_i = tl.full([BLOCK_M], MASK, ACC)
-    l_i = tl.zeros([BLOCK_M], ACC)
+    lam = -tl.load(Scale + h).to(ACC) * LOG2E
+    m_i = tl.full([RM, MP], MASK, ACC)
+    l_i = tl.zeros([RM, MP], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     hi = Tk
-    if CAUSAL:  # the tile's last row sees keys up to (pid_m + 1)·BLOCK_M − 1 + offset
-        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + offset)
+    if CAUSAL:  # the tile's last row sees keys up to m0 + BLOCK_M − 1 + offset
+        hi = tl.minimum(Tk, m0 + BLOCK_M + offset)
     for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < Tk
-        dist = _distance(
-            qt, kt, offs_m, offs_n, mask_m, mask_n, Tq, Tk, D, p, KIND, ACC, BLOCK_M, BLOCK_N
+        keys = _index(n0, RN, NP)[None, :, None, :]
+        dist, _ = _distance(
+            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
         )
-        s = _scores(
-            dist, lam, offs_m, offs_n, mask_m, mask_n, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS
-        )
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        pexp = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pexp, 1)
+        s = _scores(dist, lam, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS)
+        m_new = tl.maximum(m_i, tl.max(tl.max(s, 1), 2))
+        alpha = tl.exp2(m_i - m_new)
+        pexp = tl.exp2(s - m_new[:, None, :, None])
+        l_i = l_i * alpha + _rows_of(pexp)
         if DROPOUT:  # the weights that reach v are dropped, not the normaliser
-            keep = _keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p)
+            keep = _keep(seed, bh, rows, keys, Tq, Tk, dropout_p)
             pexp = tl.where(keep, pexp * drop_scale, 0.0)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         v_ptrs = v_ptr + offs_n[:, None] * svt + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mm(pexp, v, DOT, ACC)
+        v = tl.load(v_ptrs, mask=(offs_n[:, None] < Tk) & (offs_d[None, :] < D), other=0.0)
+        alpha_rows = _flat(alpha, BLOCK_M)
+        acc = acc * alpha_rows[:, None] + _mm(_to_tile(pexp, BLOCK_M, BLOCK_N), v, DOT, ACC)
         m_i = m_new
     dead = m_i < DEAD  # no visible key: zero output, zero gradients
-    out = tl.where(dead[:, None], 0.0, acc / tl.where(dead, 1.0, l_i)[:, None])
-    lse = tl.where(dead, -MASK, m_i + tl.log(tl.where(dead, 1.0, l_i)))
+    lse = tl.where(dead, -MASK, m_i + tl.log2(tl.where(dead, 1.0, l_i)))  # base 2
+    inv = _flat(tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, l_i)), BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     out_ptrs = Out + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
-    tl.store(out_ptrs, out, mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(Lse + bh.to(tl.int64) * Tq + offs_m, lse, mask=mask_m)
+    tl.store(out_ptrs, acc * inv[:, None], mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
+    tl.store(Lse + bh.to(tl.int64) * Tqp + rows2, lse)
 
 
 @triton.jit
@@ -202,35 +276,49 @@ def _coordinate_grads(
     dkt,
     g,
     dist,
-    offs_m,
-    offs_n,
-    mask_m,
-    mask_n,
-    Tq,
-    Tk,
-    D,
+    rows2,
+    keys2,
+    Tqp,
+    Tkp,
     p,
     KIND: tl.constexpr,
     ACC: tl.constexpr,
+    D: tl.constexpr,
 ):
-    """dq_i += Σ_j g_ij ∂d_ij/∂q_i and dk_j −= the same sums over i, one coordinate at a time,
-    added atomically to DQT (other key tiles add to the same rows) and DKT (this program's own
-    rows). ∂d/∂q_d: sign(x) (l1), sign(x) where |x| is the max (chebyshev),
+    """dq_i += Σ_j g_ij ∂d_ij/∂q_i (atomically: other key tiles add to the same rows) and
+    dk_j −= the same sums over i (this program's own keys: a plain read and write), one
+    coordinate at a time. ∂d/∂q_d: sign(x) (l1), sign(x) where |x| is the max (chebyshev),
     sign(x)·(|x|/d)^(p−1) (lp); 0 where undefined (x = 0, d = 0), as torch.cdist."""
-    for d in range(D):
-        qc = tl.load(qt + d * Tq + offs_m, mask=mask_m, other=0.0).to(ACC)
-        kc = tl.load(kt + d * Tk + offs_n, mask=mask_n, other=0.0).to(ACC)
-        x = qc[:, None] - kc[None, :]
+    rows = rows2[:, None, :, None]
+    keys = keys2[None, :, None, :]
+    if KIND == LP:
+        inv = 1.0 / tl.where(dist > 0, dist, 1.0)
+    for d in tl.range(0, D, loop_unroll_factor=UNROLL):
+        x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
         if KIND == L1:
             w = g
         elif KIND == CHEBYSHEV:
             w = tl.where(tl.abs(x) == dist, g, 0.0)
         else:  # lp
-            ratio = tl.abs(x) / tl.where(dist > 0, dist, 1.0)
+            ratio = tl.abs(x) * inv
             w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
-        w = tl.where(x > 0, w, tl.where(x < 0, -w, 0.0))
-        tl.atomic_add(dqt + d * Tq + offs_m, tl.sum(w, 1), mask=mask_m, sem="relaxed")
-        tl.atomic_add(dkt + d * Tk + offs_n, -tl.sum(w, 0), mask=mask_n, sem="relaxed")
+        # w·sign(x): the sign bit of x flips w's; 0 at a tie
+        w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
+        tl.atomic_add(dqt + d * Tqp + rows2, _rows_of(w), sem="relaxed")
+        dk_ptrs = dkt + d * Tkp + keys2
+        tl.store(dk_ptrs, tl.load(dk_ptrs) - _keys_of(w))
+
+
+@triton.jit
+def _flip_sign(w, x, dtype: tl.constexpr):
+    """w with its sign flipped where x is negative: one bitwise operation."""
+    if dtype == tl.float64:
+        sign = x.to(tl.int64, bitcast=True) & -9223372036854775808
+        flipped = (w.to(tl.int64, bitcast=True) ^ sign).to(tl.float64, bitcast=True)
+    else:
+        sign = x.to(tl.int32, bitcast=True) & -2147483648
+        flipped = (w.to(tl.int32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
+    return flipped
 
 
 @triton.jit
@@ -239,6 +327,8 @@ def backward_kernel(
     KT,
     V,
     DO,
+    GT,
+    VT,
     Lse,
     Delta,
     Scale,
@@ -260,7 +350,8 @@ def backward_kernel(
     H,
     Tq,
     Tk,
-    D,
+    Tqp,
+    Tkp,
     offset,
     p,
     seed,
@@ -273,94 +364,107 @@ def backward_kernel(
     DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
 ):
-    """One program per (key tile, b·h), the FlashAttention-2 layout: it holds its keys' dv
-    (and dk for l2) and walks the query tiles that see them, recomputing the probabilities
-    from the saved log-sum-exp:
+    """One program per (key tile, b·h), the FlashAttention-2 layout, the heaviest (first,
+    when causal) tiles first: it holds its keys' dv (and dk for l2) and walks the query
+    tiles that see them, recomputing the probabilities from the saved log-sum-exp:
 
         p = exp(s − lse)   dv += (p∘z)ᵀ dO   dp = (dO vᵀ)∘z   ds = p∘(dp − Δ), Δ = dO·O
         dλ −= Σ ds∘dist    g = −λ·ds = dL/d dist,   z: dropout multipliers (or 1)
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    MP: tl.constexpr = BLOCK_M // RM
+    NP: tl.constexpr = BLOCK_N // RN
+    BH = tl.num_programs(0) // n_tiles
+    pid = tl.program_id(0)
+    bh = pid % BH
+    tile = pid // BH
     b = bh // H
     h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tile * BLOCK_N
+    keys2 = _index(n0, RN, NP)  # (RN, NP)
+    keys = keys2[None, :, None, :]
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < Tk
-    mask_d = offs_d < D
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    qt = QT + bh.to(tl.int64) * D * Tq
-    kt = KT + bh.to(tl.int64) * D * Tk
-    dqt = DQT + bh.to(tl.int64) * D * Tq
-    dkt = DKT + bh.to(tl.int64) * D * Tk
+    mask_nd = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+    qt = QT + bh.to(tl.int64) * D * Tqp
+    kt = KT + bh.to(tl.int64) * D * Tkp
+    dqt = DQT + bh.to(tl.int64) * D * Tqp
+    dkt = DKT + bh.to(tl.int64) * D * Tkp
     do_ptr = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-    v_ptrs = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_n[:, None] * svt
-    v = tl.load(v_ptrs + offs_d[None, :], mask=mask_nd, other=0.0)
+    gt = GT + bh.to(tl.int64) * D * Tqp
+    vt = VT + bh.to(tl.int64) * D * Tkp
     lam = tl.load(Scale + h).to(ACC)
+    lam2 = -lam * LOG2E
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    if KIND == L2:
-        k = tl.load(kt + offs_d[None, :] * Tk + offs_n[:, None], mask=mask_nd, other=0.0).to(ACC)
-    dlam = tl.zeros([BLOCK_N], ACC)
+    if KIND == L2:  # exact (the accumulation dtype): dk's two terms nearly cancel
+        k = tl.load(kt + offs_d[None, :] * Tkp + offs_n[:, None], mask=offs_d[None, :] < D)
+    dlam = tl.zeros([RM, RN, MP, NP], ACC)
     lo = 0
     if CAUSAL:  # rows before n0 − offset see none of these keys
-        lo = (tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
     for m0 in range(lo, Tq, BLOCK_M):
+        rows2 = _index(m0, RM, MP)
+        rows = rows2[:, None, :, None]
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < Tq
-        mask_md = mask_m[:, None] & mask_d[None, :]
-        dist = _distance(
-            qt, kt, offs_m, offs_n, mask_m, mask_n, Tq, Tk, D, p, KIND, ACC, BLOCK_M, BLOCK_N
+        mask_md = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        # dp = dO·vᵀ on CUDA cores in the distance's loop and layout: a tensor-core product
+        # would come in another layout, which the coordinate loop below would then inherit
+        dist, dp = _distance(
+            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True
         )
-        s = _scores(
-            dist, lam, offs_m, offs_n, mask_m, mask_n, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS
-        )
-        lse = tl.load(Lse + bh.to(tl.int64) * Tq + offs_m, mask=mask_m, other=-MASK)
-        prob = tl.exp(s - lse[:, None])
-        do_ptrs = do_ptr + offs_m[:, None] * sot + offs_d[None, :]
-        do = tl.load(do_ptrs, mask=mask_md, other=0.0)
-        dp = _mm(do, tl.trans(v), DOT, ACC)
+        s = _scores(dist, lam2, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS)
+        lse = tl.load(Lse + bh.to(tl.int64) * Tqp + rows)
+        prob = tl.exp2(s - lse)
+        do = tl.load(do_ptr + offs_m[:, None] * sot + offs_d[None, :], mask=mask_md, other=0.0)
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p)
-            dv += _mm(tl.trans(tl.where(keep, prob * drop_scale, 0.0)), do, DOT, ACC)
+            keep = _keep(seed, bh, rows, keys, Tq, Tk, dropout_p)
+            kept = _to_tile(tl.where(keep, prob * drop_scale, 0.0), BLOCK_M, BLOCK_N)
+            dv += _mm(tl.trans(kept), do, DOT, ACC)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         else:
-            dv += _mm(tl.trans(prob), do, DOT, ACC)
-        delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=mask_m, other=0.0)
-        ds = prob * (dp - delta[:, None])
-        dlam -= tl.sum(ds * dist, 0)
+            dv += _mm(tl.trans(_to_tile(prob, BLOCK_M, BLOCK_N)), do, DOT, ACC)
+        delta = tl.load(Delta + bh.to(tl.int64) * Tqp + rows)
+        ds = prob * (dp - delta)
+        dlam -= ds * dist
         g = -lam * ds
-        if KIND == L2:  # ∂d/∂q = (q − k)/d: dq and dk are matmuls with w = g/d
-            w = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
-            q = tl.load(qt + offs_d[None, :] * Tq + offs_m[:, None], mask=mask_md, other=0.0)
-            dq = tl.sum(w, 1)[:, None] * q.to(ACC) - _mm(w, k, DOT, ACC)
-            dk += tl.sum(w, 0)[:, None] * k - _mm(tl.trans(w), q, DOT, ACC)
-            dq_ptrs = dqt + offs_d[None, :] * Tq + offs_m[:, None]
-            tl.atomic_add(dq_ptrs, dq, mask=mask_md, sem="relaxed")
+        if KIND == L2:  # ∂d/∂q = (q − k)/d: dq and dk are products with w = g/d, exact ones
+            w4 = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
+            w = _to_tile(w4, BLOCK_M, BLOCK_N)
+            q = tl.load(qt + offs_d[None, :] * Tqp + offs_m[:, None], mask=offs_d[None, :] < D)
+            rows_w = _flat(_rows_of(w4), BLOCK_M)
+            keys_w = _flat(_keys_of(w4), BLOCK_N)
+            dq = rows_w[:, None] * q - _mm(w, k, ACC, ACC)
+            dk += keys_w[:, None] * k - _mm(tl.trans(w), q, ACC, ACC)
+            dq_ptrs = dqt + offs_d[None, :] * Tqp + offs_m[:, None]
+            tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
         else:
-            _coordinate_grads(
-                qt, kt, dqt, dkt, g, dist, offs_m, offs_n, mask_m, mask_n, Tq, Tk, D, p, KIND, ACC
-            )
+            _coordinate_grads(qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D)
     dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dv_ptrs, dv, mask=mask_nd)
     if KIND == L2:  # this program's rows of dk alone: a plain store
-        tl.store(dkt + offs_d[None, :] * Tk + offs_n[:, None], dk, mask=mask_nd)
-    tl.store(DLam + bh.to(tl.int64) * n_tiles + pid_n, tl.sum(dlam, 0))
+        tl.store(dkt + offs_d[None, :] * Tkp + offs_n[:, None], dk, mask=offs_d[None, :] < D)
+    total = tl.sum(tl.reshape(dlam, (BLOCK_M * BLOCK_N,)), 0)
+    tl.store(DLam + bh.to(tl.int64) * n_tiles + tile, total)
 
 
 @triton.jit
 def dropout_keep_kernel(Out, seed, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep-mask (1.0 = kept) the kernels above use, written out (B·H, Tq, Tk)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """The keep-mask (1.0 = kept) the kernels above use, written out (B·H, Tq, Tk); axis 0
+    of the grid runs over B·H and the row tiles (CUDA caps the others at 65535)."""
+    row_tiles = tl.cdiv(Tq, BLOCK_M)
+    bh = tl.program_id(0) // row_tiles
+    offs_m = (tl.program_id(0) % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(2)
-    keep = _keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p)
+    keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], Tq, Tk, dropout_p)
     ptrs = Out + (bh.to(tl.int64) * Tq + offs_m[:, None]) * Tk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.float32), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 

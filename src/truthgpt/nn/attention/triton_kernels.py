@@ -41,6 +41,7 @@ interpreter on CPU tensors (the tests do this), slowly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from types import ModuleType
@@ -54,14 +55,16 @@ from truthgpt.nn.attention.kinds import DistanceKind
 
 # The kinds the kernels implement, by `MinkowskiKernel.native_code` (the KIND constexpr).
 KIND_CODES = {0: "l1", 1: "l2", 2: "chebyshev", 3: "lp"}
-# Tiles (query rows, keys) and warps per program: ones for which ptxas reports no register
-# spills in bf16 at D = 64 on sm_90 (tests/test_attention_triton.py compiles them), not
-# timed: no GPU has run these kernels yet. The backward also holds v and dv (and k, dk
-# for l2) for its keys, so it takes fewer query rows per step.
-FORWARD_TILE = (64, 64)
-BACKWARD_TILE = (32, 64)
+# Tiles (query rows, keys) and warps per program, chosen by the instruction counts of their
+# sm_90a machine code (benchmarks/triton_sass.py), not timed: no GPU has run these kernels
+# yet. Each thread holds a block of rows × keys of the tile (`_blocking`).
+FORWARD_TILE = (128, 128)
+BACKWARD_TILE = (64, 64)
 FORWARD_WARPS = 8
-BACKWARD_WARPS = 8
+BACKWARD_WARPS = 4
+# float64 holds each value in two registers: smaller tiles, or the forward spills and takes
+# 192 KiB of shared memory.
+FP64_TILES = ((64, 64), (32, 64))
 # Triton 3.9 warns unless fused multiply-adds are asked for explicitly; they are its default.
 _OPTIONS = {"enable_fp_fusion": True}
 INSTALL_HINT = "pip install 'truthgpt[gpu]' (triton==3.9.0)"
@@ -168,11 +171,28 @@ def _tile(tile: tuple[int, int], Tq: int, Tk: int) -> tuple[int, int]:
     return min(tile[0], _pow2(Tq)), min(tile[1], _pow2(Tk))
 
 
-def _shared(qt: Tensor, kt: Tensor, scale: Tensor, cfg: KernelConfig, acc: torch.dtype):
+def _blocking(block_m: int, block_n: int, warps: int) -> tuple[int, int]:
+    """(rows, keys) of a tile each thread holds: the tile's entries over the program's
+    threads, split as evenly as powers of two allow, more rows than keys."""
+    per_thread = max(1, block_m * block_n // (32 * warps))
+    rn = 1 << ((per_thread.bit_length() - 1) // 2)
+    rm = per_thread // rn
+    return min(rm, block_m), min(rn, block_n)
+
+
+def padded_length(T: int, tiles: tuple[int, ...]) -> int:
+    """T rounded up to a multiple of every tile (powers of two): the kernels read the
+    transposed q and k without masks."""
+    step = max(tiles)
+    return -(-T // step) * step
+
+
+def _shared(qt, kt, v, Tq: int, scale: Tensor, cfg: KernelConfig, acc: torch.dtype):
     """Launch arguments the two kernels share: the bias and its strides, the sizes, the
-    constexprs. qt, kt: (B, H, D, T), in the input dtype."""
-    B, H, D, Tq = qt.shape
-    Tk = kt.shape[3]
+    constexprs. qt, kt: (B, H, D, Tqp), (B, H, D, Tkp), padded, in the accumulation dtype."""
+    B, H, D, Tqp = qt.shape
+    Tkp = kt.shape[3]
+    Tk = v.shape[2]
     module = _load()[0]
     bias = cfg.bias
     if bias is not None:
@@ -180,11 +200,11 @@ def _shared(qt: Tensor, kt: Tensor, scale: Tensor, cfg: KernelConfig, acc: torch
         bias_args = (bias, *bias.stride())
     else:
         bias_args = (scale, 0, 0, 0, 0)  # any tensor: never read
-    dot = qt.dtype if qt.dtype in (torch.float16, torch.bfloat16) else acc
+    dot = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else acc
     if dot == torch.bfloat16 and interpreted():  # its tl.dot multiplies bf16 bits as integers
         dot = acc
     drop_scale = 1.0 / (1.0 - cfg.dropout_p)
-    sizes = (H, Tq, Tk, D, Tk - Tq, cfg.p, cfg.seed, cfg.dropout_p, drop_scale)
+    sizes = (H, Tq, Tk, Tqp, Tkp, Tk - Tq, cfg.p, cfg.seed, cfg.dropout_p, drop_scale)
     flags = dict(
         KIND=cfg.code,
         CAUSAL=cfg.causal,
@@ -192,40 +212,62 @@ def _shared(qt: Tensor, kt: Tensor, scale: Tensor, cfg: KernelConfig, acc: torch
         DROPOUT=cfg.dropout_p > 0.0,
         ACC=_tl_dtype(module, acc),
         DOT=_tl_dtype(module, dot),
+        D=D,
         BLOCK_D=_pow2(D),
     )
     return bias_args, sizes, flags
 
 
+def _meta(flags: dict, tile: tuple[int, int], warps: int) -> dict:
+    rm, rn = _blocking(*tile, warps)
+    return dict(flags, BLOCK_M=tile[0], BLOCK_N=tile[1], RM=rm, RN=rn, num_warps=warps, **_OPTIONS)
+
+
 def forward_launch(qt, kt, v, scale, out, lse, cfg: KernelConfig) -> tuple[tuple, tuple, dict]:
     """(grid, arguments, keyword arguments) of the forward kernel; also read by the test that
-    compiles the kernels for a GPU on a machine without one."""
-    B, H, _, Tq = qt.shape
-    bias_args, sizes, flags = _shared(qt, kt, scale, cfg, lse.dtype)
-    block_m, block_n = _tile(cfg.forward_tile, Tq, kt.shape[3])
-    grid = (triton_cdiv(Tq, block_m), B * H)
+    compiles the kernels for a GPU on a machine without one. One grid axis of B·H·tiles
+    programs: CUDA caps the other axes at 65535."""
+    B, H, Tq = out.shape[:3]
+    bias_args, sizes, flags = _shared(qt, kt, v, Tq, scale, cfg, lse.dtype)
+    tile = _tile(cfg.forward_tile, Tq, v.shape[2])
+    n_tiles = triton_cdiv(Tq, tile[0])
+    grid = (n_tiles * B * H,)
     args = (qt, kt, v, scale, bias_args[0], out, lse, *v.stride()[:3], *bias_args[1:], *sizes)
-    meta = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=cfg.forward_warps, **_OPTIONS)
-    return grid, args, meta
+    return grid, (*args, n_tiles), _meta(flags, tile, cfg.forward_warps)
 
 
 def backward_launch(qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg: KernelConfig):
     """(grid, arguments, keyword arguments) of the backward kernel; dlam (B·H, key tiles)."""
-    B, H, _, Tq = qt.shape
-    bias_args, sizes, flags = _shared(qt, kt, scale, cfg, lse.dtype)
-    block_m, block_n = _tile(cfg.backward_tile, Tq, kt.shape[3])
+    B, H, Tq = do.shape[:3]
+    gt = _padded_transposed(do, qt.shape[3], qt.dtype)
+    vt = _padded_transposed(v, kt.shape[3], kt.dtype)
+    bias_args, sizes, flags = _shared(qt, kt, v, Tq, scale, cfg, lse.dtype)
+    tile = _tile(cfg.backward_tile, Tq, v.shape[2])
     n_tiles = dlam.shape[1]
-    grid = (n_tiles, B * H)
-    args = (qt, kt, v, do, lse, delta, scale, bias_args[0], dqt, dkt, dv, dlam)
+    grid = (n_tiles * B * H,)
+    args = (qt, kt, v, do, gt, vt, lse, delta, scale, bias_args[0], dqt, dkt, dv, dlam)
     args += (*v.stride()[:3], *do.stride()[:3], *bias_args[1:], *sizes, n_tiles)
-    meta = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=cfg.backward_warps, **_OPTIONS)
-    return grid, args, meta
+    return grid, args, _meta(flags, tile, cfg.backward_warps)
 
 
-def _transposed(x: Tensor) -> Tensor:
-    """(B, H, T, D) -> contiguous (B, H, D, T): the kernels read one coordinate of a tile's
-    rows at a time, which is then one contiguous run."""
-    return x.transpose(-1, -2).contiguous()
+def _padded_transposed(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """(B, H, T, D) -> (B, H, D, length) in dtype, zeros past T: the kernels read one
+    coordinate of a tile's rows at a time, a contiguous run, with no mask or conversion."""
+    B, H, T, D = x.shape
+    out = x.new_zeros(B, H, D, length, dtype=dtype)
+    out[..., :T] = x.transpose(-1, -2)
+    return out
+
+
+def _lengths(Tq: int, Tk: int, cfg: KernelConfig) -> tuple[int, int]:
+    """The padded lengths of q and k: multiples of both kernels' tiles."""
+    fwd, bwd = _tile(cfg.forward_tile, Tq, Tk), _tile(cfg.backward_tile, Tq, Tk)
+    return padded_length(Tq, (fwd[0], bwd[0])), padded_length(Tk, (fwd[1], bwd[1]))
+
+
+def _on(device: torch.device):
+    """Launches on the tensors' device, not torch's current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _rows_contiguous(x: Tensor) -> Tensor:
@@ -240,14 +282,18 @@ class TritonDistanceAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, cfg: KernelConfig) -> Tensor:
         B, H, Tq, D = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qt, kt, v = _transposed(q.detach()), _transposed(k.detach()), _rows_contiguous(v.detach())
-        scale = scale.detach().to(acc).contiguous()
+        Tqp, Tkp = _lengths(Tq, k.shape[2], cfg)
+        qt = _padded_transposed(q.detach(), Tqp, acc)
+        kt = _padded_transposed(k.detach(), Tkp, acc)
+        v = _rows_contiguous(v.detach())
+        scale = scale.detach().to(acc).contiguous()  # λ as given (fp32), not rounded to q's
         # The output in the accumulation dtype, kept for the backward: Δ = dO·O from a bf16
         # rounded O would cost dλ (a sum of Tq·Tk terms that cancel) most of its digits.
         out = torch.empty(B, H, Tq, D, dtype=acc, device=q.device)
-        lse = torch.empty(B, H, Tq, dtype=acc, device=q.device)
+        lse = torch.empty(B, H, Tqp, dtype=acc, device=q.device)
         grid, args, meta = forward_launch(qt, kt, v, scale, out, lse, cfg)
-        _load()[0].forward_kernel[grid](*args, **meta)
+        with _on(q.device):
+            _load()[0].forward_kernel[grid](*args, **meta)
         ctx.save_for_backward(qt, kt, v, out, lse, scale)
         ctx.cfg = cfg
         return out.to(q.dtype)
@@ -256,21 +302,23 @@ class TritonDistanceAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         qt, kt, v, out, lse, scale = ctx.saved_tensors
         cfg: KernelConfig = ctx.cfg
-        B, H, D, Tq = qt.shape
-        Tk = kt.shape[3]
+        B, H, D, Tqp = qt.shape
+        Tq, Tk, Tkp = out.shape[2], v.shape[2], kt.shape[3]
         acc, dtype = out.dtype, v.dtype
         do = _rows_contiguous(grad_out.to(dtype))
-        delta = (do.to(acc) * out).sum(-1).contiguous()  # (B, H, Tq): dO_i · O_i
-        dqt = torch.zeros(B, H, D, Tq, dtype=acc, device=qt.device)  # added to atomically
-        dkt = torch.zeros(B, H, D, Tk, dtype=acc, device=qt.device)
+        delta = torch.zeros(B, H, Tqp, dtype=acc, device=qt.device)
+        delta[..., :Tq] = (do.to(acc) * out).sum(-1)  # dO_i · O_i
+        dqt = torch.zeros(B, H, D, Tqp, dtype=acc, device=qt.device)  # added to atomically
+        dkt = torch.zeros(B, H, D, Tkp, dtype=acc, device=qt.device)
         dv = torch.empty(B, H, Tk, D, dtype=dtype, device=v.device)
         n_tiles = triton_cdiv(Tk, _tile(cfg.backward_tile, Tq, Tk)[1])
         dlam = torch.empty(B * H, n_tiles, dtype=acc, device=qt.device)
         launch = backward_launch(qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg)
         grid, args, meta = launch
-        _load()[0].backward_kernel[grid](*args, **meta)
-        dq = dqt.transpose(-1, -2).to(dtype)
-        dk = dkt.transpose(-1, -2).to(dtype)
+        with _on(qt.device):
+            _load()[0].backward_kernel[grid](*args, **meta)
+        dq = dqt[..., :Tq].transpose(-1, -2).to(dtype)
+        dk = dkt[..., :Tk].transpose(-1, -2).to(dtype)
         dscale = dlam.view(B, H, n_tiles).sum((0, 2)) if ctx.needs_input_grad[3] else None
         return dq, dk, dv, dscale, None
 
@@ -292,15 +340,16 @@ def triton_attention(
     *,
     p: float | None = None,
     seed: int | None = None,
-    forward_tile: tuple[int, int] = FORWARD_TILE,
-    backward_tile: tuple[int, int] = BACKWARD_TILE,
+    forward_tile: tuple[int, int] | None = None,
+    backward_tile: tuple[int, int] | None = None,
 ) -> Tensor:
     """Exact attention with the Triton kernels, (B, H, Tq, D), for l1, l2, chebyshev and lp.
 
     Arguments as `distance_attention` (checked there). seed: dropout seed; None draws one from
     torch's global generator, so torch.manual_seed makes runs reproducible. forward_tile,
-    backward_tile: (query rows, keys) per program, powers of two ≥ 16; any give the same
-    result up to rounding (and the same dropout mask).
+    backward_tile: (query rows, keys) per program, powers of two ≥ 16 (None: FORWARD_TILE,
+    BACKWARD_TILE, or FP64_TILES for float64); any give the same result up to rounding
+    (and the same dropout mask).
     """
     check(q, kind)
     spec = kinds.get(kind)
@@ -314,6 +363,9 @@ def triton_attention(
         scale_t = torch.full((q.shape[1],), float(scale), dtype=acc, device=q.device)
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
+    defaults = FP64_TILES if q.dtype == torch.float64 else (FORWARD_TILE, BACKWARD_TILE)
+    forward_tile = forward_tile or defaults[0]
+    backward_tile = backward_tile or defaults[1]
     for tile in (forward_tile, backward_tile):
         if any(t < 16 or t & (t - 1) for t in tile):
             raise ValueError(f"tiles must be powers of two >= 16, got {tile}")
@@ -339,6 +391,7 @@ def dropout_keep(
         raise RuntimeError(f"the triton kernels need the triton package ({reason})")
     B, H, Tq, Tk = shape
     out = torch.empty(B, H, Tq, Tk, dtype=torch.float32, device=device)
-    grid = (triton_cdiv(Tq, 16), triton_cdiv(Tk, 16), B * H)
-    module.dropout_keep_kernel[grid](out, int(seed), Tq, Tk, float(p), BLOCK_M=16, BLOCK_N=16)
+    grid = (B * H * triton_cdiv(Tq, 16), triton_cdiv(Tk, 16))
+    with _on(out.device):
+        module.dropout_keep_kernel[grid](out, int(seed), Tq, Tk, float(p), BLOCK_M=16, BLOCK_N=16)
     return out
