@@ -28,7 +28,9 @@ torch.set_num_threads(1)
 
 # node ids (file name, or file name::test) -> the group that runs in one worker
 XDIST_GROUPS = {
-    "test_hf_remote.py": "exports and venvs",
+    "test_hf_remote.py": "exports and a venv",
+    # its own venv: built on another worker at the same time (the exports are made twice)
+    "test_hf_remote.py::test_lm_eval_scores_an_export": "exports and the lm-eval venv",
     "test_distributed.py": "two ranks",
     "test_explorer_browser.py": "browser",
     "test_attention_native.py::test_subnormal_floats_survive_an_l1_call": "fresh process",

@@ -12,6 +12,9 @@ from truthgpt.cli import main
 from truthgpt.io.folders import read_marker, write_marker
 from truthgpt.workflows.explorer import read_explorer_data
 
+# The demo sizes its work (the sample's length too) to its time budget: alone on the cores.
+pytestmark = pytest.mark.serial
+
 
 def test_demo_runs_every_workflow(tmp_path, capsys):
     out = tmp_path / "report"
