@@ -37,10 +37,13 @@ check-install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/truthgpt demo
 
+# pytest-xdist: one worker per core (tests/conftest.py keeps those sharing an expensive
+# fixture in one worker); the tests timed against a budget (marked serial) run alone after.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -30,14 +30,21 @@ class OptionalBuildExtension(BuildExtension):
             self.extensions = []
 
 
+CSRC = "src/truthgpt/nn/attention/csrc"
 native = CppExtension(
     "truthgpt.nn.attention._native",
-    ["src/truthgpt/nn/attention/csrc/distance_attention.cpp"],
-    depends=[str(p) for p in sorted(Path("src/truthgpt/nn/attention/csrc").glob("*.h"))],
+    # the host code first: it parses ATen's headers, the longest of the four compiles
+    [
+        f"{CSRC}/{name}.cpp"
+        for name in ("distance_attention", "isa_baseline", "isa_x86_64_v4", "isa_x86_64_v3")
+    ],
+    depends=[str(p) for p in sorted(Path(CSRC).glob("*.h"))],
     # -fno-math-errno lets sqrt vectorise; nothing here changes the floating-point
     # environment (no -ffast-math: it would flush subnormals to zero process-wide).
     extra_compile_args=["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wno-unused-function"],
     extra_link_args=["-fopenmp"],
 )
 
-setup(ext_modules=[native], cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=False)})
+# ninja compiles the four translation units in parallel (MAX_JOBS caps the jobs); without a
+# ninja executable torch warns and compiles them one after another.
+setup(ext_modules=[native], cmdclass={"build_ext": OptionalBuildExtension})

@@ -9,9 +9,14 @@
   when a kernel is defined, and torch imports triton early (torch._dynamo does), so it is set
   here, before any test module is imported. Without a GPU triton compiles nothing anyway, and
   `auto` never picks the Triton kernels for CPU tensors: nothing else changes.
+- With pytest-xdist (`make test`: `-n auto`), tests go to the workers one by one, except
+  those sharing an expensive module fixture (a venv, a browser, two ranks, one fresh
+  process): each such group goes to one worker, which builds the fixture once. (xdist's own
+  `xdist_group` marker renames node ids, which this pytest no longer allows.)
 """
 
 import os
+from pathlib import PurePosixPath
 
 import torch
 
@@ -19,3 +24,36 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 torch.set_num_threads(1)
+
+
+# node ids (file name, or file name::test) -> the group that runs in one worker
+XDIST_GROUPS = {
+    "test_hf_remote.py": "exports and a venv",
+    # its own venv: built on another worker at the same time (the exports are made twice)
+    "test_hf_remote.py::test_lm_eval_scores_an_export": "exports and the lm-eval venv",
+    "test_distributed.py": "two ranks",
+    "test_explorer_browser.py": "browser",
+    "test_attention_native.py::test_subnormal_floats_survive_an_l1_call": "fresh process",
+    "test_attention_native.py::test_no_t_by_t_matrix_is_held_on_a_long_sequence": "fresh process",
+}
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest without xdist: the hook below would be unknown
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+    class GroupedScheduling(LoadScopeScheduling):
+        """xdist's `--dist load` with XDIST_GROUPS kept together (larger units first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path, _, test = nodeid.partition("::")
+            name = PurePosixPath(path).name
+            test = test.split("[")[0]
+            return XDIST_GROUPS.get(f"{name}::{test}") or XDIST_GROUPS.get(name) or nodeid
+
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "load":
+            return GroupedScheduling(config, log)
+        return None

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from truthgpt.analysis import tune_lambda
 from truthgpt.config import TruthGPTOptimizationCoreConfig
 from truthgpt.data import RandomBatches, load_prepared, prepare_data
 from truthgpt.nn.attention import LAMBDA_MAX, LAMBDA_MIN
-from truthgpt.training import TruthGPTOptimizationCore
+from truthgpt.training import TruthGPTOptimizationCore, tune_lambda
 
 TEXT = "".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(300))
 EVAL_BATCHES = 3

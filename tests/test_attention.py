@@ -485,3 +485,43 @@ def test_bad_arguments_raise_clear_errors(change, match):
     extra = {name: kw.pop(name) for name in ("attn_mask", "p", "dropout_p") if name in kw}
     with pytest.raises(ValueError, match=match):
         distance_attention(kw["q"], kw["k"], kw["v"], kw["kind"], kw["scale"], **extra)
+
+
+# --------------------------------------------------------------------------------------------
+# the backend registry
+
+
+def test_a_registered_backend_serves_its_kinds_by_name(monkeypatch):
+    """One signature for every backend: a new one is one `register_backend` call, after
+    which `backend=` takes its name; it gets a checked call with the resolved kind."""
+    from truthgpt.nn.attention import functional
+    from truthgpt.nn.attention.functional import AttentionBackend, register_backend
+
+    seen = []
+
+    def run(q, k, v, call):
+        seen.append(call)
+        return functional.run_plain(q, k, v, call)
+
+    monkeypatch.setattr(functional, "_BACKENDS", dict(functional._BACKENDS))
+    register_backend(AttentionBackend("mine", run, ("blocked",), auto=False))
+    assert "mine" in functional.backend_names()
+    q, k, v = make(dtype=torch.float64)
+    scale = head_scale(3, torch.float64)
+    out = distance_attention(q, k, v, "manhattan", scale, backend="mine")
+    torch.testing.assert_close(out, reference(q, k, v, "l1", scale))
+    (call,) = seen
+    assert call.kind is kinds.get("l1") and call.causal and call.scale is scale
+    with pytest.raises(
+        ValueError, match="backend 'sdpa' computes the kinds dot, cosine, sql2, not 'l1'"
+    ):
+        distance_attention(q, k, v, "l1", 0.5, backend="sdpa")  # sdpa serves dot-like kinds
+    distance_attention(q, k, v, "dot", 0.5, backend="mine")  # a kernel backend: dot on SDPA
+    assert len(seen) == 1
+
+
+def test_plain_backend_computes_every_kind(monkeypatch):
+    q, k, v = make(dtype=torch.float64)
+    for kind in KINDS:
+        out = distance_attention(q, k, v, kind, 0.7, p=P, backend="plain")
+        torch.testing.assert_close(out, reference(q, k, v, kind, 0.7))

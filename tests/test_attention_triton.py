@@ -349,9 +349,8 @@ def test_kernels_launch_on_the_tensors_device(monkeypatch):
 
 @needs_triton
 def test_lambda_is_not_rounded_to_the_input_dtype():
-    """λ reaches the kernels in fp32 even for bf16 inputs, also through distance_attention
-    (the attention module passes its fp32 λ): an update below bf16's resolution (2⁻⁸
-    relative) still changes the output."""
+    """λ reaches the kernels in fp32 even for bf16 inputs, also through distance_attention:
+    an update below bf16's resolution (2⁻⁸ relative) still changes the output."""
     q, k, v = make(B=1, H=2, Tq=16, Tk=16, D=4, seed=2)
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     lam = torch.tensor([0.8, 1.1])

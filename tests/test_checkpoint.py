@@ -106,7 +106,7 @@ def test_loading_a_model_leaves_the_global_rng_alone(tmp_path: Path) -> None:
 
 def test_load_pretrained_accepts_checkpoint_checkpoints_and_run_folders(tmp_path: Path) -> None:
     core = trained_core(2)
-    path = CheckpointManager(tmp_path / "run").save(core)
+    path = CheckpointManager(tmp_path / "run").save(core.checkpoint_state())
     x = batch(0)["input_ids"]
     core.model.eval()
     for where in (path, tmp_path / "run" / "checkpoints", tmp_path / "run"):
@@ -229,7 +229,7 @@ def test_resume_is_bit_identical(tmp_path: Path, distance: str) -> None:
 
     first = trained_core(0, distance_type=distance)
     losses = [first.train_step(batch(s))["loss"] for s in range(cut)]
-    CheckpointManager(tmp_path / "run").save(first)
+    CheckpointManager(tmp_path / "run").save(first.checkpoint_state())
     del first
     torch.rand(1000)  # disturb the RNG: the checkpoint must bring back its own state
 
@@ -248,7 +248,7 @@ def test_resume_is_bit_identical(tmp_path: Path, distance: str) -> None:
 
 
 def test_load_core_overrides_training_fields_only(tmp_path: Path) -> None:
-    CheckpointManager(tmp_path / "run").save(trained_core(2))
+    CheckpointManager(tmp_path / "run").save(trained_core(2).checkpoint_state())
     core = load_core(tmp_path / "run", max_steps=50, device="cpu")
     assert core.train_config.max_steps == 50 and core.step == 2
     with pytest.raises(CheckpointError, match="hidden_size: a model field"):
@@ -265,7 +265,7 @@ def test_load_core_brings_back_tokenizer_and_chars_per_token(tmp_path: Path) -> 
     core = TruthGPTOptimizationCore(
         tiny_config(vocab_size=tokenizer.vocab_size), tokenizer=tokenizer, chars_per_token=1.0
     )
-    CheckpointManager(tmp_path / "run").save(core)
+    CheckpointManager(tmp_path / "run").save(core.checkpoint_state())
     loaded = load_core(tmp_path / "run")
     assert loaded.chars_per_token == 1.0
     assert loaded.tokenizer.encode(text) == tokenizer.encode(text)
@@ -304,7 +304,7 @@ def test_manager_keeps_last_n_and_best(tmp_path: Path) -> None:
     val_losses = [3.0, 2.0, 2.5, 2.7, None]
     for val_loss in val_losses:
         core.train_step(batch(core.step))
-        manager.save(core, val_loss=val_loss)
+        manager.save(core.checkpoint_state(), val_loss=val_loss)
     folder = tmp_path / "run" / "checkpoints"
     kept = sorted(p.name for p in folder.iterdir())
     assert kept == ["best", "latest", "step-0000002", "step-0000004", "step-0000005"]
@@ -315,7 +315,7 @@ def test_manager_keeps_last_n_and_best(tmp_path: Path) -> None:
     # A new manager (a resumed run) sees the same best.
     manager = CheckpointManager(tmp_path / "run", keep_last=2)
     core.train_step(batch(core.step))
-    manager.save(core, val_loss=1.5)
+    manager.save(core.checkpoint_state(), val_loss=1.5)
     assert manager.best() == folder / "step-0000006"
     assert not (folder / "step-0000002").exists()
 
@@ -328,7 +328,7 @@ def test_manager_rejects_bad_keep_last(tmp_path: Path) -> None:
 def test_leftover_temporary_folder_is_ignored_then_cleaned(tmp_path: Path) -> None:
     core = trained_core(1)
     manager = CheckpointManager(tmp_path / "run")
-    good = manager.save(core)
+    good = manager.save(core.checkpoint_state())
     # What a crash in the middle of writing step 2 leaves behind.
     leftover = tmp_path / "run" / "checkpoints" / ".tmp-step-0000002-deadbeef"
     leftover.mkdir()
@@ -336,14 +336,14 @@ def test_leftover_temporary_folder_is_ignored_then_cleaned(tmp_path: Path) -> No
     assert resolve_checkpoint(tmp_path / "run") == good
     assert load_core(tmp_path / "run").step == 1
     core.train_step(batch(1))
-    manager.save(core)
+    manager.save(core.checkpoint_state())
     assert not leftover.exists()
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     core = trained_core(1)
     manager = CheckpointManager(tmp_path / "run")
-    good = manager.save(core)
+    good = manager.save(core.checkpoint_state())
     core.train_step(batch(1))
 
     def crash(*args, **kwargs):
@@ -351,7 +351,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(os, "rename", crash)
     with pytest.raises(OSError, match="disk unplugged"):
-        manager.save(core)
+        manager.save(core.checkpoint_state())
     monkeypatch.undo()
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["latest", good.name]
@@ -362,8 +362,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch
 def test_missing_latest_pointer_falls_back_to_newest(tmp_path: Path) -> None:
     core = trained_core(1)
     manager = CheckpointManager(tmp_path / "run")
-    manager.save(core)
+    manager.save(core.checkpoint_state())
     core.train_step(batch(1))
-    newest = manager.save(core)
+    newest = manager.save(core.checkpoint_state())
     (tmp_path / "run" / "checkpoints" / "latest").unlink()
     assert resolve_checkpoint(tmp_path / "run") == newest

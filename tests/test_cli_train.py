@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -71,7 +72,9 @@ def test_train_eval_resume(tmp_path, data_dir, capsys):
 
     assert main(["eval", "--run", str(run), "--max-batches", "2"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["step"] == 6 and metrics["bits_per_char"] > 0
+    assert metrics["step"] == 6
+    # bits per char = loss / ln 2 × tokens / chars of the val split (char tokenizer: 1)
+    assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / math.log(2), rel=1e-9)
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
 
     # A new run into a non-empty folder is refused; --resume continues it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -46,7 +47,12 @@ def test_compare_writes_table_plot_and_results(tmp_path, corpus):
         losses = [run["val_loss"] for run in r["per_seed"]]
         assert len(losses) == 2 and losses[0] != losses[1]  # seeds really differ
         assert r["val_loss_mean"] == pytest.approx(sum(losses) / 2)
-        assert r["tokens_per_s"] > 0 and r["bits_per_char_mean"] > 0
+        # A char tokenizer: one token is one character, so bits per char = loss / ln 2.
+        assert r["bits_per_char_mean"] == pytest.approx(
+            sum(run["val_loss"] for run in r["per_seed"]) / 2 / math.log(2), rel=1e-9
+        )
+        speeds = [run["tokens_per_s"] for run in r["per_seed"]]
+        assert r["tokens_per_s"] == pytest.approx(sum(speeds) / 2, rel=1e-12)
         assert [s for s, _ in r["per_seed"][0]["val_curve"]] == [2, 4]
     assert result["kinds"]["l1"]["val_loss_std"] > 0
     assert (tmp_path / "val_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

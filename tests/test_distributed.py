@@ -129,10 +129,12 @@ def _scenarios(world: World, out: Path, data_dir: str) -> int:
     full_state = distributed.gather_full_state(core.model, core.optimizer)  # every rank
     if world.is_main:
         try:
-            CheckpointManager(out / "unused").save(core)  # a sharded model needs full_state
+            CheckpointManager(out / "unused").save(
+                core.checkpoint_state()
+            )  # a sharded model needs full_state
         except ValueError as err:
             report["fsdp"]["save_without_full_state"] = str(err)
-        CheckpointManager(out / "fsdp-run").save(core, full_state=full_state)
+        CheckpointManager(out / "fsdp-run").save(core.checkpoint_state(), full_state=full_state)
     torch.distributed.barrier()  # the checkpoint is complete before any rank reads it
 
     # Resume that checkpoint under FSDP on both ranks: AdamW's state is sharded again.
@@ -141,7 +143,7 @@ def _scenarios(world: World, out: Path, data_dir: str) -> int:
     report["fsdp"]["resumed_step"] = global_loss(step)
     full_state = distributed.gather_full_state(core.model, core.optimizer)
     if world.is_main:
-        CheckpointManager(out / "fsdp-resumed").save(core, full_state=full_state)
+        CheckpointManager(out / "fsdp-resumed").save(core.checkpoint_state(), full_state=full_state)
 
     # The training loop under DDP on prepared data: rank 0 checkpoints, every rank evaluates.
     data = load_prepared(data_dir)

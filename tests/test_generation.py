@@ -253,6 +253,21 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     assert kept(filter_logits(top_tie, top_p=0.01)) == [0, 2]
 
 
+def test_top_p_at_exactly_the_cumulative_mass() -> None:
+    """Probabilities 1/2, 1/4, 1/8, 1/8 are exact in binary, so the masses before each sorted
+    token are exactly 0, 0.5, 0.75, 0.875. A nucleus is the smallest set that reaches top_p:
+    a top_p equal to a cumulative mass is reached there, and no further token is needed."""
+    probs = torch.tensor([0.125, 0.5, 0.125, 0.25], dtype=torch.float64)
+    logits = probs.log()
+    assert kept(filter_logits(logits, top_p=0.5)) == [1]  # 1/2 reaches 0.5
+    assert kept(filter_logits(logits, top_p=0.75)) == [1, 3]  # 1/2 + 1/4 reaches 0.75
+    assert kept(filter_logits(logits, top_p=0.5 + 2**-20)) == [1, 3]
+    assert kept(filter_logits(logits, top_p=0.75 - 2**-20)) == [1, 3]
+    # Past 0.75 a third token is needed, and the fourth is as likely as it: both are kept.
+    assert kept(filter_logits(logits, top_p=0.75 + 2**-20)) == [0, 1, 2, 3]
+    assert kept(filter_logits(logits, top_p=0.875)) == [0, 1, 2, 3]
+
+
 def test_top_k_then_top_p_and_rows_are_independent() -> None:
     logits = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.7, 0.1, 0.1, 0.1]]).log()
     out = filter_logits(logits, top_k=3, top_p=0.9)
@@ -467,3 +482,47 @@ def test_kv_cache_steps_equal_the_full_forward(kind: str) -> None:
         steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(5, 12)]
     assert cache.length == 12
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["l1", "dot"])
+def test_left_padded_batch_continues_each_prompt_as_alone(kind: str) -> None:
+    """Prompts of different lengths, left-padded into one batch with an attention mask:
+    positions count real tokens only and padding is never attended to, so each row's real
+    tokens get the logits that row gets alone, and greedy decoding (full forwards, and the KV
+    cache) continues every row as `generate` continues its prompt alone."""
+    from truthgpt.nn.cache import KVCache
+
+    model = tiny_model(kind)
+    rows = [prompt(7, seed=1)[0], prompt(3, seed=2)[0], prompt(5, seed=3)[0]]
+    width, new = 7, 12
+    ids = torch.full((len(rows), width), 4, dtype=torch.long)  # a real token id as padding
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    alone = [model.generate(row, new, do_sample=False)[0] for row in rows]
+
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            expected = model(row[None]).logits[0]
+            torch.testing.assert_close(logits[i, width - len(row) :], expected)
+
+        # Greedy with full forwards, the mask growing by one real token a step.
+        tokens, grown = ids, mask
+        for _ in range(new):
+            token = model(tokens, attention_mask=grown).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, token], dim=1)
+            grown = torch.cat([grown, torch.ones_like(token)], dim=1)
+        # Greedy with the cache: the mask covers past and new tokens.
+        cache = KVCache(len(model.blocks), capacity=width + new)
+        step = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        cached, grown = ids, mask
+        for _ in range(new):
+            token = step.argmax(-1, keepdim=True)
+            cached = torch.cat([cached, token], dim=1)
+            grown = torch.cat([grown, torch.ones_like(token)], dim=1)
+            step = model(token, attention_mask=grown, past_key_values=cache).logits[:, -1]
+
+    for i, row in enumerate(rows):
+        assert tokens[i, width - len(row) :].tolist() == alone[i].tolist()
+        assert cached[i, width - len(row) :].tolist() == alone[i].tolist()

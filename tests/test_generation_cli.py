@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     batches = RandomBatches(data.train, block_size=16, batch_size=4, seed=0)
     for step in range(5):
         core.train_step(batches.batch(step))
-    CheckpointManager(root / "run").save(core)
+    CheckpointManager(root / "run").save(core.checkpoint_state())
     return root / "run"
 
 
@@ -157,3 +157,24 @@ def test_missing_run_and_missing_tokenizer(tmp_path: Path, run_dir: Path, capsys
     TruthGPTModel.from_pretrained(run_dir).save_pretrained(tmp_path / "bare")
     code, _, err = generate_cli(capsys, "--run", str(tmp_path / "bare"), "--prompt", "a")
     assert code == 2 and "holds no tokenizer.json" in err
+
+
+def test_a_long_prompt_costs_only_its_last_window(run_dir: Path, capsys, monkeypatch) -> None:
+    """A 20,000-character prompt to a model of a 32-token window: the model never sees more
+    than the window (each forward, the first included), and the continuation is the one the
+    prompt's last 32 characters get alone (one character is one token here)."""
+    long_prompt = (TEXT * 250)[:20_000]
+    seen: list[int] = []
+    forward = TruthGPTModel.forward
+
+    def spy(self, input_ids, *args, **kwargs):
+        seen.append(input_ids.shape[1])
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(TruthGPTModel, "forward", spy)
+    args = ["--run", str(run_dir), "--max-new-tokens", "20", "--greedy"]
+    code, out, _ = generate_cli(capsys, *args, "--prompt", long_prompt)
+    assert code == 0 and out.startswith(long_prompt)
+    assert seen and max(seen) <= 32 and seen[0] == 32
+    code, alone, _ = generate_cli(capsys, *args, "--prompt", long_prompt[-32:])
+    assert code == 0 and out[len(long_prompt) :] == alone[32:]

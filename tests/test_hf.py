@@ -52,7 +52,7 @@ def make_run(run_dir: Path, tokenizer, distance: str = "l1") -> TruthGPTOptimiza
         for param in core.model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.3)
-    CheckpointManager(run_dir).save(core)
+    CheckpointManager(run_dir).save(core.checkpoint_state())
     return core
 
 
@@ -310,3 +310,40 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(exported) -> 
     for i, r in enumerate(rows):
         alone = theirs.generate(input_ids=r, max_new_tokens=new, do_sample=False)
         assert batch[i, width - r.shape[1] :].tolist() == alone[0].tolist()
+
+
+def test_every_config_field_round_trips_through_the_hf_config(tmp_path: Path) -> None:
+    """TruthGPTHFConfig takes its fields from TruthGPTConfig: a config whose every field
+    differs from its default survives from_truthgpt, save_pretrained, from_pretrained and
+    to_truthgpt unchanged; the default HF config is the default model config."""
+    import dataclasses
+
+    from truthgpt.config import TruthGPTConfig
+    from truthgpt.workflows.hf import TruthGPTHFConfig
+
+    config = TruthGPTConfig(
+        vocab_size=97,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=100,
+        max_position_embeddings=40,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.2,
+        distance_type="lp",
+        lambda_param=0.7,
+        use_learnable_lambda=False,
+        p_norm=1.5,
+        tie_word_embeddings=False,
+        layer_norm_eps=1e-6,
+        bias=False,
+        qk_norm="rms",
+        qk_norm_gain=True,
+    )
+    defaults = {f.name: f.default for f in dataclasses.fields(TruthGPTConfig)}
+    same = [name for name, default in defaults.items() if getattr(config, name) == default]
+    assert not same, f"give these fields a value other than the default here: {same}"
+    TruthGPTHFConfig.from_truthgpt(config).save_pretrained(tmp_path)
+    assert TruthGPTHFConfig.from_pretrained(tmp_path).to_truthgpt() == config
+    default = TruthGPTHFConfig().to_truthgpt()
+    assert default == TruthGPTConfig(vocab_size=default.vocab_size)

@@ -53,10 +53,75 @@ def test_original_usage_learns_a_simple_language():
     metrics = core.train_step(batch_at(99))
     for key in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu", "memory_mb"):
         assert key in metrics and math.isfinite(metrics[key]), key
-    assert metrics["tokens_per_s"] > 0 and 0 < metrics["mfu"] < 1
+    # 4 sequences of 16 tokens in the measured step time
+    assert metrics["tokens_per_s"] == pytest.approx(4 * 16 / metrics["step_time_s"], rel=1e-12)
+    assert 0 < metrics["mfu"] < 1
     report = core.get_performance_report()
     assert report["steps"] == 61 and report["tokens_seen"] == 61 * 4 * 16
     assert report["num_parameters"] == core.model.num_parameters()
+
+
+def test_step_metrics_and_report_follow_from_the_steps():
+    """tokens/s is the step's tokens (every micro-batch) over its measured time; MFU is the
+    model's FLOPs per token times tokens/s over the given peak; the report averages the steps
+    after the first (which carries one-off costs) and totals all of them."""
+    peak = 1e12
+    core = TruthGPTOptimizationCore(tiny_config(gradient_accumulation_steps=2, peak_flops=peak))
+    rows = [core.train_step(batch_at(i, batch_size=8)) for i in range(4)]
+    flops = core.raw_model.flops_per_token(16)
+    for row in rows:
+        assert row["tokens_per_s"] == pytest.approx(8 * 16 / row["step_time_s"], rel=1e-12)
+        assert row["mfu"] == pytest.approx(flops * row["tokens_per_s"] / peak, rel=1e-12)
+    report = core.get_performance_report()
+    assert report["tokens_seen"] == 4 * 8 * 16
+    steady = rows[1:]
+    mean_tps = sum(r["tokens_per_s"] for r in steady) / len(steady)
+    assert report["avg_tokens_per_s"] == pytest.approx(mean_tps, rel=1e-12)
+    mean_time = sum(r["step_time_s"] for r in steady) / len(steady)
+    assert report["avg_step_time_s"] == pytest.approx(mean_time, rel=1e-12)
+    assert report["total_train_time_s"] == pytest.approx(sum(r["step_time_s"] for r in rows))
+    assert report["first_loss"] == rows[0]["loss"] and report["last_loss"] == rows[-1]["loss"]
+
+
+def raw_gradients(core, batch):
+    """The gradient of the loss of `batch` at the core's current weights, unclipped."""
+    core.model.train()
+    loss, _ = core.compute_loss(batch)
+    params = list(core.model.parameters())
+    return dict(zip(params, torch.autograd.grad(loss, params), strict=True))
+
+
+def global_norm(tensors):
+    return torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors])).item()
+
+
+@pytest.mark.parametrize("grad_clip", [0.5, 100.0, 0.0])
+def test_update_uses_gradients_clipped_to_grad_clip(grad_clip):
+    """The optimiser steps with the gradient scaled by grad_clip / norm when its global norm
+    exceeds grad_clip, and unchanged otherwise (or with grad_clip = 0: no clipping); the
+    reported grad_norm is the norm before clipping."""
+    core = TruthGPTOptimizationCore(tiny_config(grad_clip=grad_clip))
+    batch = batch_at(0)
+    raw = raw_gradients(core, batch)
+    raw_norm = global_norm(raw.values())
+    assert raw_norm > 1.0  # well above 0.5 and well below 100 at this initialisation
+    factor = grad_clip / raw_norm if 0 < grad_clip < raw_norm else 1.0
+
+    applied = {}
+
+    def record(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                applied[p] = p.grad.detach().clone()
+
+    core.setup_optimizer().register_step_pre_hook(record)
+    metrics = core.train_step(batch)
+    assert metrics["grad_norm"] == pytest.approx(raw_norm, rel=1e-5)
+    assert applied.keys() == raw.keys()
+    expected_norm = min(grad_clip, raw_norm) if grad_clip > 0 else raw_norm
+    assert global_norm(applied.values()) == pytest.approx(expected_norm, rel=1e-5)
+    for p, grad in applied.items():
+        torch.testing.assert_close(grad, raw[p] * factor, rtol=1e-5, atol=1e-8)
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -126,15 +191,38 @@ def test_non_finite_step_is_skipped_then_run_stops():
 
 
 def test_evaluate_is_deterministic_and_consistent():
-    core = TruthGPTOptimizationCore(tiny_config(hidden_dropout_prob=0.2), chars_per_token=1.0)
+    core = TruthGPTOptimizationCore(tiny_config(hidden_dropout_prob=0.2), chars_per_token=2.5)
     batches = [batch_at(100 + i) for i in range(3)]
     a, b = core.evaluate(batches), core.evaluate(batches)
     assert a == b
     assert a["perplexity"] == pytest.approx(math.exp(a["loss"]))
     assert a["bits_per_token"] == pytest.approx(a["loss"] / math.log(2))
-    assert a["bits_per_char"] == pytest.approx(a["bits_per_token"])
+    # bits per char = bits per token × tokens per char = bits per token / chars per token
+    assert a["bits_per_char"] == pytest.approx(a["loss"] / math.log(2) / 2.5, rel=1e-12)
     assert core.evaluate(batches, max_batches=1)["tokens"] == 4 * 15
     assert a["loss"] == pytest.approx(math.log(VOCAB), rel=0.05)  # untrained: about ln V
+
+
+def test_bits_per_char_of_a_split_uses_its_own_token_and_char_counts():
+    """A token split knows its characters: bits per char = loss / ln 2 × tokens / chars, the
+    formula `bits_per_char` applies to prepared metadata, whatever chars_per_token the core
+    was given."""
+    import numpy as np
+
+    from truthgpt.data import bits_per_char
+    from truthgpt.data.dataset import TokenSplit
+
+    tokens = np.concatenate([batch_at(200 + i)["input_ids"].flatten().numpy() for i in range(2)])
+    split = TokenSplit("val", tokens.astype(np.uint16), num_chars=3 * len(tokens) + 7)
+    core = TruthGPTOptimizationCore(tiny_config(), chars_per_token=1.0)
+    result = core.evaluate(split)
+    ratio = len(tokens) / split.num_chars
+    assert result["bits_per_char"] == pytest.approx(result["loss"] / math.log(2) * ratio, rel=1e-12)
+    meta = {"splits": {"val": {"tokens": len(tokens), "chars": split.num_chars}}}
+    assert bits_per_char(result["loss"], meta) == pytest.approx(result["bits_per_char"], rel=1e-12)
+    assert bits_per_char(2.0, {"splits": {"val": {"tokens": 3, "chars": 12}}}) == pytest.approx(
+        2.0 / math.log(2) / 4
+    )
 
 
 def test_bf16_autocast_trains_on_cpu():

@@ -1,12 +1,17 @@
 """Separate virtual environments for tests that must run without truthgpt installed.
 
-A venv is built once per (Python, packages) and kept under ~/.cache/truthgpt-test-venvs/, so
-only the first run pays for the install (about a minute with the local torch wheel). It is
-built in a temporary folder and renamed into place, so an interrupted build is never reused.
+A venv is built once per (Python, packages, contents of constraints.txt) and kept under
+~/.cache/truthgpt-test-venvs/, so only the first run pays for the install (about a minute with
+the local torch wheel); new pins give a new venv. It is built in a temporary folder and renamed
+into place, so an interrupted build is never reused, under a lock file, so that test processes
+running at once (pytest-xdist workers, two checkouts) build it once: the others wait and reuse
+it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -39,11 +44,16 @@ def venv_python(packages: tuple[str, ...], *, check_absent: str = "truthgpt") ->
         text=True,
         check=True,
     ).stdout.strip()
-    name = "py{}-{}".format(version, "-".join(p.replace("==", "") for p in packages))
+    pins = hashlib.sha256(CONSTRAINTS.read_bytes() if CONSTRAINTS.exists() else b"").hexdigest()
+    name = "py{}-{}-c{}".format(version, "-".join(p.replace("==", "") for p in packages), pins[:12])
     home = CACHE / name
     python = home / "bin" / "python"
     if not (home / ".complete").exists():
-        _build(base, home, packages)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with open(CACHE / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            if not (home / ".complete").exists():  # built while this process waited?
+                _build(base, home, packages)
     # -I: neither PYTHONPATH nor the working folder, as a user's interpreter would start.
     probe = subprocess.run(
         [str(python), "-I", "-c", f"import {check_absent}"], capture_output=True, cwd="/"
@@ -54,7 +64,6 @@ def venv_python(packages: tuple[str, ...], *, check_absent: str = "truthgpt") ->
 
 
 def _build(base: str, home: Path, packages: tuple[str, ...]) -> None:
-    home.parent.mkdir(parents=True, exist_ok=True)
     tmp = home.with_name(home.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run([base, "-m", "venv", str(tmp)], check=True, capture_output=True)

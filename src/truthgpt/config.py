@@ -104,8 +104,8 @@ class _JsonConfig:
         path = Path(path)
         try:
             return cls.from_json(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
 
     def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed (validated again)."""

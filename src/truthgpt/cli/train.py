@@ -184,6 +184,7 @@ def _resume(args: argparse.Namespace, run_dir: Path, world: World, say) -> tuple
     manager = CheckpointManager(run_dir)
     changes = parse_overrides_for_resume(args)
     info = find_run_info(run_dir) or {}
+    manager.check_folder()
     if world.is_main:
         manager.recover()  # leftovers of a kill: temporary folders, lost pointers
         for old, new, why in manager.set_aside_damaged():

@@ -69,11 +69,10 @@ def format_lambdas(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from truthgpt.analysis import tune_lambda
     from truthgpt.cli.common import data_for_run, find_run_info
     from truthgpt.io import json_safe
     from truthgpt.io.folders import write_owned_folder
-    from truthgpt.training import load_core
+    from truthgpt.training import load_core, tune_lambda
     from truthgpt.training.checkpoint import CheckpointManager
 
     source, out = Path(args.run), Path(args.out)
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     }
 
     def write(tmp: Path) -> None:
-        CheckpointManager(tmp).save(core, val_loss=result["val_loss_after"])
+        CheckpointManager(tmp).save(core.checkpoint_state(), val_loss=result["val_loss_after"])
         (tmp / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
         (tmp / "tune_lambda.json").write_text(
             json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8"

@@ -8,7 +8,6 @@ its own. Evaluation walks a split in order with `sequential_batches`.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import torch
 
 from truthgpt.data.prepare import DATA_FORMAT, DATA_FORMAT_VERSION, SPLITS
 from truthgpt.data.tokenization import Tokenizer, load_tokenizer
+from truthgpt.io.files import CONFIG_LIMIT, not_regular_reason, read_json_file
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,11 @@ class PreparedData:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(
             f"{str(path)!r} is missing: is this a directory made by `truthgpt prepare`?"
         )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"{str(path)!r} is not valid JSON ({err}); prepare the data again"
-        ) from None
+    meta = read_json_file(path, CONFIG_LIMIT, what="meta.json", error=ValueError)
     if not isinstance(meta, dict) or meta.get("format") != DATA_FORMAT:
         raise ValueError(f"{str(path)!r} does not describe truthgpt prepared data")
     if meta.get("format_version") != DATA_FORMAT_VERSION:
@@ -87,8 +82,11 @@ def _open_split(data_dir: Path, name: str, meta: dict[str, Any], dtype: np.dtype
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"meta.json in {str(data_dir)!r} lacks a valid '{name}' split") from None
     path = data_dir / filename
-    if not path.is_file():
+    reason = not_regular_reason(path)
+    if reason == "does not exist":
         raise FileNotFoundError(f"{str(path)!r} is missing (the {name} split's tokens)")
+    if reason is not None:
+        raise ValueError(f"{str(path)!r} {reason} (the {name} split's tokens)")
     expected = tokens * dtype.itemsize
     size = path.stat().st_size
     if size != expected or tokens <= 0 or chars <= 0:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from truthgpt.io.files import TOKENIZER_LIMIT, check_depth, read_regular_file
+
 TOKENIZER_FORMAT = "truthgpt-tokenizer"
 TOKENIZER_FORMAT_VERSION = 1
 
@@ -474,11 +476,16 @@ def tokenizer_from_dict(data: dict[str, Any], origin: str = "tokenizer") -> Toke
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """Read a tokenizer saved with `Tokenizer.save` (JSON)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+    raw = read_regular_file(path, TOKENIZER_LIMIT, what="tokenizer file", error=ValueError)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError among them
+        data = check_depth(json.loads(raw.decode("utf-8")), path, ValueError)
+    except RecursionError as err:
+        raise ValueError(f"tokenizer file {str(path)!r} is not valid JSON: {err}") from None
+    except ValueError as err:  # UnicodeDecodeError, JSONDecodeError among them
+        if str(path) in str(err):
+            raise
         raise ValueError(f"tokenizer file {str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"tokenizer file {str(path)!r} does not hold a JSON object")

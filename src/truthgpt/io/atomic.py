@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"  # folders and files being written or deleted; never valid output
+OLD_MARK = "-old-"  # .tmp-NAME-old-XXXXXXXX: a folder being replaced, until the new one is in
 
 
 def fsync_path(path: Path) -> None:
@@ -77,6 +78,7 @@ def write_folder_atomically(
     """
     target = Path(target)
     refuse_link(target)
+    restore_interrupted(target)
     check(target)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -86,18 +88,25 @@ def write_folder_atomically(
         write(tmp)
         if finish is not None:
             finish(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
+        # Files, and sub-folders too: a file's name is durable once its folder is fsynced.
+        for path in sorted(tmp.rglob("*"), reverse=True):
+            if not path.is_symlink():
                 fsync_path(path)
         fsync_path(tmp)
         refuse_link(target)
         check(target)
         if target.exists():
             # Two renames: there is no atomic swap of non-empty folders in the standard library.
-            # Between them the old copy still exists under its .tmp- name.
-            old = parent / f"{TMP_PREFIX}{target.name}-old-{uuid.uuid4().hex[:8]}"
+            # Between them the old copy exists under a .tmp-NAME-old- name: a failure puts it
+            # back at once, a kill leaves it for `restore_interrupted`.
+            old = parent / f"{TMP_PREFIX}{target.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            fsync_path(parent)
             delete_tree(old)
         else:
             os.rename(tmp, target)
@@ -148,7 +157,10 @@ def write_file_atomically(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # it names the temporary file: name the one it replaces
+            raise type(err)(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -165,8 +177,35 @@ def remove_folder(path: Path) -> None:
     delete_tree(doomed)
 
 
+def _replaced_name(path: Path) -> str | None:
+    """NAME for a `.tmp-NAME-old-XXXXXXXX` folder (one being replaced), else None."""
+    name = path.name
+    if not name.startswith(TMP_PREFIX) or name[-len(OLD_MARK) - 8 : -8] != OLD_MARK:
+        return None
+    return name[len(TMP_PREFIX) : -len(OLD_MARK) - 8] or None
+
+
+def restore_interrupted(target: Path) -> bool:
+    """Put back the folder that a replacement of `target` moved aside, when a kill came
+    between the two renames (`target` is missing, its old copy is under a .tmp- name).
+    Returns whether one was restored."""
+    if os.path.lexists(target) or not target.parent.is_dir():
+        return False
+    for path in sorted(target.parent.glob(f"{TMP_PREFIX}*{OLD_MARK}*")):
+        if _replaced_name(path) == target.name and path.is_dir() and not path.is_symlink():
+            os.rename(path, target)
+            fsync_path(target.parent)
+            return True
+    return False
+
+
 def remove_leftovers(folder: Path) -> None:
-    """Temporary folders and files of a write or delete that was interrupted."""
+    """Temporary folders and files of a write or delete that was interrupted; a folder that
+    was being replaced when the write was killed is put back first."""
+    for path in list(folder.iterdir()):
+        name = _replaced_name(path)
+        if name is not None:
+            restore_interrupted(folder / name)
     for path in folder.iterdir():
         if path.name.startswith(TMP_PREFIX):
             if path.is_dir() and not path.is_symlink():

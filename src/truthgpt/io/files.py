@@ -23,11 +23,20 @@ POINTER_LIMIT = 4 * KiB  # `latest`, `best`: a folder name
 CONFIG_LIMIT = 1 * MiB  # config.json, run.json, meta.json, manifest.json, --config files
 STATE_LIMIT = 64 * MiB  # trainer_state.json: random states and the evaluation history
 TOKENIZER_LIMIT = 64 * MiB  # tokenizer.json (a byte-level BPE of 50k tokens is ~3 MB)
+METRICS_LIMIT = 256 * MiB  # metrics.jsonl, read again on resume: a row is ~300 bytes
 MAX_DEPTH = 64  # nesting of a JSON or TOML value; what truthgpt writes nests ≤ 6 deep
 
 
 class UnreadableFile(ValueError):
     """A path that should hold a file truthgpt reads is not a regular file, or too large."""
+
+
+def named(err: OSError, path: str | Path) -> OSError:
+    """`err` with `path` as its file name when it names none (a failed write() names no
+    file, so "No space left on device" alone would not say where)."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 def describe(mode: int) -> str:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
+
+from truthgpt.io.files import describe, named
 
 LOCK_FILE = ".lock"
 
@@ -32,7 +35,7 @@ class RunLock:
         if self._fd is not None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -48,6 +51,25 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        """The lock file, opened without following a link or waiting on a FIFO: the lock
+        is written (truncated, then our pid), so it must be a regular file of this run."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+                raise ValueError(
+                    f"{self.path}: is a symbolic link; the lock file must be a regular file "
+                    "in the run folder (remove it)"
+                ) from None
+            raise named(err, self.path) from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise ValueError(f"{self.path}: is {describe(mode)}, not a regular file (remove it)")
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:

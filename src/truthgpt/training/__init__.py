@@ -5,6 +5,7 @@ from truthgpt.training.distributed import World
 from truthgpt.training.loop import build_config, parse_overrides, train
 from truthgpt.training.monitoring import Monitor
 from truthgpt.training.state import TrainState
+from truthgpt.training.tuning import tune_lambda
 
 __all__ = [
     "Monitor",
@@ -17,4 +18,5 @@ __all__ = [
     "lr_at",
     "parse_overrides",
     "train",
+    "tune_lambda",
 ]

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from truthgpt.config import ConfigError, TrainConfig, TruthGPTConfig
 from truthgpt.io.atomic import fsync_path, remove_folder, remove_leftovers, write_file_atomically
 from truthgpt.io.atomic import write_folder_atomically as _write_folder
+from truthgpt.io.files import named, not_regular_reason
 from truthgpt.io.jsonio import is_int, json_bytes
 from truthgpt.io.manifest import (
     CheckpointError,
@@ -58,9 +59,6 @@ from truthgpt.training.optim_state import OPTIMIZER_FILE, optimizer_bytes
 from truthgpt.training.rng import parse_rng_state, rng_state
 from truthgpt.training.state import TrainState
 
-if TYPE_CHECKING:
-    from truthgpt.training.core import TruthGPTOptimizationCore
-
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "trainer_state.json"
 RUN_FILES = (TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE)
@@ -68,17 +66,26 @@ RUN_FILES = (TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE)
 FullState = tuple[dict[str, Tensor], dict[str, Any] | None]
 
 
+@dataclass(frozen=True)
+class CheckpointState:
+    """What a checkpoint holds, as the objects that hold it (torchtitan's `Stateful` idea):
+    checkpoints are written from these and the manager never reaches into the trainer.
+    The trainer hands them over with `TruthGPTOptimizationCore.checkpoint_state()`."""
+
+    model: nn.Module
+    model_config: TruthGPTConfig
+    train_config: TrainConfig
+    state: TrainState
+    optimizer: torch.optim.Optimizer | None
+    scaler: torch.amp.GradScaler | None
+    tokenizer: Any
+    device: torch.device
+
+
 def save_checkpoint(
     directory: str | Path,
+    objects: CheckpointState,
     *,
-    model: nn.Module,
-    model_config: TruthGPTConfig,
-    train_config: TrainConfig,
-    state: TrainState,
-    optimizer: torch.optim.Optimizer | None,
-    scaler: torch.amp.GradScaler | None,
-    tokenizer: Any,
-    device: torch.device,
     full_state: FullState | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
@@ -88,6 +95,11 @@ def save_checkpoint(
     `full_state` (model state dict, optimizer state dict) replaces the model's and optimizer's
     own when the model is sharded: see `truthgpt.training.distributed.gather_full_state`.
     """
+    model, state, optimizer, tokenizer = (
+        objects.model, objects.state, objects.optimizer, objects.tokenizer
+    )  # fmt: skip
+    model_config, train_config = objects.model_config, objects.train_config
+    scaler, device = objects.scaler, objects.device
     config = {"model": model_config.to_dict(), "train": train_config.to_dict()}
     trainer_state = {**state.state_dict(), "rng": rng_state(device), "extra": extra or {}}
     try:
@@ -272,21 +284,38 @@ class CheckpointManager:
         self.directory = self.run_dir / CHECKPOINTS_DIR
         self.keep_last = keep_last
 
+    def check_folder(self) -> None:
+        """Refuse a checkpoints entry that is not a real folder of the run: a link (writes
+        would land in another folder, another run's perhaps), a file, a FIFO or a device.
+        Absent is fine: the first checkpoint creates it."""
+        path = self.directory
+        if path.is_symlink():
+            raise CheckpointError(
+                f"{path}: is a symbolic link; a run writes its checkpoints only inside its folder"
+            )
+        if os.path.lexists(path) and not path.is_dir():
+            why = not_regular_reason(path) or "is a file, not a regular file"
+            raise CheckpointError(f"{path}: {why.replace('a regular file', 'a folder')}")
+
     def save(
         self,
-        core: TruthGPTOptimizationCore,
+        objects: CheckpointState,
         *,
         val_loss: float | None = None,
         full_state: FullState | None = None,
     ) -> Path:
-        """Write a checkpoint of `core` at its current step; returns its folder.
-
-        `full_state`: the gathered state of a sharded model (see `save_checkpoint`)."""
+        """Write a checkpoint of `objects` (`core.checkpoint_state()`) at their step; returns
+        its folder. `full_state`: the gathered state of a sharded model (`save_checkpoint`)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_leftovers(self.directory)
-        name = step_name(core.step)
-        extra = {"val_loss": val_loss} if val_loss is not None else {}
-        path = core.save_checkpoint(self.directory / name, full_state=full_state, **extra)
+        name = step_name(objects.state.step)
+        extra = {"val_loss": val_loss} if val_loss is not None else None
+        try:
+            path = save_checkpoint(
+                self.directory / name, objects, full_state=full_state, extra=extra
+            )
+        except OSError as err:  # a write() names no file: name the checkpoint
+            raise named(err, str(self.directory / name))  # noqa: B904
         write_file_atomically(self.directory / LATEST, (name + "\n").encode("utf-8"))
         if val_loss is not None and math.isfinite(val_loss):
             best = self.best_val_loss()

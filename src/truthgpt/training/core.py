@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from truthgpt.analysis import analyze_attention, tune_lambda
+from truthgpt.analysis import analyze_attention
 from truthgpt.config import (
     TrainConfig,
     TruthGPTConfig,
@@ -36,6 +36,7 @@ from truthgpt.training.optim_state import OPTIMIZER_FILE, read_optimizer
 from truthgpt.training.report import performance_report
 from truthgpt.training.schedule import lr_at
 from truthgpt.training.state import TrainState
+from truthgpt.training.tuning import tune_lambda
 
 
 class TruthGPTOptimizationCore:
@@ -400,7 +401,12 @@ class TruthGPTOptimizationCore:
         back from `load_checkpoint` under "extra". `full_state`: see
         `truthgpt.training.distributed.gather_full_state`."""
         return checkpoint.save_checkpoint(
-            directory,
+            directory, self.checkpoint_state(), full_state=full_state, extra=extra_state
+        )
+
+    def checkpoint_state(self) -> checkpoint.CheckpointState:
+        """The objects a checkpoint is written from (`CheckpointManager.save` takes them)."""
+        return checkpoint.CheckpointState(
             model=self.raw_model,
             model_config=self.raw_model.config,
             train_config=self.config.train_config,
@@ -409,8 +415,6 @@ class TruthGPTOptimizationCore:
             scaler=self.scaler,
             tokenizer=self.tokenizer,
             device=self.device,
-            full_state=full_state,
-            extra=extra_state,
         )
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:

@@ -9,6 +9,11 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
+class RunFailed(RuntimeError):
+    """A run that started could not go on: a write failed (disk full, permissions). Its
+    newest checkpoint is left as it was, so the run can resume once the cause is fixed."""
+
+
 class DistributedSetupError(RuntimeError):
     """The processes of a distributed run could not find or reach each other."""
 
@@ -19,7 +24,7 @@ def exit_code(err: BaseException) -> int | None:
     if isinstance(err, ValueError | OSError | RunLocked):
         # A value, a path (missing, read-only, not a folder, no space), a locked run.
         return 2
-    if isinstance(err, TrainingDiverged | DistributedSetupError):
+    if isinstance(err, TrainingDiverged | RunFailed | DistributedSetupError):
         return 1
     return None
 

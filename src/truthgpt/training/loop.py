@@ -8,7 +8,6 @@ uninterrupted run would have drawn.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,12 @@ from truthgpt.config import (
 )
 from truthgpt.data import RandomBatches
 from truthgpt.io.atomic import write_file_atomically
+from truthgpt.io.files import CONFIG_LIMIT, not_regular_reason, read_json_file, read_toml_file
 from truthgpt.io.jsonio import json_bytes, json_safe
 from truthgpt.training.checkpoint import CheckpointManager
 from truthgpt.training.core import TrainingDiverged, TruthGPTOptimizationCore
 from truthgpt.training.distributed import World, gather_full_state, is_sharded, mean_over_ranks
+from truthgpt.training.errors import RunFailed
 from truthgpt.training.monitoring import Monitor
 
 
@@ -59,19 +60,20 @@ def build_config(
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat mapping of config fields from a .toml or .json file."""
+    """A flat mapping of config fields from a .toml or .json file (read within bounds: a
+    FIFO, a device, a huge or deeply nested file is refused, naming it)."""
     path = Path(path)
-    if not path.is_file():
+    reason = not_regular_reason(path)
+    if reason == "does not exist":
         raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            raise ConfigError(f"{path}: config files must end in .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot parse ({err})") from err
+    if reason is not None:
+        raise ConfigError(f"{path}: {reason}; a config file is a .toml or .json file")
+    if path.suffix == ".toml":
+        data = read_toml_file(path, CONFIG_LIMIT, error=ConfigError)
+    elif path.suffix == ".json":
+        data = read_json_file(path, CONFIG_LIMIT, what="config file", error=ConfigError)
+    else:
+        raise ConfigError(f"{path}: config files must end in .toml or .json")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table/object of config fields")
     # Accept [model] / [train] sections as well as a flat file.
@@ -156,16 +158,20 @@ def train(
                 full_state = gather_full_state(core.model, core.optimizer)
                 if manager is not None:
                     val_loss = last_eval["loss"] if last_eval and last_eval_step(core) else None
-                    path = manager.save(core, val_loss=val_loss, full_state=full_state)
+                    path = manager.save(
+                        core.checkpoint_state(), val_loss=val_loss, full_state=full_state
+                    )
                     monitor.log_event("checkpoint", step=core.step, path=str(path))
     except TrainingDiverged as err:
         monitor.log_event("diverged", step=core.step, message=str(err))
         monitor.print(f"stopped: {err}")
         raise
+    except OSError as err:
+        raise _run_failed(err, run_dir, core, manager) from err
     except KeyboardInterrupt:
         # A sharded model needs every rank to gather it, which an interrupt cannot arrange.
         if manager is not None and not is_sharded(core.model):
-            path = manager.save(core)
+            path = manager.save(core.checkpoint_state())
             monitor.print(f"interrupted at step {core.step}; checkpoint saved to {path}")
         raise
     finally:
@@ -175,8 +181,23 @@ def train(
     report = core.get_performance_report()
     report["final_eval"] = last_eval
     if world.is_main:
-        write_file_atomically(run_dir / "report.json", json_bytes(json_safe(report)))
+        try:
+            write_file_atomically(run_dir / "report.json", json_bytes(json_safe(report)))
+        except OSError as err:
+            raise _run_failed(err, run_dir, core, manager) from err
     return report
+
+
+def _run_failed(
+    err: OSError, run_dir: Path, core: TruthGPTOptimizationCore, manager: CheckpointManager | None
+) -> RunFailed:
+    """Disk full, a permission taken away, a file replaced by a folder: the run had started,
+    so it fails with exit 1, naming the path; the newest checkpoint is untouched
+    (checkpoints are written atomically) and named for the resume."""
+    where = err.filename or run_dir
+    latest = manager.latest() if manager is not None else None
+    resume = f"; {latest.name} can be resumed" if latest is not None else ""
+    return RunFailed(f"{where}: {err.strerror or err} (stopped at step {core.step}{resume})")
 
 
 def last_eval_step(core: TruthGPTOptimizationCore) -> bool:

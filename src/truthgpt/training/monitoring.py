@@ -10,10 +10,55 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from truthgpt.io.atomic import write_file_atomically
+from truthgpt.io.files import METRICS_LIMIT, named, not_regular_reason
+
+MAX_ROW = 2**20  # bytes; a row is a few hundred
+
+
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Keep the rows of `metrics.jsonl` logged at or before `step`, the checkpoint a run
+    resumes from: the rows a run logged after its last checkpoint are logged again when it
+    resumes, so the file ends as an uninterrupted run's. A torn last line (a crash in the
+    middle of a write) goes too. Read a line at a time (a line longer than any row is no
+    row), up to METRICS_LIMIT bytes, rewritten atomically, and only when something changes."""
+    reason = "is a symbolic link" if path.is_symlink() else not_regular_reason(path)
+    if reason is not None:
+        raise ValueError(f"{path}: {reason}; a run's metrics.jsonl is a file it wrote")
+    kept, dropped = [], False
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size  # a million rows take ~300 MB: bound the read
+        if size > METRICS_LIMIT:
+            raise ValueError(
+                f"{path}: {size:,} bytes, more than a run's metrics.jsonl may hold "
+                f"({METRICS_LIMIT:,}); move it aside to resume"
+            )
+        while line := f.readline(MAX_ROW):
+            row_step = _row_step(line)
+            if row_step is not None and row_step <= step:
+                kept.append(line)
+            else:
+                dropped = True
+    if dropped:
+        write_file_atomically(path, b"".join(kept))
+
+
+def _row_step(line: bytes) -> float | None:
+    """The step a metrics row was logged at; None for a line that is not a whole row."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int | float) and not isinstance(step, bool) else None
 
 
 class Monitor:
@@ -50,11 +95,18 @@ class Monitor:
             return
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            metrics = self.run_dir / "metrics.jsonl"
+            if os.path.lexists(metrics):
+                keep_rows_up_to(metrics, start_step)
+            self._jsonl = open(metrics, "a", encoding="utf-8")  # noqa: SIM115
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+                # Events past the checkpoint a resume starts from are dropped, as in
+                # metrics.jsonl: they are logged again.
+                self._tb = SummaryWriter(
+                    log_dir=str(self.run_dir / "tb"), purge_step=start_step + 1
+                )
         if self.stream.isatty():
             self._start_progress(start_step)
 
@@ -152,8 +204,11 @@ class Monitor:
 
     def _write(self, row: dict[str, Any]) -> None:
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(row, default=_json_default) + "\n")
-            self._jsonl.flush()
+            try:
+                self._jsonl.write(json.dumps(row, default=_json_default) + "\n")
+                self._jsonl.flush()
+            except OSError as err:  # a write() names no file
+                raise named(err, self._jsonl.name)  # noqa: B904
 
     def close(self) -> None:
         """Stop the bar, flush files and draw the training curves."""

@@ -57,26 +57,30 @@ from truthgpt.workflows import hf_remote
 _FIELDS = tuple(f.name for f in dataclasses.fields(TruthGPTConfig))
 
 
-class TruthGPTHFConfig(PreTrainedConfig):
+def _model_fields() -> dict[str, Any]:
+    """The class namespace of `TruthGPTConfig`'s fields (annotations and defaults): the HF
+    config takes them from the dataclass itself, so a field added to the model's config is
+    one of the HF config's too, with the same name, type and default."""
+    fields = dataclasses.fields(TruthGPTConfig)
+    # transformers builds a config with no arguments: the one required field gets GPT-2's
+    # vocabulary size, as transformers' own GPT-2 config does.
+    namespace: dict[str, Any] = {
+        f.name: 50257 if f.default is dataclasses.MISSING else f.default for f in fields
+    }
+    namespace["__annotations__"] = {f.name: f.type for f in fields}
+    namespace["__module__"] = __name__
+    return namespace
+
+
+# transformers makes each PreTrainedConfig subclass a dataclass of its annotated fields.
+_TruthGPTFields = type("_TruthGPTFields", (PreTrainedConfig,), _model_fields())
+
+
+class TruthGPTHFConfig(_TruthGPTFields):
     """`TruthGPTConfig`'s fields as a transformers config (same names, same defaults)."""
 
     model_type = "truthgpt"
 
-    vocab_size: int = 50257
-    hidden_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    intermediate_size: int | None = None
-    max_position_embeddings: int = 1024
-    hidden_dropout_prob: float = 0.0
-    attention_probs_dropout_prob: float = 0.0
-    distance_type: str = "l1"
-    lambda_param: float | None = None
-    use_learnable_lambda: bool = True
-    p_norm: float | None = None
-    tie_word_embeddings: bool = True
-    layer_norm_eps: float = 1e-5
-    bias: bool = True
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None

@@ -107,6 +107,14 @@ def distance_attention(
     kind = kinds.get(kind)
     out, weights = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
     return (out, weights) if need_weights else out
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, backend: str | None = None
+) -> Tensor:
+    """truthgpt's `attend` on the plain path, the one backend here."""
+    c = call
+    return _plain_attention(q, k, v, c.kind, c.scale, c.causal, c.attn_mask, c.p, c.dropout_p)[0]
 '''
 
 
@@ -246,7 +254,7 @@ def configuration_source(hf: ModuleType) -> str:
             "is_int",
             "is_number",
         )
-        + _section(hf, "_FIELDS", "TruthGPTHFConfig")
+        + _section(hf, "_FIELDS", "_model_fields", "_TruthGPTFields", "TruthGPTHFConfig")
     )
 
 
@@ -278,6 +286,11 @@ def modeling_source(hf: ModuleType) -> str:
         + _KINDS_ALIAS
         + _section(
             functional,
+            "SEED_RANGE",
+            "AttentionCall",
+            "check_p",
+            "check_dropout",
+            "check_mask",
             "causal_keep_mask",
             "_additive_mask",
             "_head_scale",
@@ -293,7 +306,6 @@ def modeling_source(hf: ModuleType) -> str:
             module,
             "default_lambda",
             "distance_kind",
-            "_check_p",
             "AttentionOutput",
             "DistanceAttention",
             "_check_past",

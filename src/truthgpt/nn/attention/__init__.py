@@ -6,8 +6,13 @@ adds one. `distance_attention(q, k, v, kind, scale)` knows nothing about layers;
 `DistanceAttention` owns the projections, the per-head λ and the KV cache.
 """
 
-from truthgpt.nn.attention import kinds
-from truthgpt.nn.attention.functional import distance_attention
+from truthgpt.nn.attention import backends, kinds  # backends: the kernels join the registry
+from truthgpt.nn.attention.functional import (
+    AttentionBackend,
+    AttentionCall,
+    distance_attention,
+    register_backend,
+)
 from truthgpt.nn.attention.kinds import DistanceKind, register_distance
 from truthgpt.nn.attention.module import (
     LAMBDA_MAX,
@@ -20,11 +25,15 @@ from truthgpt.nn.attention.module import (
 __all__ = [
     "LAMBDA_MAX",
     "LAMBDA_MIN",
+    "AttentionBackend",
+    "AttentionCall",
     "AttentionOutput",
     "DistanceAttention",
     "DistanceKind",
+    "backends",
     "default_lambda",
     "distance_attention",
     "kinds",
+    "register_backend",
     "register_distance",
 ]

@@ -13,9 +13,14 @@ kind (`truthgpt.nn.attention.kinds`) gives d and the path that computes the atte
   `F.scaled_dot_product_attention` (cosine on normalised q, k; squared L2 on q, k augmented
   by one column, exactly); kinds with a `MinkowskiKernel` (l1, l2, chebyshev, lp) run a
   flash-style kernel with an online softmax that never holds the weights, dropout included:
-  the native C++ kernel (`truthgpt.nn.attention.native`), the Triton kernels on CUDA
-  (`truthgpt.nn.attention.triton_kernels`) or the blocked PyTorch one, compiled or eager
-  (`truthgpt.nn.attention.kernels`); see BACKENDS.
+  the native C++ kernel, the Triton kernels on CUDA or the blocked PyTorch one, compiled or
+  eager, registered by `truthgpt.nn.attention.backends`.
+
+Every path is a backend in one registry (as Hugging Face's `AttentionInterface`): one
+function `run(q, k, v, call)`, where `call` is an `AttentionCall` checked once by
+`attention_call`. This module registers the two that need nothing but torch, "plain" and
+"sdpa", and imports no kernel: the model runs wherever torch does, and the kernels join the
+registry when `truthgpt.nn.attention` is imported.
 
 Fully masked query rows (possible only with a user mask, never with the causal mask alone
 since key i is always visible to query i) give a zero output row, zero weights and zero
@@ -24,42 +29,89 @@ gradients instead of NaN, on every path.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from truthgpt.nn.attention import kinds, native, triton_kernels
-from truthgpt.nn.attention.kernels import blocked_attention
-from truthgpt.nn.attention.kinds import DistanceKind
+from truthgpt.nn.attention import kinds
+from truthgpt.nn.attention.kinds import DistanceKind, FastPath
 
-# Kernels for the kinds with a MinkowskiKernel (l1, l2, chebyshev, lp). "auto" takes the first
-# that serves the tensors, in this order: the native C++ kernel (CPU), the Triton kernels
-# (CUDA, when triton is installed), the blocked kernel compiled by inductor, the same blocked
-# kernel run eagerly. TRUTHGPT_ATTENTION_BACKEND sets the default for a process.
-BACKENDS: tuple[str, ...] = ("auto", "native", "triton", "compiled", "eager")
 BACKEND_ENV = "TRUTHGPT_ATTENTION_BACKEND"
+SEED_RANGE = 2**62  # dropout seeds are drawn in [0, SEED_RANGE) for every kernel
 
 
 # --------------------------------------------------------------------------------------------
-# argument checks
+# one call, checked once
 
 
-def _check_args(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kind: DistanceKind,
-    scale: float | Tensor,
-    causal: bool,
-    attn_mask: Tensor | None,
-    p: float | None,
-    dropout_p: float,
-) -> None:
-    """Raise ValueError naming the offending argument and what would be valid."""
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """What every backend receives besides q, k and v: the settings of one attention call,
+    checked once (by `attention_call`, or by the layer that built them from checked values).
+
+    kind: the resolved registry entry (never a name: no lookups below this point).
+    scale: λ, a float or a (H,) tensor (gradients flow to it).
+    causal: key j is visible to query i iff j <= i + Tk − Tq (queries are the last Tq).
+    attn_mask: boolean keep-mask or additive float mask, broadcastable to (B, H, Tq, Tk).
+    p: the exponent of kinds that take one (lp), else None.
+    dropout_p: dropout on the attention weights (applied whenever > 0).
+    seed: the dropout seed of the kernels; None draws one (`dropout_seed`).
+    """
+
+    kind: DistanceKind
+    scale: float | Tensor
+    causal: bool = True
+    attn_mask: Tensor | None = None
+    p: float | None = None
+    dropout_p: float = 0.0
+    seed: int | None = None
+
+    def dropout_seed(self) -> int:
+        """The seed of this call's dropout mask: the one given, else one drawn from torch's
+        global generator, so torch.manual_seed makes runs reproducible. Drawn only by the
+        kernels that need one, so the plain path's random stream is unchanged."""
+        if self.seed is not None:
+            return self.seed
+        return int(torch.randint(0, SEED_RANGE, ()).item())
+
+    def simplified(self) -> AttentionCall:
+        """The same call on a faster kind where the math is the same (lp at p = 1 and 2)."""
+        for value, other in self.kind.same_as:
+            if self.p == value:
+                return dataclasses.replace(self, kind=kinds.get(other), p=None)
+        return self
+
+
+def check_p(p: object, kind: DistanceKind) -> float | None:
+    """The exponent as a float for a kind that takes one (finite, > 0), else None. The one
+    rule for p below the config (which also bounds it: see `truthgpt.config.MAX_P_NORM`)."""
+    if not kind.takes_p:
+        return None
+    if p is None:
+        raise ValueError(f"p is required for kind={kind.name!r} (a finite number > 0)")
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise ValueError(f"p must be a finite number > 0, got {type(p).__name__}")
+    if not (math.isfinite(p) and p > 0):
+        raise ValueError(f"p must be a finite number > 0 (use kind='chebyshev' for p=inf), got {p}")
+    return float(p)
+
+
+def check_dropout(dropout_p: object, name: str = "dropout_p") -> float:
+    """A dropout probability as a float in [0, 1), else ValueError naming `name`."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise ValueError(f"{name} must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def _check_tensors(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -85,6 +137,10 @@ def _check_args(
             f"with causal=True the keys must include every query position (Tk >= Tq), "
             f"got Tq={Tq}, Tk={Tk}"
         )
+
+
+def _check_scale(scale: object, q: Tensor) -> None:
+    H = q.shape[1]
     if isinstance(scale, Tensor):
         if scale.shape != (H,):
             raise ValueError(
@@ -109,40 +165,66 @@ def _check_args(
         )
     elif not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
-    if kind.takes_p:
-        if p is None:
-            raise ValueError(f"p is required for kind={kind.name!r} (a finite number > 0)")
-        if isinstance(p, bool) or not isinstance(p, (int, float)):
-            raise ValueError(f"p must be a finite number > 0, got {type(p).__name__}")
-        if not (math.isfinite(p) and p > 0):
-            raise ValueError(
-                f"p must be a finite number > 0 (use kind='chebyshev' for p=inf), got {p}"
-            )
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise ValueError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(
-                "attn_mask must be boolean (True = attend) or floating (added to the scores), "
-                f"got dtype {attn_mask.dtype}"
-            )
-        if attn_mask.device != q.device:
-            raise ValueError(
-                f"attn_mask must be on the device of q ({q.device}), got {attn_mask.device}"
-            )
-        try:
-            shape = torch.broadcast_shapes(attn_mask.shape, (B, H, Tq, Tk))
-        except RuntimeError:
-            shape = None
-        if shape != (B, H, Tq, Tk):
-            raise ValueError(
-                f"attn_mask must broadcast to (B, H, Tq, Tk)=({B}, {H}, {Tq}, {Tk}), "
-                f"got shape {tuple(attn_mask.shape)}"
-            )
+
+
+def check_mask(attn_mask: object, q: Tensor, Tk: int) -> None:
+    """attn_mask is None, or a boolean or floating tensor on q's device that broadcasts to
+    (B, H, Tq, Tk)."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, Tensor):
+        raise ValueError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(
+            "attn_mask must be boolean (True = attend) or floating (added to the scores), "
+            f"got dtype {attn_mask.dtype}"
+        )
+    if attn_mask.device != q.device:
+        raise ValueError(
+            f"attn_mask must be on the device of q ({q.device}), got {attn_mask.device}"
+        )
+    B, H, Tq, _ = q.shape
+    try:
+        shape = torch.broadcast_shapes(attn_mask.shape, (B, H, Tq, Tk))
+    except RuntimeError:
+        shape = None
+    if shape != (B, H, Tq, Tk):
+        raise ValueError(
+            f"attn_mask must broadcast to (B, H, Tq, Tk)=({B}, {H}, {Tq}, {Tk}), "
+            f"got shape {tuple(attn_mask.shape)}"
+        )
+
+
+def attention_call(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kind: str | DistanceKind,
+    scale: float | Tensor,
+    *,
+    causal: bool = True,
+    attn_mask: Tensor | None = None,
+    p: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> AttentionCall:
+    """Check every argument of an attention call, once, and resolve the kind: raises
+    ValueError naming the offending argument and what would be valid."""
+    spec = kinds.get(kind)
+    _check_tensors(q, k, v, causal)
+    _check_scale(scale, q)
+    check_mask(attn_mask, q, k.shape[2])
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {type(seed).__name__}")
+    return AttentionCall(
+        spec,
+        scale,
+        bool(causal),
+        attn_mask,
+        check_p(p, spec),
+        check_dropout(dropout_p),
+        seed,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +308,67 @@ def _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p):
 
 
 # --------------------------------------------------------------------------------------------
-# fast paths
+# backends
+
+Run = Callable[[Tensor, Tensor, Tensor, AttentionCall], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """One way to compute attention, registered by name.
+
+    run: (q, k, v, call) -> output (B, H, Tq, D); the call is checked, its kind one this
+        backend serves.
+    serves: the kinds' paths it computes ("plain" computes every kind).
+    supports: whether `auto` may take it for these tensors and this kind (device, dtype).
+    unavailable: why it cannot run in this process (not built, not installed), or None.
+    device_type: the device it is `auto`'s first choice on: when it is unavailable there,
+        `auto` warns once (its reason and `hint`) and takes the next one.
+    auto: whether `auto` considers it at all, in registration order.
+    """
+
+    name: str
+    run: Run
+    serves: tuple[FastPath, ...]
+    supports: Callable[[Tensor, DistanceKind], bool] = lambda q, kind: True
+    unavailable: Callable[[], str | None] = lambda: None
+    device_type: str | None = None
+    hint: str = ""
+    auto: bool = True
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+_warned: set[str] = set()
+
+
+def register_backend(backend: AttentionBackend) -> AttentionBackend:
+    """Add (or replace) a backend; `backend=` and TRUTHGPT_ATTENTION_BACKEND then accept its
+    name, and `auto` considers it after the ones registered before it."""
+    if not isinstance(backend, AttentionBackend):
+        raise ValueError(f"backend must be an AttentionBackend, got {type(backend).__name__}")
+    if backend.name == "auto":
+        raise ValueError("'auto' is not a backend's name: it chooses among them")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """What `backend=` accepts: "auto" and every registered backend."""
+    return ("auto", *_BACKENDS)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The registered backend called `name` (ValueError listing them otherwise)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+    return _BACKENDS[name]
+
+
+def run_plain(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
+    out, _ = _plain_attention(
+        q, k, v, call.kind, call.scale, call.causal, call.attn_mask, call.p, call.dropout_p
+    )
+    return out
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, causal, attn_mask, dropout_p):
@@ -254,6 +396,72 @@ def _as_sdpa(q, k, v, kind: DistanceKind, scale, causal, attn_mask, dropout_p):
     D = v.shape[-1]
     out = _sdpa(*kind.as_dot_product(q, k, v, scale), causal, attn_mask, dropout_p)
     return out if out.shape[-1] == D else out[..., :D]  # drop the columns added to v
+
+
+def _sdpa_run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
+    """A kind with `as_dot_product`: SDPA on the rewritten q, k, v and scale."""
+    D = v.shape[-1]
+    q, k, v, scale = call.kind.as_dot_product(q, k, v, call.scale)
+    out = _sdpa(q, k, v, scale, call.causal, call.attn_mask, call.dropout_p)
+    return out if out.shape[-1] == D else out[..., :D]  # drop the columns added to v
+
+
+register_backend(AttentionBackend("plain", run_plain, ("plain", "sdpa", "blocked"), auto=False))
+register_backend(AttentionBackend("sdpa", _sdpa_run, ("sdpa",), auto=False))
+
+
+def _backend_name(backend: str | None) -> str:
+    """The backend asked for (argument, else TRUTHGPT_ATTENTION_BACKEND, else auto), checked."""
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    if name != "auto" and name not in _BACKENDS:
+        source = "backend" if backend is not None else BACKEND_ENV
+        raise ValueError(f"{source} must be one of {backend_names()}, got {name!r}")
+    return name
+
+
+def resolve_backend(backend: str | None, q: Tensor, kind: str | DistanceKind | None = None) -> str:
+    """The backend that will run for q and kind: the one asked for when it serves the kind's
+    path, else (and for "auto") the path's own: "plain" or "sdpa", or for the kernel kinds
+    auto's first registered backend that supports the tensors.
+
+    auto skips a backend that is unavailable on its own device with one warning naming what
+    is missing (the native kernel on CPU, triton on CUDA); a backend asked for by name runs as
+    it is (and raises if it cannot).
+    """
+    name = _backend_name(backend)
+    spec = kinds.get(kind) if kind is not None else None
+    path: FastPath = spec.fast_path if spec is not None else "blocked"
+    if name != "auto":
+        chosen = _BACKENDS[name]
+        if path in chosen.serves:
+            return name
+        if path == "blocked":
+            raise ValueError(
+                f"backend {name!r} computes the kinds {', '.join(_served_by(chosen))}, "
+                f"not {spec.name if spec else 'these'!r}"
+            )
+    if path != "blocked":
+        return path  # dot, cosine, sql2 on SDPA; registered kinds on the plain path
+    for candidate in _BACKENDS.values():
+        if not candidate.auto or "blocked" not in candidate.serves:
+            continue
+        reason = candidate.unavailable()
+        if reason is None and candidate.supports(q, spec):
+            return candidate.name
+        if reason is not None and candidate.device_type == q.device.type:
+            _warn_once(candidate, reason)
+    raise RuntimeError(f"no registered attention backend serves {q.device.type} tensors")
+
+
+def _served_by(backend: AttentionBackend) -> list[str]:
+    return [n for n in kinds.names() if kinds.get(n).fast_path in backend.serves]
+
+
+def _warn_once(backend: AttentionBackend, reason: str) -> None:
+    if backend.name in _warned:
+        return
+    _warned.add(backend.name)
+    warnings.warn(f"truthgpt: {reason}; {backend.hint}", RuntimeWarning, stacklevel=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,92 +495,30 @@ def distance_attention(
         p: the exponent for kind='lp' (finite, > 0); ignored by kinds without one.
         dropout_p: dropout on the attention weights (applied whenever > 0; pass 0 in eval).
         need_weights: also return the (B, H, Tq, Tk) weights (materialising path).
-        backend: the kernel for the kinds with a `MinkowskiKernel` (l1, l2, chebyshev, lp),
-            one of BACKENDS; None reads TRUTHGPT_ATTENTION_BACKEND (default "auto": native on
-            CPU, triton on CUDA, else compiled, else eager). "triton" needs CUDA tensors (or
-            TRITON_INTERPRET=1, which runs its kernels in Triton's interpreter on CPU).
+        backend: a registered backend (`backend_names()`); None reads
+            TRUTHGPT_ATTENTION_BACKEND (default "auto": native on CPU, triton on CUDA, else
+            compiled). It chooses the kernel of the kinds with a `MinkowskiKernel` (l1, l2,
+            chebyshev, lp); "plain" computes any kind the readable way. "triton" needs CUDA
+            tensors (or TRITON_INTERPRET=1, which runs its kernels in Triton's interpreter).
 
     Returns:
         output (B, H, Tq, D), or (output, weights) when need_weights.
     """
-    kind = kinds.get(kind)
-    _check_args(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
-    # λ as given goes to the Triton kernels, which take it in fp32 (a bf16 λ would drop
-    # small updates); the other paths compute the scores in q's dtype
-    exact_scale = scale
-    if isinstance(scale, Tensor):
-        scale = scale.to(q.dtype)
-    backend = _backend_name(backend)  # checked for every kind, used by the blocked ones
-    for value, other in kind.same_as:  # same math, faster paths (lp at p = 1 and 2)
-        if p == value:
-            kind, p = kinds.get(other), None
-            break
-    if need_weights or kind.fast_path == "plain":
-        out, weights = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
-        return (out, weights) if need_weights else out
-    if kind.fast_path == "sdpa":
-        return _as_sdpa(q, k, v, kind, scale, causal, attn_mask, dropout_p)
-    backend = resolve_backend(backend, q, kind)
-    if backend == "native":  # also the decoding step (Tq = 1): one parallel pass over heads
-        return native.native_attention(q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p)
-    if backend == "triton":  # also the decoding step: one launch, nothing Tq×Tk held
-        return triton_kernels.triton_attention(
-            q, k, v, kind, exact_scale, causal, attn_mask, dropout_p, p=p
-        )
-    if q.shape[2] == 1:  # one decoding step holds only Tk scores per head: plain is cheap
-        out, _ = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
-        return out
-    compiled = backend == "compiled"
-    return blocked_attention(
-        q, k, v, kind, scale, causal, attn_mask, dropout_p, p=p, compiled=compiled
+    call = attention_call(
+        q, k, v, kind, scale, causal=causal, attn_mask=attn_mask, p=p, dropout_p=dropout_p
     )
-
-
-_warned: set[str] = set()
-
-
-def _backend_name(backend: str | None) -> str:
-    """The backend asked for (argument, else TRUTHGPT_ATTENTION_BACKEND, else auto), checked."""
-    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
-    if name not in BACKENDS:
-        source = "backend" if backend is not None else BACKEND_ENV
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-def resolve_backend(backend: str | None, q: Tensor, kind: str | DistanceKind | None = None) -> str:
-    """The backend that will run for q (and kind): the one asked for, or auto's first
-    available one.
-
-    auto falls back from native to compiled with one warning naming what is missing (on CPU);
-    a backend asked for by name is used as it is (native raises if it was not built, triton
-    if triton is missing or the tensors are not on CUDA).
-    """
-    name = _backend_name(backend)
-    if name != "auto":
-        return name
-    if native.available() and native.supports(q, kind):
-        return "native"
-    if triton_kernels.supports(q, kind):
-        return "triton"
-    if q.device.type != "cpu":  # the native kernel is for CPU tensors: nothing to warn about
-        if q.device.type == "cuda" and not triton_kernels.available() and "triton" not in _warned:
-            _warned.add("triton")
-            warnings.warn(
-                f"truthgpt: triton is not installed ({triton_kernels.unavailable_reason()}); "
-                "using the compiled blocked kernel, which is far slower on GPUs. "
-                f"{triton_kernels.INSTALL_HINT}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return "compiled"
-    if not native.available() and "native" not in _warned:
-        _warned.add("native")
-        warnings.warn(
-            f"truthgpt: the native attention kernel is not available ({native.UNAVAILABLE}); "
-            "using the compiled blocked kernel (the first call compiles it, 20-30 s). "
-            "Reinstall with a C++ compiler present to build it.",
-            RuntimeWarning,
-            stacklevel=3,
+    name = _backend_name(backend)  # checked for every kind, used by the kernel ones
+    call = call.simplified()
+    if need_weights:
+        return _plain_attention(
+            q, k, v, call.kind, call.scale, call.causal, call.attn_mask, call.p, call.dropout_p
         )
-    return "compiled"
+    return attend(q, k, v, call, name)
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, backend: str | None = None
+) -> Tensor:
+    """Run a checked call on its backend (`resolve_backend`): the step after the checks,
+    for callers that built `call` from values they checked once (the attention layer)."""
+    return _BACKENDS[resolve_backend(backend, q, call.kind)].run(q, k, v, call)

@@ -57,6 +57,7 @@ import torch._inductor.exc
 from torch import Tensor
 
 from truthgpt.nn.attention import kinds
+from truthgpt.nn.attention.functional import SEED_RANGE
 from truthgpt.nn.attention.kinds import DistanceKind, MinkowskiKernel
 
 # Masked scores; finite so that exp(m_old − m_new) is defined when a whole block is masked.
@@ -432,7 +433,7 @@ def blocked_attention(
     if dtype not in (torch.float32, torch.float64):  # half types: compute in fp32
         q, k, v = q.float(), k.float(), v.float()
     if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        seed = int(torch.randint(0, SEED_RANGE, ()).item())
     user_bias = _user_bias(attn_mask, k.shape[2], block, q.dtype)
     exponent = float(p) if spec.takes_p else 0.0
     plan = _Plan(

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from truthgpt.config import LAMBDA_MAX, LAMBDA_MIN, QK_NORMS, ConfigError
 from truthgpt.nn.attention import kinds
-from truthgpt.nn.attention.functional import distance_attention
+from truthgpt.nn.attention.functional import (
+    AttentionCall,
+    attend,
+    check_dropout,
+    check_mask,
+    check_p,
+    distance_attention,
+)
 from truthgpt.nn.attention.kinds import DistanceKind
 from truthgpt.nn.cache import LayerCache
 
@@ -34,9 +41,7 @@ def default_lambda(kind: str | DistanceKind, head_dim: int, *, p: float | None =
     spec = kinds.get(kind)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    if spec.takes_p:
-        _check_p(p, spec.name)
-    return spec.lambda_for(head_dim, p)
+    return spec.lambda_for(head_dim, check_p(p, spec))
 
 
 def distance_kind(distance_type: str) -> DistanceKind:
@@ -51,15 +56,6 @@ def distance_kind(distance_type: str) -> DistanceKind:
         raise ConfigError(
             f"distance_type: {err} (register_distance adds a kind in this process)"
         ) from None
-
-
-def _check_p(p: float | None, kind: str) -> None:
-    if p is None or isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise ValueError(
-            f"p is required for distance_type={kind!r} (a finite number > 0), got {p!r}"
-        )
-    if not (math.isfinite(p) and p > 0):
-        raise ValueError(f"p must be a finite number > 0 (use 'chebyshev' for p=inf), got {p}")
 
 
 class AttentionOutput(NamedTuple):
@@ -112,21 +108,17 @@ class DistanceAttention(nn.Module):
                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
             )
         kind = distance_kind(distance_type)
-        if kind.takes_p:
-            _check_p(p, kind.name)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {', '.join(QK_NORMS)}, got {qk_norm!r}")
         self.qk_norm = qk_norm
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
+        # Resolved and checked once here: forward builds its call without a registry lookup.
+        self.kind = kind
         self.distance_type = kind.name
-        self.p = float(p) if kind.takes_p else None
-        self.dropout = float(dropout)
+        self.p = check_p(p, kind)
+        self.dropout = check_dropout(dropout, "dropout")
 
         if lambda_init is None:
             lambda_init = default_lambda(kind, self.head_dim, p=self.p)
@@ -190,19 +182,18 @@ class DistanceAttention(nn.Module):
             present = (k, v)
         else:
             present = (k, v)
-        result = distance_attention(
-            q,
-            k,
-            v,
-            self.distance_type,
-            self.lambda_,  # rounded to q's dtype by the paths that compute in it
-            causal=True,
-            attn_mask=attn_mask,
-            p=self.p,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-        )
-        y, weights = result if need_weights else (result, None)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            y, weights = distance_attention(
+                q, k, v, self.kind, self.lambda_.to(q.dtype), attn_mask=attn_mask, p=self.p,
+                dropout_p=dropout, need_weights=True,
+            )  # fmt: skip
+        else:
+            check_mask(attn_mask, q, k.shape[2])
+            call = AttentionCall(
+                self.kind, self.lambda_.to(q.dtype), True, attn_mask, self.p, dropout
+            )
+            y, weights = attend(q, k, v, call.simplified()), None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return AttentionOutput(
             output=self.c_proj(y),

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from truthgpt.nn.attention import kinds
+from truthgpt.nn.attention.functional import SEED_RANGE
 from truthgpt.nn.attention.kernels import additive_bias
 from truthgpt.nn.attention.kinds import DistanceKind
 
@@ -105,7 +106,7 @@ def native_attention(
     else:
         scale_t = torch.full((q.shape[1],), float(scale), dtype=q.dtype)
     if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
+        seed = int(torch.randint(0, SEED_RANGE, ()).item())
     exponent = float(p) if spec.takes_p else 0.0
     bias = additive_bias(attn_mask, q.dtype)
     args = (spec.kernel.native_code, exponent, causal, bias, float(dropout_p), seed or 0)

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from truthgpt.nn.attention import kinds
+from truthgpt.nn.attention.functional import SEED_RANGE
 from truthgpt.nn.attention.kernels import additive_bias
 from truthgpt.nn.attention.kinds import DistanceKind
 
@@ -363,7 +364,7 @@ def triton_attention(
     else:
         scale_t = torch.full((q.shape[1],), float(scale), dtype=acc, device=q.device)
     if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
+        seed = int(torch.randint(0, SEED_RANGE, ()).item())
     wide = q.dtype in (torch.float32, torch.float64)
     defaults = WIDE_TILES if wide else (FORWARD_TILE, BACKWARD_TILE)
     forward_tile = forward_tile or defaults[0]

@@ -19,11 +19,6 @@ constexpr double kDeadRow = kMask / 2;  // a row whose running max stayed below 
 enum Kind : int64_t { kL1 = 0, kL2 = 1, kChebyshev = 2, kLp = 3 };
 
 #define TG_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && !defined(__clang__)
-#define TG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TG_CLONES
-#endif
 
 template <typename T>
 struct Vec {

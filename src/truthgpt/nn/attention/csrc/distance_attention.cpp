@@ -18,7 +18,8 @@
 // eager paths use sign(0) = 0, as torch.cdist does).
 //
 // Vector code uses GCC vector extensions (64-byte vectors) and is compiled for AVX-512, AVX2
-// and baseline x86-64 with target_clones; the loader picks the one the CPU runs.
+// and baseline x86-64, each in its own translation unit (isa_*.cpp, built in parallel); the
+// first call picks the one the CPU runs.
 // No floating-point environment is changed (no fast-math flags: subnormals survive).
 
 #include <ATen/ATen.h>
@@ -29,55 +30,42 @@
 #include <atomic>
 #include <vector>
 
-#include "passes.h"
+#include "tasks.h"
 
 namespace truthgpt_native {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// entry points compiled per instruction set: the head dimension picks the vector variant
+// the task loops of the instruction set the CPU runs (tasks.h)
 
-// NVd: the head dimension in vectors, 0 when it is not a multiple of the width (plain loops).
-// A switch, not a lambda: the loops must be inlined into each instruction-set clone.
-// float: D = 16, 32, 64, 128; double (tests): D = 8.
-template <typename T>
-int64_t width_case(int64_t D) {
-  constexpr int W = Vec<T>::W;
-  const int64_t n = D % W ? 0 : D / W;
-  if (sizeof(T) == 8) return n == 1 ? 1 : 0;
-  return n == 1 || n == 2 || n == 4 || n == 8 ? n : 0;
+struct F32Tasks {
+  decltype(&forward_tasks_f32) forward;
+  decltype(&backward_tasks_f32) backward;
+};
+
+// Picked on the first call, best first, as the loader picks among target_clones.
+const F32Tasks& f32_tasks() {
+  static const F32Tasks tasks = [] {
+#if TG_ISA_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4"))
+      return F32Tasks{forward_tasks_f32_v4, backward_tasks_f32_v4};
+    if (__builtin_cpu_supports("x86-64-v3"))
+      return F32Tasks{forward_tasks_f32_v3, backward_tasks_f32_v3};
+#endif
+    return F32Tasks{forward_tasks_f32, backward_tasks_f32};
+  }();
+  return tasks;
 }
 
-#define TG_BY_WIDTH(T, D, ...)                           \
-  switch (width_case<T>(D)) {                            \
-    case 1: { constexpr int NVd = 1; __VA_ARGS__; } break;      \
-    case 2: if constexpr (sizeof(T) == 4) { constexpr int NVd = 2; __VA_ARGS__; } break; \
-    case 4: if constexpr (sizeof(T) == 4) { constexpr int NVd = 4; __VA_ARGS__; } break; \
-    case 8: if constexpr (sizeof(T) == 4) { constexpr int NVd = 8; __VA_ARGS__; } break; \
-    default: { constexpr int NVd = 0; __VA_ARGS__; } break;     \
-  }
-
-#define TG_ENTRY_POINTS(T, SUFFIX, CLONES)                                                    \
-  CLONES void forward_tasks_##SUFFIX(const Problem<T>& P, int64_t begin, int64_t end,      \
-                                        T* out, T* lse) {                                     \
-    TG_BY_WIDTH(T, P.D, for (int64_t t = begin; t < end; ++t)                                 \
-                            forward_task<T, NVd>(P, t, out, lse))                             \
-  }                                                                                           \
-  CLONES void backward_tasks_##SUFFIX(const Problem<T>& P, const Grads<T>& G,              \
-                                         int64_t begin, int64_t end) {                        \
-    TG_BY_WIDTH(T, P.D, for (int64_t t = begin; t < end; ++t) backward_task<T, NVd>(P, G, t)) \
-  }
-TG_ENTRY_POINTS(float, f32, TG_CLONES)
-TG_ENTRY_POINTS(double, f64, )  // float64 serves tests and gradcheck: one build, less compiling
-
 void forward_tasks(const Problem<float>& P, int64_t b, int64_t e, float* o, float* l) {
-  forward_tasks_f32(P, b, e, o, l);
+  f32_tasks().forward(P, b, e, o, l);
 }
 void forward_tasks(const Problem<double>& P, int64_t b, int64_t e, double* o, double* l) {
   forward_tasks_f64(P, b, e, o, l);
 }
 void backward_tasks(const Problem<float>& P, const Grads<float>& G, int64_t b, int64_t e) {
-  backward_tasks_f32(P, G, b, e);
+  f32_tasks().backward(P, G, b, e);
 }
 void backward_tasks(const Problem<double>& P, const Grads<double>& G, int64_t b, int64_t e) {
   backward_tasks_f64(P, G, b, e);

@@ -13,12 +13,15 @@ import itertools
 import math
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from truthgpt.analysis.patterns import check_positive_int
 from truthgpt.nn.attention import LAMBDA_MAX, LAMBDA_MIN
+
+if TYPE_CHECKING:
+    from truthgpt.training.core import TruthGPTOptimizationCore
 
 # Adam's step is about lr in log λ per update: small, because a trained model's λ is already
 # near a minimum and larger steps mostly add noise.
@@ -101,7 +104,7 @@ def _lambdas(core: Any) -> list[list[float]]:
 
 
 def tune_lambda(
-    core: Any,
+    core: TruthGPTOptimizationCore,
     data: Any,
     num_epochs: int = 5,
     *,

@@ -1,0 +1,8 @@
+// The float32 task loops for x86-64-v4 (AVX-512).
+#include "tasks.h"
+
+#if TG_ISA_VARIANTS
+namespace truthgpt_native {
+TG_ENTRY_POINTS(float, f32_v4, TG_TARGET("arch=x86-64-v4"))
+}  // namespace truthgpt_native
+#endif
