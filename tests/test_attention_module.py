@@ -198,3 +198,16 @@ def test_forward_errors():
         m(torch.randn(2, 1, 16), past_key_value=bad_past)
     with pytest.raises(ValueError, match="past_key_value must be"):
         m(torch.randn(2, 1, 16), past_key_value=torch.randn(2, 4, 3, 4))
+
+
+def test_lambda_reaches_the_kernel_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast q, k, v are bf16 but λ stays fp32 on its way to the distance
+    kernels: a change of λ far below bf16's resolution (2^-8) still changes the output."""
+    m = layer("l1")
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = m(x).output
+        m.log_lambda.add_(2.0**-14)  # λ × (1 + 2^-14): the same number in bf16
+        assert torch.equal(m.lambda_.bfloat16(), (m.lambda_ / (1 + 2.0**-14)).bfloat16())
+        after = m(x).output
+    assert not torch.equal(before, after)

@@ -297,7 +297,11 @@ def _masked_softmax(scores: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p):
-    """Materialising path: returns (output, weights); weights are after dropout."""
+    """Materialising path: returns (output, weights); weights are after dropout. It computes
+    in q's dtype: a λ kept in fp32 (as the layer keeps it, so that small updates of λ are
+    not rounded away for the kernels that take it so) is rounded here."""
+    if isinstance(scale, Tensor):
+        scale = scale.to(q.dtype)
     Tq, Tk = q.shape[2], k.shape[2]
     scores = pairwise_scores(q, k, kind, scale, p)  # (B, H, Tq, Tk)
     bias = _additive_mask(Tq, Tk, causal, attn_mask, scores.dtype, q.device)

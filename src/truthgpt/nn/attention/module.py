@@ -185,14 +185,12 @@ class DistanceAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             y, weights = distance_attention(
-                q, k, v, self.kind, self.lambda_.to(q.dtype), attn_mask=attn_mask, p=self.p,
+                q, k, v, self.kind, self.lambda_, attn_mask=attn_mask, p=self.p,
                 dropout_p=dropout, need_weights=True,
             )  # fmt: skip
         else:
             check_mask(attn_mask, q, k.shape[2])
-            call = AttentionCall(
-                self.kind, self.lambda_.to(q.dtype), True, attn_mask, self.p, dropout
-            )
+            call = AttentionCall(self.kind, self.lambda_, True, attn_mask, self.p, dropout)
             y, weights = attend(q, k, v, call.simplified()), None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return AttentionOutput(
