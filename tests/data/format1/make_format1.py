@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
-from truthgpt.checkpoint import load_core
 
+from truthgpt.checkpoint import load_core
 from truthgpt.config import TruthGPTOptimizationCoreConfig
 from truthgpt.data import build_tokenizer
 from truthgpt.training.core import TruthGPTOptimizationCore
