@@ -95,23 +95,20 @@ def save_checkpoint(
     `full_state` (model state dict, optimizer state dict) replaces the model's and optimizer's
     own when the model is sharded: see `truthgpt.training.distributed.gather_full_state`.
     """
-    model, state, optimizer, tokenizer = (
-        objects.model, objects.state, objects.optimizer, objects.tokenizer
-    )  # fmt: skip
-    model_config, train_config = objects.model_config, objects.train_config
-    scaler, device = objects.scaler, objects.device
-    config = {"model": model_config.to_dict(), "train": train_config.to_dict()}
-    trainer_state = {**state.state_dict(), "rng": rng_state(device), "extra": extra or {}}
+    o = objects
+    config = {"model": o.model_config.to_dict(), "train": o.train_config.to_dict()}
+    trainer_state = {**o.state.state_dict(), "rng": rng_state(o.device), "extra": extra or {}}
     try:
         state_bytes = json_bytes(trainer_state)
     except (TypeError, ValueError) as err:
         raise ValueError(f"extra_state: values must be JSON-serialisable ({err})") from None
+    tokenizer = o.tokenizer
     if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):
         raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no save(path) method")
     model_state, optimizer_state = full_state or (None, None)
-    weights = unique_tensors(model, model_state)
+    weights = unique_tensors(o.model, model_state)
     optimizer_file = (
-        optimizer_bytes(optimizer, scaler, optimizer_state) if optimizer is not None else None
+        optimizer_bytes(o.optimizer, o.scaler, optimizer_state) if o.optimizer is not None else None
     )
 
     def write(tmp: Path) -> None:
