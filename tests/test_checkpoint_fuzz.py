@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bounded import CaseTimeout, cap_address_space, raise_on_alarm
 from fuzz_damage import FILES, cases
 from truthgpt.config import ConfigError, TruthGPTOptimizationCoreConfig
 from truthgpt.data import build_tokenizer
@@ -48,7 +49,6 @@ from truthgpt.training.core import TruthGPTOptimizationCore
 SEED = 20240611
 TIME_LIMIT_S = 5.0  # for one load
 MEMORY_GROWTH_LIMIT_MB = 1024  # peak RSS over all cases, above that after the first loads
-ADDRESS_SPACE_HEADROOM = 3 * 2**30  # RLIMIT_AS, above the address space after those loads
 MIN_CASES = 400
 TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKL.,\n"  # the vocabulary: 42 characters
 LOADERS = ("pretrained", "core")
@@ -79,9 +79,8 @@ def main(out: Path, seed: int) -> None:
     torch.set_num_threads(1)
     good = make_checkpoint(out / "good")
     baseline = {name: fingerprint(name, load(name, good)) for name in LOADERS}
-    soft, hard = _address_space() + ADDRESS_SPACE_HEADROOM, resource.RLIMIT_AS
-    resource.setrlimit(resource.RLIMIT_AS, (soft, resource.getrlimit(hard)[1]))
-    signal.signal(signal.SIGALRM, _timeout)
+    cap_address_space()
+    raise_on_alarm()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     results = []
     for i, (case, damage) in enumerate(cases(random.Random(seed), good)):
@@ -96,21 +95,6 @@ def main(out: Path, seed: int) -> None:
     growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     report = {"seed": seed, "cases": results, "max_rss_growth_mb": growth}
     (out / "report.json").write_text(json.dumps(report, indent=1))
-
-
-class CaseTimeout(BaseException):
-    """Raised in a load that runs past TIME_LIMIT_S (a BaseException: nothing catches it)."""
-
-
-def _timeout(signum: int, frame: Any) -> None:
-    raise CaseTimeout
-
-
-def _address_space() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
 
 
 def load(name: str, folder: Path) -> Any:

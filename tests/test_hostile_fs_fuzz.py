@@ -42,10 +42,11 @@ from typing import Any
 
 import pytest
 
+from bounded import CaseTimeout, cap_address_space, raise_on_alarm
+
 SEED = 20261207
 TIME_LIMIT_S = 5.0  # for one case
 MEMORY_GROWTH_LIMIT_MB = 1024  # peak RSS of a child, above that after its first case
-ADDRESS_SPACE_HEADROOM = 3 * 2**30  # RLIMIT_AS, above the address space after that case
 HUGE = 2 * 2**30  # the sparse file's size
 TEXT = "Now is the winter of our discontent\nMade glorious summer.\n" * 40
 TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set"]
@@ -182,21 +183,6 @@ def make_runs(root: Path) -> None:
 # ------------------------------------------------------------------------------ the child
 
 
-class CaseTimeout(BaseException):
-    """Raised in a case that runs past TIME_LIMIT_S (a BaseException: nothing catches it)."""
-
-
-def _timeout(signum: int, frame: Any) -> None:
-    raise CaseTimeout
-
-
-def _address_space() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
-
-
 def child(group: str, root: Path) -> None:
     import torch
 
@@ -205,7 +191,7 @@ def child(group: str, root: Path) -> None:
     work = root / f"work-{group}"
     work.mkdir(exist_ok=True)
     results = (root / f"results-{group}.jsonl").open("a")
-    signal.signal(signal.SIGALRM, _timeout)
+    raise_on_alarm()
     limits = {}
     for command in dict.fromkeys(command for command, _, _ in cases):
         # The first call on a sound copy imports and warms up what the command uses; the
@@ -214,8 +200,7 @@ def child(group: str, root: Path) -> None:
         if warm["problems"] or warm["code"] != 0:
             raise SystemExit(f"the sound run fails: {warm}")
         limits[command] = TIME_LIMIT_S + run_case(command, root, work, None, None, 120)["seconds"]
-    soft, hard = _address_space() + ADDRESS_SPACE_HEADROOM, resource.RLIMIT_AS
-    resource.setrlimit(resource.RLIMIT_AS, (soft, resource.getrlimit(hard)[1]))
+    cap_address_space()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for command, target, kind in cases:
         result = run_case(command, root, work, target, kind, limits[command])
