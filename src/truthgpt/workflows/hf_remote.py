@@ -102,10 +102,11 @@ def distance_attention(
     p: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    alibi: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """truthgpt's `distance_attention` on its plain path, for every kind (no fast paths here)."""
     kind = kinds.get(kind)
-    out, weights = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p)
+    out, weights = _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p, alibi)
     return (out, weights) if need_weights else out
 
 
@@ -114,7 +115,9 @@ def attend(
 ) -> Tensor:
     """truthgpt's `attend` on the plain path, the one backend here."""
     c = call
-    return _plain_attention(q, k, v, c.kind, c.scale, c.causal, c.attn_mask, c.p, c.dropout_p)[0]
+    return _plain_attention(
+        q, k, v, c.kind, c.scale, c.causal, c.attn_mask, c.p, c.dropout_p, c.alibi
+    )[0]
 '''
 
 
@@ -291,8 +294,11 @@ def modeling_source(hf: ModuleType) -> str:
             "check_p",
             "check_dropout",
             "check_mask",
+            "check_alibi",
+            "alibi_bias",
             "causal_keep_mask",
             "_additive_mask",
+            "_user_additive",
             "_head_scale",
             "pairwise_scores",
             "_masked_softmax",

@@ -23,15 +23,22 @@ from truthgpt.nn.attention.functional import (
 )
 
 
-def _kernel(function: Callable[[], Callable[..., Tensor]], **options: object) -> Run:
+def _kernel(
+    function: Callable[[], Callable[..., Tensor]], *, alibi: bool = False, **options: object
+) -> Run:
     """The backend signature around a kernel function that takes `distance_attention`'s
-    arguments plus a seed; `function()` finds it at call time (a test may replace it)."""
+    arguments plus a seed; `function()` finds it at call time (a test may replace it).
+    alibi: whether the kernel takes ALiBi slopes (`alibi=`); until it does, calls with
+    slopes run on the plain path."""
 
     def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
+        if call.alibi is not None and not alibi:
+            return run_plain(q, k, v, call)
+        position = {"alibi": call.alibi} if call.alibi is not None else {}
         seed = call.dropout_seed() if call.dropout_p > 0.0 else 0
         return function()(
             q, k, v, call.kind, call.scale, call.causal, call.attn_mask, call.dropout_p,
-            p=call.p, seed=seed, **options,
+            p=call.p, seed=seed, **options, **position,
         )  # fmt: skip
 
     return run

@@ -3,7 +3,8 @@
     score(i, j) = -scale_h · d(q_i, k_j)      (l1, l2, sql2, chebyshev, lp, registered kinds)
     score(i, j) = +scale_h · sim(q_i, k_j)    (dot, cosine: d = −sim)
 
-then the causal mask, an optional user mask, softmax over keys, dropout and weights @ v. The
+then an optional ALiBi position term −m_h·|i − j| (`alibi_slopes`), the causal mask, an
+optional user mask, softmax over keys, dropout and weights @ v. The
 kind (`truthgpt.nn.attention.kinds`) gives d and the path that computes the attention:
 
 * the plain path (`_plain_attention`) materialises the (B, H, Tq, Tk) score matrix from the
@@ -62,6 +63,9 @@ class AttentionCall:
     p: the exponent of kinds that take one (lp), else None.
     dropout_p: dropout on the attention weights (applied whenever > 0).
     seed: the dropout seed of the kernels; None draws one (`dropout_seed`).
+    alibi: ALiBi slopes m, a (H,) float32 tensor ≥ 0, or None: −m_h·|i − j| is added to
+        the scores, with i the query's position among the keys (i + Tk − Tq). A distance in
+        positions beside the distance in features; kernels compute it from (i, j).
     """
 
     kind: DistanceKind
@@ -71,6 +75,7 @@ class AttentionCall:
     p: float | None = None
     dropout_p: float = 0.0
     seed: int | None = None
+    alibi: Tensor | None = None
 
     def dropout_seed(self) -> int:
         """The seed of this call's dropout mask: the one given, else one drawn from torch's
@@ -195,6 +200,49 @@ def check_mask(attn_mask: object, q: Tensor, Tk: int) -> None:
         )
 
 
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's slopes for `num_heads` heads, (H,) float32: the geometric sequence 2^(−8h/H),
+    h = 1..H, for a power of two; otherwise those of the power of two below, then every
+    other slope of the power of two above (Press et al., 2022). Fixed, never learned: each
+    head gets its own reach, from nearly local (m = 1/2) to nearly global (m = 2^−8)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+
+    def geometric(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (h + 1) for h in range(n)]
+
+    below = 2 ** math.floor(math.log2(num_heads))
+    slopes = geometric(below) + geometric(2 * below)[0::2][: num_heads - below]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def check_alibi(alibi: object, q: Tensor) -> None:
+    """alibi is None, or (H,) floating slopes on q's device, finite and ≥ 0 (values read on
+    CPU only, as for λ)."""
+    if alibi is None:
+        return
+    H = q.shape[1]
+    if not isinstance(alibi, Tensor) or not alibi.is_floating_point() or alibi.shape != (H,):
+        shape = tuple(alibi.shape) if isinstance(alibi, Tensor) else type(alibi).__name__
+        raise ValueError(
+            f"alibi must be None or a floating tensor of shape (H,)=({H},), got {shape}"
+        )
+    if alibi.device != q.device:
+        raise ValueError(f"alibi must be on the device of q ({q.device}), got {alibi.device}")
+    on_host = alibi.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_host and not bool((torch.isfinite(alibi) & (alibi >= 0)).all()):
+        raise ValueError(f"alibi slopes must be finite and >= 0, got {alibi.tolist()}")
+
+
+def alibi_bias(alibi: Tensor, Tq: int, Tk: int, dtype: torch.dtype) -> Tensor:
+    """(H, Tq, Tk) position term −m_h·|i + Tk − Tq − j|: the definition every kernel's
+    in-place computation is tested against (never built by the kernels themselves)."""
+    i = torch.arange(Tk - Tq, Tk, device=alibi.device, dtype=torch.float64).unsqueeze(1)
+    j = torch.arange(Tk, device=alibi.device, dtype=torch.float64).unsqueeze(0)
+    return (-alibi.double().view(-1, 1, 1) * (i - j).abs()).to(dtype)
+
+
 def attention_call(
     q: Tensor,
     k: Tensor,
@@ -207,6 +255,7 @@ def attention_call(
     p: float | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    alibi: Tensor | None = None,
 ) -> AttentionCall:
     """Check every argument of an attention call, once, and resolve the kind: raises
     ValueError naming the offending argument and what would be valid."""
@@ -214,6 +263,7 @@ def attention_call(
     _check_tensors(q, k, v, causal)
     _check_scale(scale, q)
     check_mask(attn_mask, q, k.shape[2])
+    check_alibi(alibi, q)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int or None, got {type(seed).__name__}")
     return AttentionCall(
@@ -224,6 +274,7 @@ def attention_call(
         check_p(p, spec),
         check_dropout(dropout_p),
         seed,
+        alibi,
     )
 
 
@@ -252,13 +303,18 @@ def _additive_mask(
         keep = causal_keep_mask(Tq, Tk, device)
         bias = torch.zeros(Tq, Tk, dtype=dtype, device=device).masked_fill(~keep, -math.inf)
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            user = torch.zeros(attn_mask.shape, dtype=dtype, device=device)
-            user = user.masked_fill(~attn_mask, -math.inf)
-        else:
-            user = attn_mask.to(dtype)
+        user = _user_additive(attn_mask, dtype)
         bias = user if bias is None else bias + user
     return bias
+
+
+def _user_additive(attn_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A user mask as additive floats: boolean False → −inf, floats as they are."""
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
+            ~attn_mask, -math.inf
+        )
+    return attn_mask.to(dtype)
 
 
 def _dead_rows(bias: Tensor | None) -> Tensor | None:
@@ -296,7 +352,7 @@ def _masked_softmax(scores: Tensor, bias: Tensor | None) -> Tensor:
     return weights.masked_fill(dead, 0.0)
 
 
-def _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p):
+def _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p, alibi=None):
     """Materialising path: returns (output, weights); weights are after dropout. It computes
     in q's dtype: a λ kept in fp32 (as the layer keeps it, so that small updates of λ are
     not rounded away for the kernels that take it so) is rounded here."""
@@ -304,6 +360,8 @@ def _plain_attention(q, k, v, kind, scale, causal, attn_mask, p, dropout_p):
         scale = scale.to(q.dtype)
     Tq, Tk = q.shape[2], k.shape[2]
     scores = pairwise_scores(q, k, kind, scale, p)  # (B, H, Tq, Tk)
+    if alibi is not None:
+        scores = scores + alibi_bias(alibi, Tq, Tk, scores.dtype)
     bias = _additive_mask(Tq, Tk, causal, attn_mask, scores.dtype, q.device)
     weights = _masked_softmax(scores, bias)
     if dropout_p > 0.0:
@@ -368,19 +426,30 @@ def get_backend(name: str) -> AttentionBackend:
     return _BACKENDS[name]
 
 
+def plain_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """The readable definition of a call: (output, weights after dropout)."""
+    return _plain_attention(
+        q, k, v, call.kind, call.scale, call.causal, call.attn_mask, call.p, call.dropout_p,
+        call.alibi,
+    )  # fmt: skip
+
+
 def run_plain(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
-    out, _ = _plain_attention(
-        q, k, v, call.kind, call.scale, call.causal, call.attn_mask, call.p, call.dropout_p
-    )
-    return out
+    return plain_attention(q, k, v, call)[0]
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, causal, attn_mask, dropout_p):
-    """SDPA with our causal rule (bottom-right), per-head scale and NaN-free dead rows."""
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, causal, attn_mask, dropout_p, alibi=None
+):
+    """SDPA with our causal rule (bottom-right), per-head scale and NaN-free dead rows. ALiBi
+    goes in as an additive (H, Tq, Tk) mask: SDPA has no position term of its own."""
     if isinstance(scale, Tensor):
         q = q * scale.view(1, -1, 1, 1).to(q.dtype)  # fold the per-head scale into q
         scale = 1.0
     Tq, Tk = q.shape[2], k.shape[2]
+    if alibi is not None:
+        position = alibi_bias(alibi, Tq, Tk, q.dtype)
+        attn_mask = position if attn_mask is None else _user_additive(attn_mask, q.dtype) + position
     if attn_mask is None and (not causal or Tq == Tk):
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale
@@ -395,18 +464,11 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, causal, attn_m
     return out if dead is None else out.masked_fill(dead, 0.0)
 
 
-def _as_sdpa(q, k, v, kind: DistanceKind, scale, causal, attn_mask, dropout_p):
-    """A kind with `as_dot_product`: SDPA on the rewritten q, k, v and scale."""
-    D = v.shape[-1]
-    out = _sdpa(*kind.as_dot_product(q, k, v, scale), causal, attn_mask, dropout_p)
-    return out if out.shape[-1] == D else out[..., :D]  # drop the columns added to v
-
-
 def _sdpa_run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
     """A kind with `as_dot_product`: SDPA on the rewritten q, k, v and scale."""
     D = v.shape[-1]
     q, k, v, scale = call.kind.as_dot_product(q, k, v, call.scale)
-    out = _sdpa(q, k, v, scale, call.causal, call.attn_mask, call.dropout_p)
+    out = _sdpa(q, k, v, scale, call.causal, call.attn_mask, call.dropout_p, call.alibi)
     return out if out.shape[-1] == D else out[..., :D]  # drop the columns added to v
 
 
@@ -485,6 +547,7 @@ def distance_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     backend: str | None = None,
+    alibi: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention whose scores are (negated, scaled) distances between queries and keys.
 
@@ -504,19 +567,20 @@ def distance_attention(
             compiled). It chooses the kernel of the kinds with a `MinkowskiKernel` (l1, l2,
             chebyshev, lp); "plain" computes any kind the readable way. "triton" needs CUDA
             tensors (or TRITON_INTERPRET=1, which runs its kernels in Triton's interpreter).
+        alibi: (H,) slopes m ≥ 0 (`alibi_slopes(H)` for the standard ones), or None: adds
+            −m_h·|i + Tk − Tq − j| to the scores, computed inside the kernels.
 
     Returns:
         output (B, H, Tq, D), or (output, weights) when need_weights.
     """
     call = attention_call(
-        q, k, v, kind, scale, causal=causal, attn_mask=attn_mask, p=p, dropout_p=dropout_p
-    )
+        q, k, v, kind, scale, causal=causal, attn_mask=attn_mask, p=p, dropout_p=dropout_p,
+        alibi=alibi,
+    )  # fmt: skip
     name = _backend_name(backend)  # checked for every kind, used by the kernel ones
     call = call.simplified()
     if need_weights:
-        return _plain_attention(
-            q, k, v, call.kind, call.scale, call.causal, call.attn_mask, call.p, call.dropout_p
-        )
+        return plain_attention(q, k, v, call)
     return attend(q, k, v, call, name)
 
 
