@@ -339,6 +339,9 @@ def test_every_config_field_round_trips_through_the_hf_config(tmp_path: Path) ->
         bias=False,
         qk_norm="rms",
         qk_norm_gain=True,
+        position_embedding="rope",
+        rope_theta=500000.0,
+        partial_rotary_factor=0.5,
     )
     defaults = {f.name: f.default for f in dataclasses.fields(TruthGPTConfig)}
     same = [name for name, default in defaults.items() if getattr(config, name) == default]

@@ -42,6 +42,9 @@ TOKENIZERS = {"sql2": "bpe:300", "lp": "gpt2"}
 CASES: dict[str, tuple[str, dict]] = {kind: (kind, {}) for kind in builtin_names()} | {
     "l1-qk-norm": ("l1", {"qk_norm": "rms", "qk_norm_gain": True}),
     "dot-qk-norm": ("dot", {"qk_norm": "layer"}),
+    "l2-rope": ("l2", {"position_embedding": "rope", "partial_rotary_factor": 0.5}),
+    "l1-alibi": ("l1", {"position_embedding": "alibi"}),
+    "l1-none": ("l1", {"position_embedding": "none"}),
 }
 
 REMOTE = r"""

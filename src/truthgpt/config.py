@@ -19,6 +19,10 @@ from typing import Any, Self
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 QK_NORMS: tuple[str, ...] = ("none", "rms", "layer")  # DistanceAttention's qk_norm
+# How the model knows where a token is: a learned table (GPT-2), rotary q/k (RoPE), ALiBi's
+# −m·|i − j| on the scores, or nothing but the causal mask. Only "learned" has a length.
+POSITION_EMBEDDINGS: tuple[str, ...] = ("learned", "rope", "alibi", "none")
+MAX_ROPE_THETA = 1e9
 
 # Upper bounds of every size and count: generous (far past any model or run this code is for),
 # so that a config, which a checkpoint carries, can never ask for an allocation or a loop no
@@ -156,6 +160,9 @@ class TruthGPTConfig(_JsonConfig):
     bias: bool = True
     qk_norm: str = "none"  # "none", "rms" or "layer": normalise q and k per head (QK_NORMS)
     qk_norm_gain: bool = False  # with qk_norm: learned gains for q and k
+    position_embedding: str = "learned"  # POSITION_EMBEDDINGS; checkpoints without it: learned
+    rope_theta: float = 10000.0  # with rope: the base of the rotation frequencies
+    partial_rotary_factor: float = 1.0  # with rope: the fraction of each head's dims rotated
 
     def __post_init__(self) -> None:
         if isinstance(self.distance_type, str):
@@ -212,10 +219,44 @@ class TruthGPTConfig(_JsonConfig):
         )
         for name in ("use_learnable_lambda", "tie_word_embeddings", "bias", "qk_norm_gain"):
             _check(isinstance(getattr(self, name), bool), name, "must be true or false")
+        _check(
+            self.position_embedding in POSITION_EMBEDDINGS,
+            "position_embedding",
+            f"must be one of {', '.join(POSITION_EMBEDDINGS)}, got {self.position_embedding!r}",
+        )
+        _check(
+            in_range(self.rope_theta, 0, MAX_ROPE_THETA) and self.rope_theta > 1,
+            "rope_theta",
+            f"must be a number in (1, {MAX_ROPE_THETA:g}], got {self.rope_theta!r}",
+        )
+        _check(
+            in_range(self.partial_rotary_factor, 0, 1) and self.partial_rotary_factor > 0,
+            "partial_rotary_factor",
+            f"must be in (0, 1], got {self.partial_rotary_factor!r}",
+        )
+        if self.position_embedding == "rope":
+            _check(
+                self.rotary_dim >= 2,
+                "partial_rotary_factor",
+                f"rotates no pair of the {self.head_dim} dims of a head at "
+                f"{self.partial_rotary_factor} (at least 2 are needed)",
+            )
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """With rope, how many of each head's dims rotate (even; the first ones): RoPE
+        turns pairs of dims, and the rest carry no position."""
+        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
+
+    @property
+    def position_limit(self) -> int | None:
+        """The longest input the model takes: the learned table's length, or None (rope,
+        alibi, none), where positions are computed, not looked up, and any length runs."""
+        return self.max_position_embeddings if self.position_embedding == "learned" else None
 
 
 @dataclasses.dataclass(kw_only=True)

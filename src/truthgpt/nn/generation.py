@@ -4,7 +4,9 @@ The cache holds each layer's projected keys and values, so a new token costs one
 the cached keys instead of a forward pass over the whole context. It works the same for every
 distance kind: scores are always computed from the cached k against the new q.
 
-Learned absolute positions cap the context at `max_position_embeddings` (the window). Past it
+Rotary, ALiBi and no positions take any length: the context grows with the output, and the
+cache with it. Learned absolute positions cap the context at `max_position_embeddings` (the
+window). Past it
 the window slides: the oldest tokens are dropped, the newest `keep = window - window // 4` are
 kept and re-encoded from position 0 (one full forward that rebuilds the cache), and decoding
 goes on one token at a time until the window is full again. Sliding by a quarter window at once,
@@ -158,8 +160,9 @@ def generate(
     """Return `input_ids` followed by the generated tokens, shape (B, T + new).
 
     `input_ids` is a (B, T) or (T,) tensor or a list of ids; rows share one length (no padding).
-    A prompt longer than the window is cut to its last `max_position_embeddings` tokens for the
-    model, but returned whole. `seed` seeds a private generator, so the global RNG is untouched
+    With learned positions, a prompt longer than the window is cut to its last
+    `max_position_embeddings` tokens for the model, but returned whole; with rope, alibi or
+    none the model sees all of it. `seed` seeds a private generator, so the global RNG is untouched
     and the same seed gives the same sample. Generation stops early once every row has produced
     `eos_token_id` (the eos is kept in the output); rows that finished earlier are padded with it.
     The streamer gets each new (B,) column of tokens as it is chosen, then `end()`.
@@ -193,7 +196,7 @@ def generate(
 
     was_training = model.training
     model.eval()
-    window = model.config.max_position_embeddings
+    window = model.config.position_limit or tokens.size(1) + max_new_tokens  # None: no limit
     keep = slide_keep(window)
     start = max(0, tokens.size(1) - window)  # first position the model sees
     finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=device)

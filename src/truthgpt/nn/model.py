@@ -1,7 +1,10 @@
 """The TruthGPT language model, readable top to bottom: MLP, block, model.
 
-A GPT-2 style decoder (learned positions, pre-LayerNorm blocks, GELU MLP, tied LM head) whose
-attention is `DistanceAttention`: scores are −λ_h · d(q, k) for the configured distance.
+A GPT-2 style decoder (pre-LayerNorm blocks, GELU MLP, tied LM head) whose attention is
+`DistanceAttention`: scores are −λ_h · d(q, k) for the configured distance. Positions are
+the config's `position_embedding`: a learned table (GPT-2's, the default), rotary q and k
+(`truthgpt.nn.positions`), ALiBi's −m·|i − j| on the scores, or none; only the table limits
+the length of the input.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from truthgpt.nn.attention import DistanceAttention
 from truthgpt.nn.attention.module import default_lambda, distance_kind
 from truthgpt.nn.cache import KVCache, LayerCache
 from truthgpt.nn.inputs import check_token_ids
+from truthgpt.nn.positions import RotaryEmbedding
 
 # One (k, v) pair per layer, each (B, H, T_past, head_dim) (the Hugging Face layout).
 PastKeyValues = tuple[tuple[Tensor, Tensor], ...]
@@ -94,6 +98,7 @@ class Block(nn.Module):
             bias=config.bias,
             qk_norm=config.qk_norm,
             qk_norm_gain=config.qk_norm_gain,
+            alibi=config.position_embedding == "alibi",
         )
         self.resid_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
@@ -107,6 +112,7 @@ class Block(nn.Module):
         use_cache: bool = False,
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | LayerCache | None, Tensor | None]:
         attn = self.attn(
             self.ln_1(x),
@@ -114,6 +120,7 @@ class Block(nn.Module):
             use_cache=use_cache,
             attn_mask=attn_mask,
             need_weights=need_weights,
+            rope=rope,
         )
         x = x + self.resid_dropout(attn.output)
         x = x + self.mlp(self.ln_2(x))
@@ -133,7 +140,15 @@ class TruthGPTModel(nn.Module):
             config = dataclasses.replace(config, distance_type=kind.name)
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        positions = config.position_embedding
+        self.wpe = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if positions == "learned"
+            else None
+        )
+        self.rotary = (
+            RotaryEmbedding(config.rotary_dim, config.rope_theta) if positions == "rope" else None
+        )
         self.drop = nn.Dropout(config.hidden_dropout_prob)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
@@ -192,10 +207,12 @@ class TruthGPTModel(nn.Module):
             )
         batch, length = self._check_input_ids(input_ids, decoding=past_length > 0)
         total = past_length + length
-        if total > self.config.max_position_embeddings:
+        limit = self.config.position_limit
+        if limit is not None and total > limit:
             raise ValueError(
                 f"input_ids: sequence of {total} positions (past {past_length} + new {length}) "
-                f"exceeds max_position_embeddings={self.config.max_position_embeddings}"
+                f"exceeds max_position_embeddings={limit} (the learned position table; "
+                "position_embedding rope, alibi or none take any length)"
             )
         attn_mask = self._padding_mask(attention_mask, batch, total)
 
@@ -204,7 +221,11 @@ class TruthGPTModel(nn.Module):
         else:  # a left-padded row counts positions from its first real token, like unpadded
             counted = attention_mask.to(torch.long).cumsum(-1) - 1
             positions = counted.clamp(min=0)[:, past_length:total]  # (B, T)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
+        x = self.wte(input_ids)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        rope = self.rotary(positions) if self.rotary is not None else None
         presents: list[tuple[Tensor, Tensor] | LayerCache] = []
         attentions: list[Tensor] = []
         for i, block in enumerate(self.blocks):
@@ -214,6 +235,7 @@ class TruthGPTModel(nn.Module):
                 use_cache=use_cache,
                 attn_mask=attn_mask,
                 need_weights=output_attentions,
+                rope=rope,
             )
             if use_cache:
                 assert present is not None
@@ -287,8 +309,11 @@ class TruthGPTModel(nn.Module):
         params = {id(p): p for p in self.parameters()}
         total = sum(p.numel() for p in params.values())
         if exclude_embeddings:
-            total -= self.wpe.weight.numel() + self.wte.weight.numel()
+            total -= self._position_parameters() + self.wte.weight.numel()
         return total
+
+    def _position_parameters(self) -> int:
+        return self.wpe.weight.numel() if self.wpe is not None else 0
 
     def lambdas(self) -> Tensor:
         """Effective λ of every head, shape (layers, heads)."""
@@ -325,7 +350,7 @@ class TruthGPTModel(nn.Module):
         position embedding, which is only looked up. The attention term is counted as for
         dot-product attention, so MFU compares kinds on the same footing.
         """
-        n = self.num_parameters() - self.wpe.weight.numel()
+        n = self.num_parameters() - self._position_parameters()
         cfg = self.config
         return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * sequence_length
 

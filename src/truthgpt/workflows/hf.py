@@ -167,17 +167,20 @@ class TruthGPTForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         """Feed `generate()` the window `truthgpt generate` would, instead of overflowing it.
 
-        Learned positions stop at `max_position_embeddings`. As in truthgpt's generation, a
+        Learned positions stop at `max_position_embeddings` (other positions take any
+        length, and the whole input goes in). As in truthgpt's generation, a
         longer prompt is cut to its last window of tokens, and once the window is full the
         newest `slide_keep(window)` tokens are re-encoded from position 0 (the cache emptied
         and rebuilt), after which decoding goes on one token at a time. With a cache the
         window's start follows from what the cache holds; without one it is remembered from
         the previous step, so both give the same tokens.
         """
-        window = self.config.max_position_embeddings
+        window = self.model.config.position_limit  # None: rope, alibi, none take any length
         length = input_ids.shape[1]
         cached = cache.get_seq_length() if cache is not None else 0
-        if cache is not None and cached > 0:
+        if window is None:
+            start = 0
+        elif cache is not None and cached > 0:
             new = next_sequence_length if next_sequence_length is not None else length - cached
             start = length - new - cached  # the cache holds input_ids[:, start : -new]
             if cached + new > window:

@@ -30,7 +30,7 @@ from types import ModuleType
 
 import truthgpt
 from truthgpt import config as config_module
-from truthgpt.nn import cache, generation, inputs, model
+from truthgpt.nn import cache, generation, inputs, model, positions
 from truthgpt.nn.attention import functional, kinds, module
 
 CONFIG_FILE = "configuration_truthgpt.py"
@@ -247,6 +247,8 @@ def configuration_source(hf: ModuleType) -> str:
             "MAX_P_NORM",
             "MAX_LAYER_NORM_EPS",
             "QK_NORMS",
+            "POSITION_EMBEDDINGS",
+            "MAX_ROPE_THETA",
             "ConfigError",
             "_check",
             "in_range",
@@ -294,6 +296,7 @@ def modeling_source(hf: ModuleType) -> str:
             "check_p",
             "check_dropout",
             "check_mask",
+            "alibi_slopes",
             "check_alibi",
             "alibi_bias",
             "causal_keep_mask",
@@ -306,6 +309,7 @@ def modeling_source(hf: ModuleType) -> str:
         )
         + _DISTANCE_ATTENTION
         + _section(cache, "LayerCache", "KVCache")
+        + _section(positions, "RotaryEmbedding", "apply_rotary")
         + _section(inputs, "check_token_ids")
         + _section(config_module, "QK_NORMS", "LAMBDA_MIN", "LAMBDA_MAX")
         + _section(
@@ -328,7 +332,7 @@ def modeling_source(hf: ModuleType) -> str:
                 "TruthGPTModel",
                 (
                     *("__init__", "_init_weights", "forward", "loss", "_check_input_ids"),
-                    *("_padding_mask", "device"),
+                    *("_padding_mask", "_position_parameters", "device"),
                 ),
             ),
         )

@@ -200,7 +200,7 @@ def check_mask(attn_mask: object, q: Tensor, Tk: int) -> None:
         )
 
 
-def alibi_slopes(num_heads: int) -> Tensor:
+def alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> Tensor:
     """ALiBi's slopes for `num_heads` heads, (H,) float32: the geometric sequence 2^(−8h/H),
     h = 1..H, for a power of two; otherwise those of the power of two below, then every
     other slope of the power of two above (Press et al., 2022). Fixed, never learned: each
@@ -214,7 +214,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
     below = 2 ** math.floor(math.log2(num_heads))
     slopes = geometric(below) + geometric(2 * below)[0::2][: num_heads - below]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
 
 
 def check_alibi(alibi: object, q: Tensor) -> None:

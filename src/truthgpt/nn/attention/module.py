@@ -13,6 +13,7 @@ from truthgpt.config import LAMBDA_MAX, LAMBDA_MIN, QK_NORMS, ConfigError
 from truthgpt.nn.attention import kinds
 from truthgpt.nn.attention.functional import (
     AttentionCall,
+    alibi_slopes,
     attend,
     check_dropout,
     check_mask,
@@ -21,6 +22,7 @@ from truthgpt.nn.attention.functional import (
 )
 from truthgpt.nn.attention.kinds import DistanceKind
 from truthgpt.nn.cache import LayerCache
+from truthgpt.nn.positions import apply_rotary
 
 # λ lives in log space and is clamped to [LAMBDA_MIN, LAMBDA_MAX] (truthgpt.config, which
 # checks a config's lambda_param against it) when used: wide enough for every kind's default
@@ -84,6 +86,8 @@ class DistanceAttention(nn.Module):
             their D dimensions before the distance, so that distances (and so how sharp
             attention is at a given λ) do not drift with the scale the projections learn.
         qk_norm_gain: with qk_norm, a learned gain per dimension for q and one for k.
+        alibi: add ALiBi's −m_h·|i − j| to every head's scores, with the standard slopes
+            (`alibi_slopes`): a second distance, in positions, beside the one in features.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class DistanceAttention(nn.Module):
         bias: bool = True,
         qk_norm: str = "none",
         qk_norm_gain: bool = False,
+        alibi: bool = False,
     ) -> None:
         super().__init__()
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads)):
@@ -137,6 +142,10 @@ class DistanceAttention(nn.Module):
         gain = qk_norm != "none" and qk_norm_gain
         self.q_gain = nn.Parameter(torch.ones(self.head_dim)) if gain else None
         self.k_gain = nn.Parameter(torch.ones(self.head_dim)) if gain else None
+        # Fixed slopes, neither a parameter nor a buffer: nothing about positions is saved,
+        # and a model built on the meta device (as loaders do) needs no step to fill them in.
+        # Moved to the input's device on first use, then kept there.
+        self._alibi = alibi_slopes(num_heads, device="cpu") if alibi else None
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (B, H, T, D) of x (B, T, C): the heads the scores are computed from, q and
@@ -163,14 +172,19 @@ class DistanceAttention(nn.Module):
         use_cache: bool = False,
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> AttentionOutput:
         """x: (B, T, C). With past_key_value the T new positions follow the cached ones: a
-        (k, v) tuple is extended into a new one, a `LayerCache` in place."""
+        (k, v) tuple is extended into a new one, a `LayerCache` in place. rope: the new
+        positions' (cos, sin) from `RotaryEmbedding`; q and k are rotated before the cache,
+        so cached keys keep their own positions."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
         B, T, C = x.shape
         H, D = self.num_heads, self.head_dim
         q, k, v = self.project(x)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         present: tuple[Tensor, Tensor] | LayerCache
         if isinstance(past_key_value, LayerCache):
             k, v = past_key_value.append(k, v)
@@ -183,14 +197,17 @@ class DistanceAttention(nn.Module):
         else:
             present = (k, v)
         dropout = self.dropout if self.training else 0.0
+        slopes = self._alibi_on(q.device)
         if need_weights:
             y, weights = distance_attention(
                 q, k, v, self.kind, self.lambda_, attn_mask=attn_mask, p=self.p,
-                dropout_p=dropout, need_weights=True,
+                dropout_p=dropout, need_weights=True, alibi=slopes,
             )  # fmt: skip
         else:
             check_mask(attn_mask, q, k.shape[2])
-            call = AttentionCall(self.kind, self.lambda_, True, attn_mask, self.p, dropout)
+            call = AttentionCall(
+                self.kind, self.lambda_, True, attn_mask, self.p, dropout, alibi=slopes
+            )
             y, weights = attend(q, k, v, call.simplified()), None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return AttentionOutput(
@@ -199,12 +216,18 @@ class DistanceAttention(nn.Module):
             weights=weights,
         )
 
+    def _alibi_on(self, device: torch.device) -> Tensor | None:
+        if self._alibi is not None and self._alibi.device != device:
+            self._alibi = self._alibi.to(device)
+        return self._alibi
+
     def extra_repr(self) -> str:
         p = f", p={self.p}" if self.p is not None else ""
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
             f"distance_type={self.distance_type!r}{p}, dropout={self.dropout}"
             + (f", qk_norm={self.qk_norm!r}" if self.qk_norm != "none" else "")
+            + (", alibi=True" if self._alibi is not None else "")
         )
 
 
