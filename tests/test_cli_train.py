@@ -208,3 +208,48 @@ def test_the_library_starts_and_resumes_runs_as_the_command_does(tmp_path, data_
     ]
     with pytest.raises(ValueError, match="hidden_size cannot change in a running run"):
         run_training(RunOptions(resume=str(run), settings=["hidden_size=64"]))
+
+
+def test_a_run_writes_its_files_atomically(tmp_path, data_dir, monkeypatch):
+    """Every file a run writes, started or resumed, is written under a temporary name and
+    renamed into place (io.atomic), but for its logs: metrics.jsonl (appended to), tb/
+    (TensorBoard's event files) and the lock file."""
+    import builtins
+    import io
+    import os
+
+    run = tmp_path / "run"
+    written: set[str] = set()
+    real_os_open, real_open = os.open, builtins.open
+
+    def note(path: object) -> None:
+        path = os.path.abspath(os.fsdecode(path))  # type: ignore[arg-type]
+        if Path(path).is_relative_to(run):
+            written.add(os.path.relpath(path, run))
+
+    def os_open(path, flags, *rest, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            note(path)
+        return real_os_open(path, flags, *rest, **kwargs)
+
+    def open_(file, mode="r", *rest, **kwargs):
+        if isinstance(file, str | bytes | os.PathLike) and set(mode) & set("wax+"):
+            note(file)
+        return real_open(file, mode, *rest, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    args = ["train", "--data", str(data_dir), "--out", str(run), "--max-steps", "3", *TINY]
+    assert main(args) == 0
+    assert main(["train", "--resume", str(run), "--max-steps", "4"]) == 0
+    monkeypatch.undo()
+
+    def in_place(name: str) -> bool:
+        parts = Path(name).parts
+        return not any(part.startswith(".tmp-") for part in parts) and parts[0] != "tb"
+
+    assert {name for name in written if in_place(name)} == {"metrics.jsonl", ".lock"}
+    for name in ("run.json", ".truthgpt.json", "report.json", "training_curves.png"):
+        assert (run / name).is_file(), name
+    assert any(name.startswith("tb/") for name in written)  # the logs were seen too
