@@ -99,6 +99,7 @@ def run_training(options: RunOptions, *, say: Say = print) -> RunResult:
 
 
 def _done(result: RunResult) -> int:
+    """A worker's exit status once its run has ended without an error."""
     return 0
 
 
