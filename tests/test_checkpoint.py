@@ -14,7 +14,7 @@ from truthgpt.config import TruthGPTConfig, TruthGPTOptimizationCoreConfig
 from truthgpt.data import build_tokenizer
 from truthgpt.io import CheckpointError, resolve_checkpoint
 from truthgpt.nn.model import TruthGPTModel
-from truthgpt.training import load_core
+from truthgpt.training import checkpoint, load_core
 from truthgpt.training.checkpoint import CheckpointManager, read_trainer_state
 from truthgpt.training.core import TruthGPTOptimizationCore
 
@@ -210,6 +210,54 @@ def test_load_checkpoint_restores_everything(tmp_path: Path) -> None:
         for key, tensor in values.items():
             assert torch.equal(theirs["state"][index][key], tensor), (index, key)
     assert read_trainer_state(path)["extra"] == {"epoch": 7}
+
+
+def test_load_checkpoint_loads_into_the_objects_it_is_given(tmp_path: Path) -> None:
+    """The load mirrors the save: `load_checkpoint` fills the model, optimizer and train
+    state it is handed (the same objects, in place) and restores the RNG; the checkpoint's
+    files are read into `CheckpointContents` once, whatever asks for them."""
+    core = trained_core(3)
+    core.record_eval({"loss": 2.5})
+    path = core.save_checkpoint(tmp_path / "c", epoch=7)
+    fresh = TruthGPTOptimizationCore(tiny_config())
+    fresh.setup_optimizer()
+    objects = fresh.checkpoint_state()
+    state, optimizer = fresh.state, fresh.optimizer
+    contents = checkpoint.read_checkpoint(path)
+    assert contents.step == 3 and contents.model_config == core.raw_model.config
+    saved = checkpoint.load_checkpoint(contents, objects)
+    expected_draw = torch.rand(3)
+    assert saved["extra"] == {"epoch": 7}
+    assert fresh.state is state and fresh.optimizer is optimizer
+    assert (state.step, state.best_val_loss, state.eval_history) == (3, 2.5, core.eval_history)
+    assert state.eval_history is not contents.resume.state.eval_history  # a copy
+    for name, tensor in core.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[name], tensor), name
+    ours, theirs = core.optimizer.state_dict()["state"], optimizer.state_dict()["state"]
+    for index, values in ours.items():
+        for key, tensor in values.items():
+            assert torch.equal(theirs[index][key], tensor), (index, key)
+    # The RNG is where the save left it: loading again draws the same numbers.
+    checkpoint.load_checkpoint(contents, objects)
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_a_bad_checkpoint_leaves_the_given_objects_alone(tmp_path: Path) -> None:
+    path = trained_core(2).save_checkpoint(tmp_path / "c")
+    data = bytearray((path / "optimizer.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # read after the weights, which are then not applied
+    (path / "optimizer.safetensors").write_bytes(bytes(data))
+    fresh = trained_core(1)
+    before, before_opt = weights(fresh.model), fresh.optimizer.state_dict()
+    step = fresh.state.step
+    with pytest.raises(CheckpointError, match=r"optimizer\.safetensors: contents differ"):
+        checkpoint.load_checkpoint(checkpoint.read_checkpoint(path), fresh.checkpoint_state())
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+    assert fresh.state.step == step
+    after_opt = fresh.optimizer.state_dict()["state"]
+    for index, values in before_opt["state"].items():
+        for key, tensor in values.items():
+            assert torch.equal(after_opt[index][key], tensor), (index, key)
 
 
 def test_checkpoint_of_a_core_before_any_step(tmp_path: Path) -> None:

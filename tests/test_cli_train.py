@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,129 @@ def test_cli_resume_repeats_the_uninterrupted_run_exactly(tmp_path, data_dir):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_reads_each_file_of_the_run_once(tmp_path, data_dir, monkeypatch):
+    """`train --resume` opens every file the run held for reading once: run.json, the
+    pointers, each checkpoint's manifest and config (checked against run.json), and the
+    latest checkpoint's state, tokenizer and optimizer. model.safetensors is opened twice:
+    its header alone before the model is built (a config asking for a huge model costs a
+    comparison), then whole."""
+    import builtins
+    import collections
+    import io
+    import os
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data_dir), "--out", str(run), "--max-steps", "6"]
+    assert main([*args, "--checkpoint-every", "3", *TINY]) == 0
+    before = {p for p in run.rglob("*") if p.is_file()}
+    reads: collections.Counter[str] = collections.Counter()
+    real_os_open, real_open = os.open, builtins.open
+
+    def count(path: object) -> None:
+        path = os.path.abspath(os.fsdecode(path))  # type: ignore[arg-type]
+        if Path(path) in before:
+            reads[os.path.relpath(path, run)] += 1
+
+    def os_open(path, flags, *rest, **kwargs):
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            count(path)
+        return real_os_open(path, flags, *rest, **kwargs)
+
+    def open_(file, mode="r", *rest, **kwargs):
+        if isinstance(file, str | bytes | os.PathLike) and not set(mode) & set("wax+"):
+            count(file)
+        return real_open(file, mode, *rest, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    assert main(["train", "--resume", str(run), "--max-steps", "7"]) == 0
+    monkeypatch.undo()
+
+    latest = "checkpoints/step-0000006/"
+    once = ["config.json", "manifest.json", "optimizer.safetensors", "tokenizer.json"]
+    assert dict(reads) == {
+        "run.json": 1,
+        "metrics.jsonl": 1,
+        "checkpoints/latest": 1,
+        "checkpoints/best": 1,
+        # The older checkpoint: checked to hold the config run.json records.
+        "checkpoints/step-0000003/manifest.json": 1,
+        "checkpoints/step-0000003/config.json": 1,
+        **{latest + name: 1 for name in [*once, "trainer_state.json"]},
+        latest + "model.safetensors": 2,
+    }
+
+
+def test_the_library_starts_and_resumes_runs_as_the_command_does(tmp_path, data_dir):
+    """`run_training` is the command without its parsing: the same run, the same lines."""
+    from truthgpt.training.run import RunOptions, run_training
+
+    lines: list[str] = []
+    settings = [s for s in TINY if s != "--set"]
+    run = tmp_path / "run"
+    new = RunOptions(data=str(data_dir), out=str(run), settings=settings, fields={"max_steps": 3})
+    result = run_training(new, say=lines.append)
+    assert (result.run_dir, result.step) == (run, 3) and result.report is not None
+    assert lines[0] == "config:" and lines[-1].startswith("done: step 3, val loss")
+    assert json.loads((run / "run.json").read_text())["config"]["max_steps"] == 3
+
+    lines.clear()
+    result = run_training(RunOptions(resume=str(run), fields={"max_steps": 4}), say=lines.append)
+    assert result.step == 4 and lines[0].startswith(f"resuming {run} at step 3 → 4")
+    lines.clear()
+    result = run_training(RunOptions(resume=str(run)), say=lines.append)
+    assert (result.step, result.report) == (4, None)
+    assert lines == [
+        f"{run} is already at step 4 of max_steps=4: nothing to do "
+        "(pass --max-steps to train further)"
+    ]
+    with pytest.raises(ValueError, match="hidden_size cannot change in a running run"):
+        run_training(RunOptions(resume=str(run), settings=["hidden_size=64"]))
+
+
+def test_a_run_writes_its_files_atomically(tmp_path, data_dir, monkeypatch):
+    """Every file a run writes, started or resumed, is written under a temporary name and
+    renamed into place (io.atomic), but for its logs: metrics.jsonl (appended to), tb/
+    (TensorBoard's event files) and the lock file."""
+    import builtins
+    import io
+    import os
+
+    run = tmp_path / "run"
+    written: set[str] = set()
+    real_os_open, real_open = os.open, builtins.open
+
+    def note(path: object) -> None:
+        path = os.path.abspath(os.fsdecode(path))  # type: ignore[arg-type]
+        if Path(path).is_relative_to(run):
+            written.add(os.path.relpath(path, run))
+
+    def os_open(path, flags, *rest, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            note(path)
+        return real_os_open(path, flags, *rest, **kwargs)
+
+    def open_(file, mode="r", *rest, **kwargs):
+        if isinstance(file, str | bytes | os.PathLike) and set(mode) & set("wax+"):
+            note(file)
+        return real_open(file, mode, *rest, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    args = ["train", "--data", str(data_dir), "--out", str(run), "--max-steps", "3", *TINY]
+    assert main(args) == 0
+    assert main(["train", "--resume", str(run), "--max-steps", "4"]) == 0
+    monkeypatch.undo()
+
+    def in_place(name: str) -> bool:
+        parts = Path(name).parts
+        return not any(part.startswith(".tmp-") for part in parts) and parts[0] != "tb"
+
+    assert {name for name in written if in_place(name)} == {"metrics.jsonl", ".lock"}
+    for name in ("run.json", ".truthgpt.json", "report.json", "training_curves.png"):
+        assert (run / name).is_file(), name
+    assert any(name.startswith("tb/") for name in written)  # the logs were seen too

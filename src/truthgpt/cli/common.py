@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,11 @@ def data_for_run(run: str | Path, data_dir: str | Path | None = None) -> Any:
 
 
 def find_run_info(path: Path) -> dict | None:
-    """run.json of a run folder, also found from a checkpoint inside it (read within bounds:
-    a FIFO, a device or a huge file there is refused, naming it)."""
-    from truthgpt.io.files import read_json_file
+    """run.json of a run folder, also found from a checkpoint inside it: see
+    `truthgpt.io.runs.find_run_info` (imported here when called: it needs torch)."""
+    from truthgpt.io.runs import find_run_info as find
 
-    for folder in (path, *path.resolve().parents[:3]):
-        candidate = folder / "run.json"
-        if os.path.lexists(candidate):
-            info = read_json_file(candidate, what="run.json")
-            if not isinstance(info, dict):
-                raise ValueError(f"{candidate}: expected a JSON object")
-            return info
-    return None
+    return find(path)
 
 
 class KindOption(argparse.Action):

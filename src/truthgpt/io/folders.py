@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from truthgpt.io.atomic import TMP_PREFIX, write_folder_atomically
+from truthgpt.io.atomic import TMP_PREFIX, write_file_atomically, write_folder_atomically
 from truthgpt.io.files import CONFIG_LIMIT, UnreadableFile, read_json_file
 from truthgpt.io.jsonio import JSONFileError, json_bytes
 
@@ -40,7 +40,7 @@ def write_marker(folder: Path, kind: str, entries: Iterable[str] | None = None) 
         entries = (p.name for p in folder.iterdir() if p.name != MARKER_FILE)
     names = sorted(set(entries) - {MARKER_FILE})
     data = json_bytes({"format": MARKER_FORMAT, "kind": kind, "entries": names})
-    (folder / MARKER_FILE).write_bytes(data)
+    write_file_atomically(folder / MARKER_FILE, data)  # a run's folder gets it in place
 
 
 def read_marker(folder: Path) -> tuple[str, frozenset[str]] | None:

@@ -3,11 +3,13 @@ and `best` pointer files, and which folder a path given by a user means."""
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
-from truthgpt.io.files import POINTER_LIMIT, not_regular_reason, read_regular_file
+from truthgpt.io.files import POINTER_LIMIT, not_regular_reason, read_json_file, read_regular_file
 from truthgpt.io.manifest import MANIFEST_FILE, CheckpointError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -15,6 +17,22 @@ LATEST = "latest"
 BEST = "best"
 WEIGHTS_FILE = "model.safetensors"
 STEP_NAME = re.compile(r"^step-(\d{7,})$")
+
+
+RUN_INFO = "run.json"
+
+
+def find_run_info(path: Path) -> dict[str, Any] | None:
+    """run.json of a run folder, also found from a checkpoint inside it (read within bounds:
+    a FIFO, a device or a huge file there is refused, naming it)."""
+    for folder in (path, *path.resolve().parents[:3]):
+        candidate = folder / RUN_INFO
+        if os.path.lexists(candidate):
+            info = read_json_file(candidate, what=RUN_INFO)
+            if not isinstance(info, dict):
+                raise ValueError(f"{candidate}: expected a JSON object")
+            return info
+    return None
 
 
 def step_name(step: int) -> str:

@@ -8,10 +8,11 @@ on load.
     optimizer.safetensors  AdamW's moments; hyper-parameters and GradScaler state as metadata
     manifest.json          the size and sha256 of every file above
 
-Reading a checkpoint checks everything first (`read_resume_state`) and applies nothing;
-`TruthGPTOptimizationCore.load_checkpoint` applies it once it is all known to fit, so a bad
-checkpoint leaves the trainer as it was. A run keeps its checkpoints in
-RUN_DIR/checkpoints/step-NNNNNNN with `latest` and `best` pointers (`CheckpointManager`).
+Loading mirrors saving: `read_checkpoint` reads each small file once into a
+`CheckpointContents` value, and `load_checkpoint` loads it into the objects it is given (a
+`CheckpointState`), checking everything before it applies anything, so a bad checkpoint leaves
+them as they were. A run keeps its checkpoints in RUN_DIR/checkpoints/step-NNNNNNN with
+`latest` and `best` pointers (`CheckpointManager`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,8 @@ from torch import Tensor, nn
 from truthgpt.config import ConfigError, TrainConfig, TruthGPTConfig
 from truthgpt.io.atomic import fsync_path, remove_folder, remove_leftovers, write_file_atomically
 from truthgpt.io.atomic import write_folder_atomically as _write_folder
-from truthgpt.io.files import named, not_regular_reason
-from truthgpt.io.jsonio import is_int, json_bytes
+from truthgpt.io.files import check_depth, named, not_regular_reason
+from truthgpt.io.jsonio import is_int, json_bytes, parse_json
 from truthgpt.io.manifest import (
     CheckpointError,
     FolderReader,
@@ -39,8 +41,10 @@ from truthgpt.io.manifest import (
 )
 from truthgpt.io.pretrained import (
     CONFIG_FILE,
+    copy_weights,
     open_folder,
     read_model_config,
+    read_weights,
     require_fields,
     unique_tensors,
     write_model_files,
@@ -50,12 +54,11 @@ from truthgpt.io.runs import (
     CHECKPOINTS_DIR,
     LATEST,
     damaged_after,
-    latest_in,
     read_pointer,
     step_folders,
     step_name,
 )
-from truthgpt.training.optim_state import OPTIMIZER_FILE, optimizer_bytes
+from truthgpt.training.optim_state import OPTIMIZER_FILE, optimizer_bytes, read_optimizer
 from truthgpt.training.rng import parse_rng_state, rng_state
 from truthgpt.training.state import TrainState
 
@@ -142,6 +145,7 @@ class ResumeState:
 
 
 def read_resume_state(reader: FolderReader) -> ResumeState:
+    """trainer_state.json of a verified folder, every field checked."""
     path = reader.path(STATE_FILE)
     saved = reader.json(STATE_FILE)
     for name in ("step", "tokens_seen", "bad_steps_total", "bad_steps_in_a_row"):
@@ -224,31 +228,37 @@ def read_train_config(reader: FolderReader, overrides: dict[str, Any] | None = N
         raise CheckpointError(f"{path}: invalid training config: {err}") from None
 
 
-def check_same_model(reader: FolderReader, config: TruthGPTConfig) -> None:
+def check_same_model(contents: CheckpointContents, config: TruthGPTConfig) -> None:
     """Raise, naming every differing field, unless the checkpoint holds a model like this."""
-    saved = read_model_config(reader).to_dict()
+    saved = contents.model_config.to_dict()
     ours = config.to_dict()
     if saved != ours:
         diff = ", ".join(
             f"{k}={v!r} (checkpoint) vs {ours[k]!r}" for k, v in saved.items() if ours[k] != v
         )
-        raise CheckpointError(f"{reader.path(CONFIG_FILE)}: a different model: {diff}")
+        raise CheckpointError(f"{contents.reader.path(CONFIG_FILE)}: a different model: {diff}")
 
 
-def read_checkpoint_tokenizer(reader: FolderReader) -> Any:
-    """The tokenizer saved in a verified folder, or None when there is none."""
-    from truthgpt.data import load_tokenizer
+def read_checkpoint_tokenizer(reader: FolderReader, vocab_size: int | None = None) -> Any:
+    """The tokenizer saved in a verified folder, or None when there is none. It is parsed
+    from the bytes checked against the manifest: the file is read once. `vocab_size`: the
+    model's, when the caller has read its config already."""
+    from truthgpt.data.tokenization import tokenizer_from_dict
 
     if not reader.has(TOKENIZER_FILE):
         return None
-    reader.bytes(TOKENIZER_FILE)  # verify against the manifest before parsing
     path = reader.path(TOKENIZER_FILE)
+    data = parse_json(path, reader.bytes(TOKENIZER_FILE), CheckpointError)
+    check_depth(data, path, CheckpointError)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: does not hold a JSON object")
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = tokenizer_from_dict(data, origin=f"tokenizer file {str(path)!r}")
     except ValueError as err:
         message = str(err) if str(path) in str(err) else f"{path}: {err}"
         raise CheckpointError(message) from None
-    vocab_size = read_model_config(reader).vocab_size
+    if vocab_size is None:
+        vocab_size = read_model_config(reader).vocab_size
     if tokenizer.vocab_size > vocab_size:
         raise CheckpointError(
             f"{path}: 'vocab_size' {tokenizer.vocab_size} exceeds the model's ({vocab_size}); "
@@ -257,15 +267,92 @@ def read_checkpoint_tokenizer(reader: FolderReader) -> Any:
     return tokenizer
 
 
+class CheckpointContents:
+    """A checkpoint's small files, each read and checked once, when first asked for (so
+    that errors come in the order the callers check things): config.json, trainer_state.json
+    and tokenizer.json. What a resume decides on comes from here; the weights and the
+    optimizer state are read once too, when `load_checkpoint` loads them. `reader` is the
+    verified folder (its manifest read), which keeps the parsed JSON it has read."""
+
+    def __init__(self, reader: FolderReader) -> None:
+        self.reader = reader
+
+    @property
+    def path(self) -> Path:
+        return self.reader.folder
+
+    @cached_property
+    def model_config(self) -> TruthGPTConfig:
+        return read_model_config(self.reader)
+
+    @cached_property
+    def resume(self) -> ResumeState:
+        return read_resume_state(self.reader)
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        return read_checkpoint_tokenizer(self.reader, self.model_config.vocab_size)
+
+    @property
+    def step(self) -> int:
+        return self.resume.state.step
+
+
+def read_checkpoint(source: str | Path | FolderReader) -> CheckpointContents:
+    """The checkpoint `source` means (a folder, a run, a pointer, or an open reader), to be
+    read once; nothing is applied to anything."""
+    reader = source if isinstance(source, FolderReader) else open_checkpoint(source)
+    return CheckpointContents(reader)
+
+
+def load_checkpoint(contents: CheckpointContents, objects: CheckpointState) -> dict[str, Any]:
+    """Load a checkpoint into the objects it is given, the mirror of `save_checkpoint`: the
+    model's weights, the optimizer's and GradScaler's state (when `objects` has them), the
+    train state (in place: whoever holds it sees the checkpoint's counters) and the RNG
+    states. Everything is read and checked before anything is applied, so a bad checkpoint
+    leaves the objects as they were. Returns trainer_state.json as checked."""
+    reader = contents.reader
+    check_same_model(contents, objects.model_config)
+    resume = contents.resume
+    weights = read_weights(reader, objects.model)
+    optimizer_state = scaler_state = None
+    if objects.optimizer is not None and reader.has(OPTIMIZER_FILE):
+        optimizer_state, scaler_state = read_optimizer(
+            reader, objects.optimizer, max_step=resume.state.step
+        )
+    if (
+        scaler_state is not None
+        and objects.scaler is not None
+        and set(scaler_state) != set(objects.scaler.state_dict())
+    ):
+        raise CheckpointError(f"{reader.path(OPTIMIZER_FILE)}: GradScaler state is malformed")
+    if optimizer_state is not None:
+        assert objects.optimizer is not None
+        previous = objects.optimizer.state_dict()
+        try:
+            objects.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            objects.optimizer.load_state_dict(previous)
+            raise CheckpointError(f"{reader.path(OPTIMIZER_FILE)}: {err}") from None
+
+    # Everything is verified: apply it.
+    copy_weights(objects.model, weights)
+    if scaler_state is not None and objects.scaler is not None:
+        objects.scaler.load_state_dict(scaler_state)
+    objects.state.load(resume.state)
+    resume.restore_rng()
+    return resume.as_dict()
+
+
 def read_tokenizer(path: str | Path) -> Any:
     """The tokenizer saved with a checkpoint (or a run's latest), or None when there is none."""
     return read_checkpoint_tokenizer(open_checkpoint(path))
 
 
-def read_trainer_state(path: str | Path) -> dict[str, Any]:
+def read_trainer_state(path: str | Path | FolderReader) -> dict[str, Any]:
     """The trainer state (counters, `extra` values) of a checkpoint, run or checkpoints folder."""
-    resume = read_resume_state(open_checkpoint(path))
-    return resume.as_dict()
+    reader = path if isinstance(path, FolderReader) else open_checkpoint(path)
+    return read_resume_state(reader).as_dict()
 
 
 class CheckpointManager:
@@ -275,11 +362,43 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | Path, keep_last: int = 2) -> None:
-        if not is_int(keep_last) or keep_last < 1:
-            raise ValueError(f"keep_last: must be a positive integer, got {keep_last!r}")
         self.run_dir = Path(run_dir)
         self.directory = self.run_dir / CHECKPOINTS_DIR
         self.keep_last = keep_last
+        # The checkpoints and pointers read so far. A run has one writer, this manager under
+        # the run's lock: a checkpoint is never changed once written (only replaced or
+        # removed, here) and a pointer changes only here, so each file is read once.
+        self._read: dict[Path, CheckpointContents] = {}
+        self._pointers: dict[str, Path | None] = {}
+
+    @property
+    def keep_last(self) -> int:
+        return self._keep_last
+
+    @keep_last.setter
+    def keep_last(self, value: int) -> None:
+        if not is_int(value) or value < 1:
+            raise ValueError(f"keep_last: must be a positive integer, got {value!r}")
+        self._keep_last = value
+
+    def read(self, folder: Path) -> CheckpointContents:
+        """The checkpoint in `folder` (a step folder of this run), read once per manager."""
+        if folder not in self._read:
+            self._read[folder] = read_checkpoint(folder)
+        return self._read[folder]
+
+    def _trainer_state(self, folder: Path) -> dict[str, Any]:
+        return self.read(folder).resume.as_dict()
+
+    def _pointer(self, name: str) -> Path | None:
+        """The complete checkpoint the pointer `name` names, read once."""
+        if name not in self._pointers:
+            self._pointers[name] = read_pointer(self.directory / name)
+        return self._pointers[name]
+
+    def _point(self, name: str, folder: Path) -> None:
+        write_file_atomically(self.directory / name, (folder.name + "\n").encode("utf-8"))
+        self._pointers[name] = folder
 
     def check_folder(self) -> None:
         """Refuse a checkpoints entry that is not a real folder of the run: a link (writes
@@ -307,17 +426,18 @@ class CheckpointManager:
         remove_leftovers(self.directory)
         name = step_name(objects.state.step)
         extra = {"val_loss": val_loss} if val_loss is not None else None
+        self._read.pop(self.directory / name, None)  # replaced, if it was there
         try:
             path = save_checkpoint(
                 self.directory / name, objects, full_state=full_state, extra=extra
             )
         except OSError as err:  # a write() names no file: name the checkpoint
             raise named(err, str(self.directory / name))  # noqa: B904
-        write_file_atomically(self.directory / LATEST, (name + "\n").encode("utf-8"))
+        self._point(LATEST, path)
         if val_loss is not None and math.isfinite(val_loss):
             best = self.best_val_loss()
             if best is None or val_loss < best:
-                write_file_atomically(self.directory / BEST, (name + "\n").encode("utf-8"))
+                self._point(BEST, path)
         self._prune()
         return path
 
@@ -328,23 +448,30 @@ class CheckpointManager:
             return
         remove_leftovers(self.directory)
         latest = self.latest()
-        if latest is not None and read_pointer(self.directory / LATEST) != latest:
-            write_file_atomically(self.directory / LATEST, (latest.name + "\n").encode("utf-8"))
+        if latest is not None and self._pointer(LATEST) != latest:
+            self._point(LATEST, latest)
         if self.best() is None:
             losses = {}
             for folder in step_folders(self.directory):
                 try:
-                    value = read_trainer_state(folder).get("extra", {}).get("val_loss")
+                    value = self._trainer_state(folder).get("extra", {}).get("val_loss")
                 except CheckpointError:
                     continue
                 if isinstance(value, int | float) and math.isfinite(value):
                     losses[folder] = value
             if losses:
                 best = min(losses, key=losses.__getitem__)
-                write_file_atomically(self.directory / BEST, (best.name + "\n").encode("utf-8"))
+                self._point(BEST, best)
 
     def latest(self) -> Path | None:
-        return latest_in(self.directory) if self.directory.is_dir() else None
+        """The checkpoint `latest` names, else the newest complete one (as `latest_in`)."""
+        if not self.directory.is_dir():
+            return None
+        folder = self._pointer(LATEST)
+        if folder is None:
+            steps = step_folders(self.directory)
+            folder = steps[-1] if steps else None
+        return folder
 
     def set_aside_damaged(self) -> list[tuple[Path, Path, str]]:
         """Rename every step folder newer than the latest complete checkpoint, and not one
@@ -373,8 +500,7 @@ class CheckpointManager:
             return
         may_change = set(may_change)
         for folder in step_folders(self.directory):
-            reader = open_checkpoint(folder)
-            saved = reader.json(CONFIG_FILE)
+            saved = self.read(folder).reader.json(CONFIG_FILE)
             parts = [saved.get("train"), saved.get("model")]
             fields = {k: v for part in parts if isinstance(part, dict) for k, v in part.items()}
             differ = [
@@ -389,7 +515,7 @@ class CheckpointManager:
                 )
 
     def best(self) -> Path | None:
-        return read_pointer(self.directory / BEST) if self.directory.is_dir() else None
+        return self._pointer(BEST) if self.directory.is_dir() else None
 
     def best_val_loss(self) -> float | None:
         """The validation loss recorded with the best checkpoint, if there is one."""
@@ -397,7 +523,7 @@ class CheckpointManager:
         if best is None:
             return None
         try:
-            value = read_trainer_state(best).get("extra", {}).get("val_loss")
+            value = self._trainer_state(best).get("extra", {}).get("val_loss")
         except CheckpointError:
             return None
         return float(value) if isinstance(value, int | float) else None
@@ -408,4 +534,5 @@ class CheckpointManager:
         keep.update(p for p in (self.latest(), self.best()) if p is not None)
         for path in steps:
             if path not in keep:
+                self._read.pop(path, None)
                 remove_folder(path)

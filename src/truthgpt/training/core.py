@@ -25,14 +25,11 @@ from truthgpt.config import (
     TruthGPTOptimizationCoreConfig,
 )
 from truthgpt.data import sequential_batches
-from truthgpt.io.manifest import CheckpointError
-from truthgpt.io.pretrained import copy_weights, read_model_config, read_weights
 from truthgpt.nn.model import TruthGPTModel, check_weights_file
 from truthgpt.training import checkpoint, distributed
 from truthgpt.training.batches import Batch, input_shape, micro_batches, split_batch
 from truthgpt.training.errors import TrainingDiverged
 from truthgpt.training.hardware import measure_peak_flops, memory_mb, resolve_device
-from truthgpt.training.optim_state import OPTIMIZER_FILE, read_optimizer
 from truthgpt.training.report import performance_report
 from truthgpt.training.schedule import lr_at
 from truthgpt.training.state import TrainState
@@ -423,85 +420,63 @@ class TruthGPTOptimizationCore:
         Everything is read and checked first; on any error the core is left as it was.
         Returns the trainer state (with the saved extra values under "extra").
         """
-        return self._load(checkpoint.open_checkpoint(directory))
+        return self._load(checkpoint.read_checkpoint(directory))
 
-    def _load(self, reader: Any) -> dict[str, Any]:
-        model = self.raw_model
-        checkpoint.check_same_model(reader, model.config)
-        resume = checkpoint.read_resume_state(reader)
-        weights = read_weights(reader, model)
-
+    def _load(self, contents: checkpoint.CheckpointContents) -> dict[str, Any]:
         had_optimizer = self.optimizer is not None
         scaler_before = self.scaler
-        optimizer = self.optimizer or self.setup_optimizer()
+        if not had_optimizer:
+            checkpoint.check_same_model(contents, self.raw_model.config)  # before any work
+            self.setup_optimizer()
+        chars_per_token = self.state.chars_per_token  # the data's own ratio, when it is known
         try:
-            optimizer_state, scaler_state = (
-                read_optimizer(reader, optimizer, max_step=resume.state.step)
-                if reader.has(OPTIMIZER_FILE)
-                else (None, None)
-            )
-            if (
-                scaler_state is not None
-                and self.scaler is not None
-                and set(scaler_state) != set(self.scaler.state_dict())
-            ):
-                raise CheckpointError(
-                    f"{reader.path(OPTIMIZER_FILE)}: GradScaler state is malformed"
-                )
-            previous = optimizer.state_dict()
-            if optimizer_state is not None:
-                try:
-                    optimizer.load_state_dict(optimizer_state)
-                except (ValueError, KeyError, TypeError, RuntimeError) as err:
-                    optimizer.load_state_dict(previous)
-                    raise CheckpointError(f"{reader.path(OPTIMIZER_FILE)}: {err}") from None
+            saved = checkpoint.load_checkpoint(contents, self.checkpoint_state())
         except BaseException:
             if not had_optimizer:
                 self.optimizer, self.scaler = None, scaler_before
             raise
-
-        # Everything is verified: apply it.
-        copy_weights(model, weights)
-        if scaler_state is not None and self.scaler is not None:
-            self.scaler.load_state_dict(scaler_state)
-        state = resume.state
-        if self.state.chars_per_token is not None:  # the data's own ratio, when it is known
-            state.chars_per_token = self.state.chars_per_token
-        self.state = state
-        resume.restore_rng()
-        return resume.as_dict()
+        if chars_per_token is not None:
+            self.state.chars_per_token = chars_per_token
+        return saved
 
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | Path,
+        path: str | Path | checkpoint.CheckpointContents,
         *,
         device: str | None = None,
         parallelize: Callable[[nn.Module], nn.Module] | None = None,
         **train_overrides: Any,
     ) -> TruthGPTOptimizationCore:
         """A core rebuilt from a checkpoint (or a run folder's latest), state and tokenizer
-        loaded. `train_overrides` change training fields only (e.g. max_steps=… to extend a
-        run); the model is fixed by the checkpoint. `parallelize` wraps the model once the
-        checkpoint is loaded into it (see `distributed.parallelize`)."""
-        reader = checkpoint.open_checkpoint(path)
-        model_config = read_model_config(reader)
-        check_weights_file(reader, model_config)  # before the model is built
+        loaded. `path` may also be a checkpoint already read (`checkpoint.read_checkpoint`):
+        its files are not read again. `train_overrides` change training fields only (e.g.
+        max_steps=… to extend a run); the model is fixed by the checkpoint. `parallelize`
+        wraps the model once the checkpoint is loaded into it (see `distributed.parallelize`)."""
+        contents = (
+            path
+            if isinstance(path, checkpoint.CheckpointContents)
+            else checkpoint.read_checkpoint(path)
+        )
+        reader = contents.reader
+        check_weights_file(reader, contents.model_config)  # before the model is built
         if device is not None:
             train_overrides["device"] = device
         train_config = checkpoint.read_train_config(reader, train_overrides)
-        config = TruthGPTOptimizationCoreConfig.from_parts(model_config, train_config)
-        tokenizer = checkpoint.read_checkpoint_tokenizer(reader)
-        resume = checkpoint.read_resume_state(reader)
-        core = cls(config, chars_per_token=resume.state.chars_per_token, tokenizer=tokenizer)
-        core._load(reader)
+        config = TruthGPTOptimizationCoreConfig.from_parts(contents.model_config, train_config)
+        core = cls(
+            config,
+            chars_per_token=contents.resume.state.chars_per_token,
+            tokenizer=contents.tokenizer,
+        )
+        core._load(contents)
         if parallelize is not None:
             core._parallelize(parallelize)
         return core
 
 
 def load_core(
-    path: str | Path,
+    path: str | Path | checkpoint.CheckpointContents,
     *,
     device: str | None = None,
     parallelize: Callable[[nn.Module], nn.Module] | None = None,

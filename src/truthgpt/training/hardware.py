@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from truthgpt.io.atomic import write_file_atomically
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present, else the CPU; asking for CUDA without one is an error."""
@@ -118,9 +120,7 @@ def _remember_peak(key: str, measured: float) -> float:
     stored[key] = measured
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stored, indent=1))
-        os.replace(tmp, path)
+        write_file_atomically(path, json.dumps(stored, indent=1).encode("utf-8"))
     except OSError:
         pass
     return measured

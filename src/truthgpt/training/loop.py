@@ -108,12 +108,15 @@ def train(
     *,
     world: World | None = None,
     monitor: Monitor | None = None,
+    checkpoints: CheckpointManager | None = None,
 ) -> dict[str, Any]:
     """Train `core` on prepared `data` up to `max_steps`, evaluating and checkpointing.
 
     Returns the performance report plus the final validation metrics. Only the main rank
     logs and writes checkpoints. Every rank evaluates, on the same batches, so all agree on
     the result: under FSDP a forward pass needs every rank, and under DDP they would only wait.
+    `checkpoints`: the run's manager when the caller has one already (a resume), so that the
+    checkpoints it has read are not read again.
     """
     world = world or World()
     cfg = core.train_config
@@ -123,7 +126,10 @@ def train(
     )
     # Fail now, not after the first training interval, if the val split is too short.
     check_data_fits(data, cfg.block_size)
-    manager = CheckpointManager(run_dir, keep_last=cfg.keep_checkpoints) if world.is_main else None
+    manager = None
+    if world.is_main:
+        manager = checkpoints or CheckpointManager(run_dir)
+        manager.keep_last = cfg.keep_checkpoints
     own_monitor = monitor is None
     if monitor is None:
         monitor = Monitor(

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -98,6 +99,10 @@ class Monitor:
             metrics = self.run_dir / "metrics.jsonl"
             if os.path.lexists(metrics):
                 keep_rows_up_to(metrics, start_step)
+            # The run's files are written atomically (io.atomic) but for its two logs:
+            # metrics.jsonl is appended to, a row at a time, and a torn last row is dropped
+            # when the run resumes (keep_rows_up_to, which rewrites it atomically); tb/ is
+            # TensorBoard's own append-only event files.
             self._jsonl = open(metrics, "a", encoding="utf-8")  # noqa: SIM115
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -258,8 +263,9 @@ def plot_training_curves(
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    return write_file_atomically(path, image.getvalue())  # a kill leaves the previous plot
 
 
 def _format_seconds(seconds: float) -> str:

@@ -7,6 +7,7 @@ with a default (older checkpoints, which lack it, load with that default).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,12 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         # sampler_position: written for readers of format 1, which expect it.
         return {**dataclasses.asdict(self), "sampler_position": self.step}
+
+    def load(self, other: TrainState) -> None:
+        """Take the values of `other` (a checkpoint's, checked by `from_state_dict`) in
+        place, so that whoever holds this object sees them (copies: `other` keeps its own)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, copy.deepcopy(getattr(other, f.name)))
 
     @classmethod
     def from_state_dict(cls, saved: dict[str, Any], path: Path) -> TrainState:
