@@ -77,7 +77,9 @@ def work_folder(path: Path) -> dict[str, Any]:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         sys.exit(f"extrapolation.py: --work {path} is not empty and holds no {STATE}")
     path.mkdir(parents=True, exist_ok=True)
-    return {"runs": {}}
+    state: dict[str, Any] = {"runs": {}}
+    state_file.write_text(json.dumps(state) + "\n")  # marks the folder as this study's
+    return state
 
 
 @torch.no_grad()
