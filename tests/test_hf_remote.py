@@ -311,19 +311,21 @@ def test_lm_eval_scores_an_export(exports) -> None:
 
 def test_generated_files_import_only_torch_and_transformers(tmp_path: Path) -> None:
     """Every name the files use is defined or imported (ruff's pyflakes rules), and what they
-    import is the standard library, torch, transformers and each other."""
+    import is the standard library, torch, transformers (the glue only) and each other."""
     from truthgpt.workflows import hf, hf_remote
 
     hf_remote.write_remote_code(tmp_path, hf)
-    allowed = {"__future__", "collections", "dataclasses", "json", "math", "pathlib", "sys"}
-    allowed |= {"typing", "torch", "transformers"}
-    for name in (hf_remote.CONFIG_FILE, hf_remote.MODELING_FILE):
+    core = set(sys.stdlib_module_names) | {"torch"}
+    for name in (hf_remote.CONFIG_FILE, hf_remote.MODELING_FILE, *hf_remote.CORE_FILES):
         imported = set()
         for node in ast.walk(ast.parse((tmp_path / name).read_text())):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(str(node.module).split(".")[0])
+            elif isinstance(node, ast.ImportFrom):  # relative: a file of the folder
+                assert node.level == 1 and (tmp_path / f"{node.module}.py").is_file(), name
+        allowed = core | ({"transformers"} if name.endswith("_truthgpt.py") else set())
         assert imported <= allowed, (name, imported - allowed)
     if importlib.util.find_spec("ruff") is None:
         pytest.skip("ruff is not installed (pip install '.[dev]')")
@@ -335,13 +337,29 @@ def test_generated_files_import_only_torch_and_transformers(tmp_path: Path) -> N
     assert lint.returncode == 0, lint.stdout
 
 
+def test_the_export_carries_the_core_byte_for_byte(exports) -> None:
+    """The exported model is the library's own code: every file of truthgpt.core, unchanged
+    (and nothing of the fast kernels)."""
+    from truthgpt.workflows import hf_remote
+
+    root, ours = exports
+    assert {"model.py", "module.py", "functional.py", "kinds.py", "config.py"} <= set(
+        hf_remote.CORE_FILES
+    )
+    for kind in ours:
+        folder = root / kind / "hf"
+        for name in hf_remote.CORE_FILES:
+            assert (folder / name).read_bytes() == (hf_remote.CORE / name).read_bytes(), name
+        assert not (folder / "kernels.py").exists() and not (folder / "native.py").exists()
+
+
 def test_a_missing_definition_fails_the_export_not_the_load() -> None:
-    from truthgpt.nn import model
-    from truthgpt.nn.attention import kinds
+    from truthgpt.core import model
+    from truthgpt.workflows import hf
     from truthgpt.workflows.hf_remote import copy_definition
 
-    with pytest.raises(LookupError, match="_no_such_distance"):
-        copy_definition(kinds, "_no_such_distance")
+    with pytest.raises(LookupError, match="_no_such_glue"):
+        copy_definition(hf, "_no_such_glue")
     with pytest.raises(LookupError, match="no_such_method"):
         copy_definition(model, "TruthGPTModel", ("forward", "no_such_method"))
     forward_only = copy_definition(model, "TruthGPTModel", ("forward",))

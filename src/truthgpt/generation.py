@@ -4,7 +4,7 @@ from truthgpt._moved import warn_moved
 
 warn_moved("truthgpt.generation", "truthgpt.nn.generation")
 
-from truthgpt.nn.generation import (  # noqa: E402
+from truthgpt.core.generation import (  # noqa: E402
     Streamer,
     TextStreamer,
     check_sampling_args,

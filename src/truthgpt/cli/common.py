@@ -42,7 +42,7 @@ class KindOption(argparse.Action):
     def help(self) -> str | None:
         if self._help is None:
             return None
-        from truthgpt.nn.attention import kinds
+        from truthgpt.core import kinds
 
         return f"{self._help}{', '.join(kinds.names())}"
 

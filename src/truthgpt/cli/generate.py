@@ -44,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from truthgpt.core.generation import TextStreamer, check_sampling_args
     from truthgpt.io import resolve_checkpoint
-    from truthgpt.nn.generation import TextStreamer, check_sampling_args
     from truthgpt.nn.model import TruthGPTModel
     from truthgpt.training.checkpoint import read_tokenizer
     from truthgpt.training.hardware import resolve_device

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from truthgpt.nn.inputs import check_token_ids
+from truthgpt.core.inputs import check_token_ids
 
 Batch = Mapping[str, Tensor] | tuple[Tensor, Tensor] | list[Tensor]
 

@@ -9,8 +9,9 @@ these classes' code, copied from truthgpt's source by `hf_remote`, so it loads w
     model = AutoModelForCausalLM.from_pretrained("exported/", trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained("exported/", trust_remote_code=True)
 
-`TruthGPTForCausalLM` and `TruthGPTHFConfig` are copied into that code verbatim: they may
-use only what `hf_remote` copies too (the model, `slide_keep`, torch, transformers).
+`TruthGPTForCausalLM` and `TruthGPTHFConfig` are copied into that code verbatim, beside the
+model core's files: they may use only the core (`TruthGPTModel`, `TruthGPTConfig`,
+`slide_keep`), torch and transformers.
 
 transformers is an optional dependency (`pip install truthgpt[hf]`); nothing else in truthgpt
 imports it.
@@ -45,11 +46,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
 from truthgpt.config import TruthGPTConfig
+from truthgpt.core.generation import slide_keep
+from truthgpt.core.kinds import builtin_names
 from truthgpt.io import resolve_checkpoint
 from truthgpt.io.files import read_json_file
 from truthgpt.io.folders import check_output, write_owned_folder
-from truthgpt.nn.attention.kinds import builtin_names
-from truthgpt.nn.generation import slide_keep
 from truthgpt.nn.model import TruthGPTModel
 from truthgpt.training.checkpoint import read_tokenizer
 from truthgpt.workflows import hf_remote
@@ -350,7 +351,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     return write_owned_folder(out_dir, write=write, **target)
 
 
-# What `export_hf` writes (transformers' own names; a tokenizer adds the last three).
+# What `export_hf` writes (transformers' own names, the glue and the core's files; a
+# tokenizer adds the last three).
 EXPORT_FILES = frozenset(
     {
         "config.json",
@@ -358,6 +360,7 @@ EXPORT_FILES = frozenset(
         "model.safetensors",
         hf_remote.CONFIG_FILE,
         hf_remote.MODELING_FILE,
+        *hf_remote.CORE_FILES,
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",

@@ -6,21 +6,22 @@ adds one. `distance_attention(q, k, v, kind, scale)` knows nothing about layers;
 `DistanceAttention` owns the projections, the per-head λ and the KV cache.
 """
 
-from truthgpt.nn.attention import backends, kinds  # backends: the kernels join the registry
-from truthgpt.nn.attention.functional import (
+from truthgpt.core import kinds
+from truthgpt.core.functional import (
     AttentionBackend,
     AttentionCall,
     distance_attention,
     register_backend,
 )
-from truthgpt.nn.attention.kinds import DistanceKind, register_distance
-from truthgpt.nn.attention.module import (
+from truthgpt.core.kinds import DistanceKind, register_distance
+from truthgpt.core.module import (
     LAMBDA_MAX,
     LAMBDA_MIN,
     AttentionOutput,
     DistanceAttention,
     default_lambda,
 )
+from truthgpt.nn.attention import backends  # the kernels join the registry
 
 __all__ = [
     "LAMBDA_MAX",

@@ -1,8 +1,8 @@
-"""The code by which the kernels know each Minkowski kind: the one table that the registry
-(`kinds.py`), the native kernel's build (`setup.py`) and the Triton kernels read, so that no
-kernel can disagree with the registry about which code is which distance.
+"""The path `truthgpt.nn.attention.kernel_codes` of `truthgpt.core.kernel_codes`:
+one module object under both names, so what is set through either is seen through both."""
 
-Standard library only: `setup.py` loads this file by path, before the package is installed.
-"""
+import sys
 
-KERNEL_CODES: dict[str, int] = {"l1": 0, "l2": 1, "chebyshev": 2, "lp": 3}
+from truthgpt.core import kernel_codes as _core
+
+sys.modules[__name__] = _core
