@@ -16,14 +16,41 @@ constexpr int64_t kDecodeRows = 8;  // at most this many queries: a decoding ste
 constexpr double kMask = -1e30;  // masked score: finite, so exp(m_old - m_new) stays defined
 constexpr double kDeadRow = kMask / 2;  // a row whose running max stayed below saw no key
 
-enum Kind : int64_t { kL1 = 0, kL2 = 1, kChebyshev = 2, kLp = 3 };
+// The kind codes come from kernel_codes.py, the registry's table, through setup.py's -D flags:
+// the kernel cannot disagree with the registry about which code is which distance.
+#if !defined(TG_KIND_L1) || !defined(TG_KIND_L2) || !defined(TG_KIND_CHEBYSHEV) || \
+    !defined(TG_KIND_LP)
+#error "TG_KIND_L1, TG_KIND_L2, TG_KIND_CHEBYSHEV and TG_KIND_LP must be defined (setup.py)"
+#endif
+enum Kind : int64_t {
+  kL1 = TG_KIND_L1,
+  kL2 = TG_KIND_L2,
+  kChebyshev = TG_KIND_CHEBYSHEV,
+  kLp = TG_KIND_LP
+};
+inline bool known_kind(int64_t kind) {
+  return kind == kL1 || kind == kL2 || kind == kChebyshev || kind == kLp;
+}
 
 #define TG_INLINE inline __attribute__((always_inline))
 
+// Vector width in bytes: the register width of the instruction set the translation unit is
+// built for (isa_*.cpp define it). A wider GCC vector is split into registers, and its selects
+// (a < b ? a : b) into scalar code, ten times slower. Everything that depends on the width is
+// always inlined into one translation unit's entry points, so no out-of-line copy of it can be
+// shared between instruction sets.
+#ifndef TG_VEC_BYTES
+#define TG_VEC_BYTES 64
+#endif
+
+// Vectors per row of a 4-row register tile: 4 x 4 accumulators fill half of AVX-512's 32
+// registers, 4 x 2 half of AVX2's (and SSE2's) 16; more would spill to the stack.
+constexpr int kRegVecs = TG_VEC_BYTES == 64 ? 4 : 2;
+
 template <typename T>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int W = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(TG_VEC_BYTES)));
+  static constexpr int W = TG_VEC_BYTES / sizeof(T);
 };
 
 template <typename V, typename T>
@@ -45,7 +72,7 @@ template <typename V>
 TG_INLINE V vabs(V x) {
   using E = std::remove_reference_t<decltype(x[0])>;
   using I = std::conditional_t<sizeof(E) == 4, int32_t, int64_t>;
-  typedef I VI __attribute__((vector_size(64)));
+  typedef I VI __attribute__((vector_size(TG_VEC_BYTES)));
   VI bits;
   std::memcpy(&bits, &x, sizeof(V));
   bits &= std::numeric_limits<I>::max();
@@ -59,7 +86,7 @@ TG_INLINE V vabs(V x) {
 
 TG_INLINE Vec<float>::type vexp(Vec<float>::type x) {  // Cephes' expf, ~1 ulp; 0 below -87.3
   using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(TG_VEC_BYTES)));
   const V zero{};
   const V xc = x < -87.3f ? splat<V>(-87.3f) : (x > 88.3f ? splat<V>(88.3f) : x);
   V n = xc * 1.44269504088896341f;
@@ -82,7 +109,7 @@ TG_INLINE Vec<float>::type vexp(Vec<float>::type x) {  // Cephes' expf, ~1 ulp; 
 
 TG_INLINE Vec<float>::type vlog(Vec<float>::type x) {  // x > 0
   using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(TG_VEC_BYTES)));
   VI bits;
   std::memcpy(&bits, &x, sizeof(V));
   V e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, V);

@@ -52,6 +52,7 @@ struct Problem {
   const T* scale;     // (H,)
   const T* bias;      // additive user mask (B, H, Tq, Tk) by the strides below, or null
   int64_t bs0, bs1, bs2, bs3;
+  const T* alibi;     // (H,) ALiBi slopes m: scores get -m_h |i - j| (i = row + offset), or null
   double dropout_p;  // kept in double: the 1 / (1 - p) rescaling is exact in float64
   uint64_t seed;
 
@@ -63,7 +64,9 @@ struct Problem {
   int64_t row_begin(int64_t c0) const { return causal ? std::max<int64_t>(0, c0 - offset) : 0; }
 
   // Scores s and distances dist (may be null) of rows [r0, r0 + rows) x keys [c0, c0 + kKeys);
-  // masked scores are kMask. For l1, dist leaves out the row constant sum_d q_d.
+  // masked scores are kMask. dist is the distance alone, without ALiBi's term (dscale needs
+  // the score's derivative in lambda, which the term does not have). For l1, dist leaves out
+  // the row constant sum_d q_d.
   // qr: the rows' queries, contiguous (Strided::rows).
   // ktb, ksb: this head's kt and ksum (P.kt, P.ksum, or the task's own copy).
   TG_INLINE void scores(int64_t bh, const T* qr, const T* ktb, const T* ksb, int64_t r0,
@@ -105,10 +108,52 @@ struct Problem {
       if (dist) std::memcpy(dist, s, sizeof(T) * n);
       for (int64_t i = 0; i < n; ++i) s[i] *= -lam;
     }
+    finish(bh, r0, rows, c0, s);
+  }
+
+  // Whether decode_scores serves this problem's kind (lp takes the transposed path).
+  bool decodes_in_place() const { return kind == kL1 || kind == kL2 || kind == kChebyshev; }
+
+  // scores for a decoding step (a few rows), the keys kc (rows D apart, cols of them) read in
+  // place. Same scores as scores(): l1 leaves out sum_d q_d here too (the backward recomputes
+  // through scores() from the log-sum-exp saved here).
+  template <int NVd>
+  TG_INLINE void decode_scores(int64_t bh, const T* qr, int64_t r0, int64_t rows, int64_t c0,
+                               const T* kc, int64_t cols, T* s) const {
+    const T lam = scale[bh % H];
+    const int64_t n = rows * kKeys;
+    if (kind == kL1) {
+      key_rows_tile<T, NVd, AbsSum, false>(qr, rows, kc, cols, D, s);
+      for (int64_t r = 0; r < rows; ++r) {
+        T qsum = 0;
+        for (int64_t d = 0; d < D; ++d) qsum += qr[r * D + d];
+        for (int64_t c = 0; c < kKeys; ++c) s[r * kKeys + c] = -lam * (s[r * kKeys + c] - qsum);
+      }
+    } else {
+      if (kind == kL2) {
+        key_rows_tile<T, NVd, SqSum, false>(qr, rows, kc, cols, D, s);
+        for (int64_t i = 0; i < n; ++i) s[i] = std::sqrt(s[i]);
+      } else {
+        key_rows_tile<T, NVd, AbsMax, true>(qr, rows, kc, cols, D, s);
+      }
+      for (int64_t i = 0; i < n; ++i) s[i] *= -lam;
+    }
+    finish(bh, r0, rows, c0, s);
+  }
+
+  // The position term, the causal mask and the user's mask on a tile of -lambda d.
+  TG_INLINE void finish(int64_t bh, int64_t r0, int64_t rows, int64_t c0, T* s) const {
     const int64_t b = bh / H, h = bh % H;
+    // ALiBi from the indices: the row's position minus the tile's first key, less c (exact in
+    // T: positions are far below 2^24). Without slopes the loop is skipped once per row.
+    const T slope = alibi ? alibi[h] : T(0);
     for (int64_t r = 0; r < rows; ++r) {
       T* sr = s + r * kKeys;
       const int64_t visible = std::clamp<int64_t>(key_end(r0 + r + 1) - c0, 0, kKeys);
+      if (alibi) {
+        const T i = T(r0 + r + offset - c0);
+        for (int64_t c = 0; c < visible; ++c) sr[c] -= slope * std::abs(i - T(c));
+      }
       for (int64_t c = visible; c < kKeys; ++c) sr[c] = T(kMask);
       if (bias) {
         const T* br = bias + b * bs0 + h * bs1 + (r0 + r) * bs2 + c0 * bs3;
@@ -164,11 +209,16 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
   std::fill(o, o + rows * D, T(0));
   std::fill(m, m + rows, T(kMask));
   std::fill(l, l + rows, T(0));
-  std::vector<T> qbuf(kRows * D), vbuf(kKeys * D), own_kt, own_ksum;
+  std::vector<T> qbuf(kRows * D), vbuf(kKeys * D), kbuf, own_kt, own_ksum;
   const T* qr = P.q.rows(bh, r0, rows, qbuf.data());
   const T* ktb = P.kt ? P.kt + bh * D * P.Tkp : nullptr;
   const T* ksb = P.kt ? P.ksum + bh * P.Tkp : nullptr;
-  if (!ktb) {  // one task per head (short queries, e.g. decoding): transpose k right here
+  // one task per head (short queries, e.g. decoding): keys read in place (the cache's rows),
+  // or, for lp and odd head sizes, transposed right here
+  const bool in_place = !ktb && NVd > 0 && P.decodes_in_place();
+  if (in_place) {
+    kbuf.resize(kKeys * D);
+  } else if (!ktb) {
     own_kt.resize(D * P.Tkp), own_ksum.resize(P.Tkp);
     transpose_head(P.k, bh, P.Tk, P.Tkp, own_kt.data(), own_ksum.data());
     ktb = own_kt.data(), ksb = own_ksum.data();
@@ -176,7 +226,15 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
   const int64_t kend = P.key_end(r0 + rows);
   for (int64_t c0 = 0; c0 < kend; c0 += kKeys) {
     const int64_t cols = std::min(kKeys, P.Tk - c0);
-    P.scores(bh, qr, ktb, ksb, r0, rows, c0, s, nullptr);
+    if constexpr (NVd > 0) {
+      if (in_place)
+        P.template decode_scores<NVd>(bh, qr, r0, rows, c0, P.k.rows(bh, c0, cols, kbuf.data()),
+                                      cols, s);
+      else
+        P.scores(bh, qr, ktb, ksb, r0, rows, c0, s, nullptr);
+    } else {
+      P.scores(bh, qr, ktb, ksb, r0, rows, c0, s, nullptr);
+    }
     for (int64_t r = 0; r < rows; ++r) {  // online softmax
       T* sr = s + r * kKeys;
       const T mx = row_max(sr, m[r]);
