@@ -303,13 +303,13 @@ def _environment(command: list[str]) -> dict:
     }
 
 
-def long_sequences(repeats: int) -> dict:
+def long_sequences(repeats: int, Ts=LONG_TS) -> dict:
     rows = ["dot", "l1"]
     result = _environment(sys.argv[1:])
     result["shape"] = {"B": B, "H": H, "D": D}
-    result["time"] = time_all(LONG_TS, rows, repeats, every_round=True)
-    result["memory"] = memory_all(LONG_TS, rows)
-    result["memory_forward"] = memory_all(LONG_TS, rows, forward=True)
+    result["time"] = time_all(Ts, rows, repeats, every_round=True)
+    result["memory"] = memory_all(Ts, rows)
+    result["memory_forward"] = memory_all(Ts, rows, forward=True)
     result["load_average_end"] = os.getloadavg()
     return result
 
@@ -530,6 +530,12 @@ def main() -> int:
     parser.add_argument(
         "--decode", action="store_true", help=f"one step against {DECODE_CACHE} cached tokens"
     )
+    parser.add_argument(
+        "--lengths",
+        type=lambda text: tuple(int(t) for t in text.split(",")),
+        default=LONG_TS,
+        help="--long: these T only (comma-separated)",
+    )
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--forward-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-case", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)
@@ -553,7 +559,7 @@ def main() -> int:
         suffix = f".threads{args.threads}" if args.threads and args.threads != 2 else ""
         if args.long:
             B = 1
-            result = long_sequences(repeats=3)
+            result = long_sequences(repeats=3, Ts=args.lengths)
             name = f"attention.long{suffix}"
             (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
             write_long_markdown(result, args.out / f"{name}.md")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -378,3 +380,18 @@ def test_decoding_reads_strided_keys(kind, p, layout, Tq):
         out = run(q, k, v, kind, scale, p)
     expected = reference(q, k, v, kind, scale, True, p=p or P)
     torch.testing.assert_close(out.double(), expected, atol=3e-5, rtol=1e-4)
+
+
+def test_the_kernel_refuses_to_build_without_the_kind_codes():
+    """common.h takes its enum from setup.py's -DTG_KIND_* flags (kernel_codes.py) and stops
+    without them, rather than fall back to codes of its own."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    header = Path(native.__file__).parent / "csrc" / "common.h"
+    cmd = [compiler, "-std=c++17", "-fsyntax-only", "-x", "c++", str(header)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0 and "TG_KIND_L1" in res.stderr
+    flags = [f"-DTG_KIND_{name.upper()}={code}" for name, code in KERNEL_CODES.items()]
+    res = subprocess.run([*cmd, *flags], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

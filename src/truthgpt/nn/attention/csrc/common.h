@@ -63,9 +63,15 @@ template <typename V, typename T>
 TG_INLINE void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
+// every lane x, by a broadcast (V{} + x would first add 0.0f to x as a scalar: without
+// fast-math the compiler must keep that add, since -0.0f + 0.0f is +0.0f)
 template <typename V, typename T>
 TG_INLINE V splat(T x) {
-  return V{} + x;
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I VI __attribute__((vector_size(sizeof(V))));
+  V v{};
+  v[0] = x;
+  return __builtin_shuffle(v, VI{});  // lane 0 everywhere: one broadcast instruction
 }
 // |x| by clearing the sign bit: one instruction (x < 0 ? -x : x is three)
 template <typename V>

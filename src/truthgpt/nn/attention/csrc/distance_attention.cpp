@@ -219,18 +219,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dscale = at::zeros({groups, B, H}, q.options());
   if (q.numel() == 0 || Tk == 0) return {dq.sum(0), dk.zero_(), dv.zero_(), dscale.sum({0, 1})};
   const at::Tensor scale2 = scale * 2;
-  at::Tensor kt = at::empty({B, H, D, Tkp}, q.options()), ksum = at::empty({B, H, Tkp}, q.options());
-  at::Tensor vt = at::empty({B, H, D, Tkp}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "distance_attention_backward", [&] {
-    transpose_keys(strided<scalar_t>(k), BH, Tk, Tkp, kt.data_ptr<scalar_t>(),
-                   ksum.data_ptr<scalar_t>());
-    transpose_keys(strided<scalar_t>(v), BH, Tk, Tkp, vt.data_ptr<scalar_t>(),
-                   static_cast<scalar_t*>(nullptr));
-    const auto P = make_problem<scalar_t>(q, k, v, kt.data_ptr<scalar_t>(),
-                                          ksum.data_ptr<scalar_t>(), Tkp, scale, bias, alibi,
+    // no shared transposition: each task transposes its own key tiles (passes.h)
+    const auto P = make_problem<scalar_t>(q, k, v, nullptr, nullptr, Tkp, scale, bias, alibi,
                                           kind, p, causal, dropout_p, seed);
     Grads<scalar_t> G{strided<scalar_t>(dout), strided<scalar_t>(out),
-                      lse.data_ptr<scalar_t>(),  vt.data_ptr<scalar_t>(),
+                      lse.data_ptr<scalar_t>(),
                       dq.data_ptr<scalar_t>(),   dk.data_ptr<scalar_t>(),
                       dv.data_ptr<scalar_t>(),   dscale.data_ptr<scalar_t>(),
                       scale2.data_ptr<scalar_t>(), groups};

@@ -47,7 +47,7 @@ struct Problem {
   // (the head dimension contiguous): the model's q, k, v are views of one projection, read
   // in place; a tile's rows are gathered into a buffer when they are not contiguous.
   Strided<T> q, k, v;
-  const T* kt;        // (B, H, D, Tkp): k transposed, keys along the lanes
+  const T* kt;        // (B, H, D, Tkp): k transposed, keys along the lanes (forward; or null)
   const T* ksum;      // (B, H, Tkp): sum_d k (l1)
   const T* scale;     // (H,)
   const T* bias;      // additive user mask (B, H, Tq, Tk) by the strides below, or null
@@ -68,16 +68,15 @@ struct Problem {
   // the score's derivative in lambda, which the term does not have). For l1, dist leaves out
   // the row constant sum_d q_d.
   // qr: the rows' queries, contiguous (Strided::rows).
-  // ktb, ksb: this head's kt and ksum (P.kt, P.ksum, or the task's own copy).
-  TG_INLINE void scores(int64_t bh, const T* qr, const T* ktb, const T* ksb, int64_t r0,
-                        int64_t rows, int64_t c0, T* s, T* dist) const {
-    const T* ktc = ktb + c0;
+  // ktc: the tile's keys transposed (D rows, ldk apart, from key c0 on); ksc: their sums.
+  TG_INLINE void scores(int64_t bh, const T* qr, const T* ktc, int64_t ldk, const T* ksc,
+                        int64_t r0, int64_t rows, int64_t c0, T* s, T* dist) const {
     const T lam = scale[bh % H];
     const int64_t n = rows * kKeys;
     switch (kind) {
       case kL1: {
-        score_tile<T, MinSum>(qr, rows, ktc, Tkp, D, s);
-        const T* ks = ksb + c0;
+        score_tile<T, MinSum>(qr, rows, ktc, ldk, D, s);
+        const T* ks = ksc;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < kKeys; ++c) {
             const T d = ks[c] - 2 * s[r * kKeys + c];
@@ -87,14 +86,14 @@ struct Problem {
         break;
       }
       case kL2:
-        score_tile<T, SqSum>(qr, rows, ktc, Tkp, D, s);
+        score_tile<T, SqSum>(qr, rows, ktc, ldk, D, s);
         for (int64_t i = 0; i < n; ++i) s[i] = std::sqrt(s[i]);
         break;
       case kChebyshev:
-        score_tile<T, AbsMax>(qr, rows, ktc, Tkp, D, s);
+        score_tile<T, AbsMax>(qr, rows, ktc, ldk, D, s);
         break;
       case kLp:
-        lp_tile<T>(qr, rows, ktc, Tkp, D, p, s);
+        lp_tile<T>(qr, rows, ktc, ldk, D, p, s);
         if constexpr (std::is_same_v<T, float>) {  // d = (sum)^(1/p) on the lanes
           using V = Vec<float>::type;
           for (int64_t i = 0; i < n; i += Vec<float>::W)
@@ -195,6 +194,29 @@ TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64
   }
 }
 
+// xt (D, kKeys) = keys [c0, c0 + cols) of head bh transposed, zero-padded; xsum (kKeys) = their
+// sums (if not null)
+template <typename T>
+TG_INLINE void transpose_tile(const Strided<T>& x, int64_t bh, int64_t c0, int64_t cols, T* xt,
+                              T* xsum) {
+  constexpr int64_t kBlock = 16;  // keys at a time: each write fills a cache line, not a word
+  const int64_t D = x.D;
+  for (int64_t i0 = 0; i0 < kKeys; i0 += kBlock) {
+    const T* rows[kBlock];
+    for (int64_t i = 0; i < kBlock; ++i) rows[i] = i0 + i < cols ? x.row(bh, c0 + i0 + i) : nullptr;
+    for (int64_t d = 0; d < D; ++d) {
+      T* out = xt + d * kKeys + i0;
+      for (int64_t i = 0; i < kBlock; ++i) out[i] = rows[i] ? rows[i][d] : T(0);
+    }
+    if (xsum)
+      for (int64_t i = 0; i < kBlock; ++i) {
+        T sum = 0;
+        for (int64_t d = 0; rows[i] && d < D; ++d) sum += rows[i][d];
+        xsum[i0 + i] = sum;
+      }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward: one task per (batch*head, row tile), the heaviest (last rows, causal) first
 
@@ -231,9 +253,9 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
         P.template decode_scores<NVd>(bh, qr, r0, rows, c0, P.k.rows(bh, c0, cols, kbuf.data()),
                                       cols, s);
       else
-        P.scores(bh, qr, ktb, ksb, r0, rows, c0, s, nullptr);
+        P.scores(bh, qr, ktb + c0, P.Tkp, ksb + c0, r0, rows, c0, s, nullptr);
     } else {
-      P.scores(bh, qr, ktb, ksb, r0, rows, c0, s, nullptr);
+      P.scores(bh, qr, ktb + c0, P.Tkp, ksb + c0, r0, rows, c0, s, nullptr);
     }
     for (int64_t r = 0; r < rows; ++r) {  // online softmax
       T* sr = s + r * kKeys;
@@ -264,7 +286,6 @@ template <typename T>
 struct Grads {
   Strided<T> dout, out;  // (B, H, Tq, D)
   const T* lse;    // (B, H, Tq)
-  const T* vt;     // (B, H, D, Tkp): v transposed
   T* dq;           // (groups, B, H, Tq, D); l1: sum dS [q < k], scaled by 2 lambda afterwards
   T* dk;           // (B, H, Tk, D)
   T* dv;           // (B, H, Tk, D)
@@ -283,6 +304,10 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
   alignas(64) T s[kRows * kKeys], dist[kRows * kKeys], dp[kRows * kKeys], pd[kRows * kKeys];
   std::vector<T> dk_acc(kKeys * D), dv_acc(kKeys * D);
   std::vector<T> qbuf(kRows * D), kbuf(kKeys * D), dobuf(kRows * D), delta(P.Tq);
+  // the task's key tile, k and v transposed: each key tile belongs to one task, so it is
+  // transposed once, here, and no (B, H, D, Tk) copy is held
+  std::vector<T> kt(D * kKeys), vt(D * kKeys);
+  alignas(64) T ksum[kKeys];
   alignas(64) T colsum[kKeys];
   for (int64_t r = 0; r < P.Tq; ++r) {  // delta = dO . O for every row (holds with dropout)
     const T* a = G.dout.row(bh, r);
@@ -300,6 +325,8 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
   for (int64_t ti = group; ti < nkt; ti += G.groups) {
     const int64_t c0 = ti * kKeys, cols = std::min(kKeys, P.Tk - c0);
     const T* kc = P.k.rows(bh, c0, cols, kbuf.data());
+    transpose_tile(P.k, bh, c0, cols, kt.data(), ksum);
+    transpose_tile(P.v, bh, c0, cols, vt.data(), static_cast<T*>(nullptr));
     std::fill(dk_acc.begin(), dk_acc.end(), T(0));
     std::fill(dv_acc.begin(), dv_acc.end(), T(0));
     std::fill(colsum, colsum + kKeys, T(0));
@@ -307,10 +334,10 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
       const int64_t rows = std::min(kRows, P.Tq - r0);
       const T* qr = P.q.rows(bh, r0, rows, qbuf.data());
       const T* dor = G.dout.rows(bh, r0, rows, dobuf.data());
-      P.scores(bh, qr, P.kt + bh * D * P.Tkp, P.ksum + bh * P.Tkp, r0, rows, c0, s, dist);
+      P.scores(bh, qr, kt.data(), kKeys, ksum, r0, rows, c0, s, dist);
       for (int64_t r = 0; r < rows; ++r)  // probabilities from the saved log-sum-exp
         exp_row(s + r * kKeys, G.lse[bh * P.Tq + r0 + r]);
-      score_tile<T, Dot>(dor, rows, G.vt + bh * D * P.Tkp + c0, P.Tkp, D, dp);  // dP = dO v^T
+      score_tile<T, Dot>(dor, rows, vt.data(), kKeys, D, dp);  // dP = dO v^T
       if (P.dropout_p > 0) {  // dv sees the dropped weights; dP passes through the same mask
         std::memcpy(pd, s, sizeof(T) * rows * kKeys);
         P.drop(bh, r0, rows, c0, cols, pd);
