@@ -11,6 +11,9 @@
 namespace truthgpt_native {
 
 constexpr int64_t kRows = 64;  // query rows per tile
+// query rows per forward task: each key tile it loads (k transposed, v) serves this many rows,
+// so at long lengths k and v stream from the shared cache half as often as with kRows
+constexpr int64_t kForwardRows = 2 * kRows;
 constexpr int64_t kKeys = 64;  // keys per tile (a multiple of every vector width)
 constexpr int64_t kDecodeRows = 8;  // at most this many queries: a decoding step
 constexpr double kMask = -1e30;  // masked score: finite, so exp(m_old - m_new) stays defined

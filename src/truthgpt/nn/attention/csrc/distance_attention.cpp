@@ -96,8 +96,8 @@ Strided<T> strided(const at::Tensor& x) {
   return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), x.size(1), x.size(3)};
 }
 
-// xt (B, H, D, Tkp) = x transposed, zero-padded; xsum (B, H, Tkp) = sum_d x (if not null):
-// one task per head, in the kernel's own parallel region (no ATen copies).
+// xt (B, H, Tkp / kKeys, D, kKeys) = x transposed tile by tile, zero-padded; xsum (B, H, Tkp) =
+// sum_d x (if not null): one task per head, in the kernel's own parallel region (no ATen copies).
 template <typename T>
 void transpose_keys(const Strided<T>& x, int64_t BH, int64_t Tk, int64_t Tkp, T* xt, T* xsum) {
   run_tasks(BH, [&](int64_t bh) {
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tenso
                                           kind, p, causal, dropout_p, seed);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* l = lse.data_ptr<scalar_t>();
-    run_tasks(B * H * ((Tq + kRows - 1) / kRows),
+    run_tasks(B * H * ((Tq + kForwardRows - 1) / kForwardRows),
               [&](int64_t t) { forward_tasks(P, t, t + 1, o, l); });
   });
   return {out, lse};

@@ -47,7 +47,10 @@ struct Problem {
   // (the head dimension contiguous): the model's q, k, v are views of one projection, read
   // in place; a tile's rows are gathered into a buffer when they are not contiguous.
   Strided<T> q, k, v;
-  const T* kt;        // (B, H, D, Tkp): k transposed, keys along the lanes (forward; or null)
+  // (B, H, Tkp / kKeys, D, kKeys): k transposed tile by tile, keys along the lanes (forward; or
+  // null). Tile-major: a (D, Tk) transpose would put a tile's D rows Tk floats apart, at long
+  // power-of-two lengths all in the same L1 sets, which thrashes them.
+  const T* kt;
   const T* ksum;      // (B, H, Tkp): sum_d k (l1)
   const T* scale;     // (H,)
   const T* bias;      // additive user mask (B, H, Tq, Tk) by the strides below, or null
@@ -172,7 +175,8 @@ struct Problem {
   }
 };
 
-// xt (D, Tkp) = head bh of x transposed, zero-padded; xsum (Tkp) = sum_d x (if not null)
+// xt (Tkp / kKeys, D, kKeys) = head bh of x transposed tile by tile, zero-padded; xsum (Tkp) =
+// sum_d x (if not null)
 template <typename T>
 TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64_t Tkp, T* xt,
                               T* xsum) {
@@ -182,7 +186,7 @@ TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64
     const T* rows[kBlock];
     for (int64_t i = 0; i < kBlock; ++i) rows[i] = c0 + i < Tk ? x.row(bh, c0 + i) : nullptr;
     for (int64_t d = 0; d < D; ++d) {
-      T* out = xt + d * Tkp + c0;
+      T* out = xt + (c0 / kKeys) * D * kKeys + d * kKeys + c0 % kKeys;
       for (int64_t i = 0; i < kBlock; ++i) out[i] = rows[i] ? rows[i][d] : T(0);
     }
     if (xsum)
@@ -218,20 +222,20 @@ TG_INLINE void transpose_tile(const Strided<T>& x, int64_t bh, int64_t c0, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// forward: one task per (batch*head, row tile), the heaviest (last rows, causal) first
+// forward: one task per (batch*head, kForwardRows rows), the heaviest (last rows, causal) first
 
 template <typename T, int NVd>
 TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
-  const int64_t BH = P.B * P.H, nrt = (P.Tq + kRows - 1) / kRows;
+  const int64_t BH = P.B * P.H, nrt = (P.Tq + kForwardRows - 1) / kForwardRows;
   const int64_t bh = task % BH, rt = nrt - 1 - task / BH;
-  const int64_t r0 = rt * kRows, rows = std::min(kRows, P.Tq - r0), D = P.D;
-  alignas(64) T s[kRows * kKeys];
-  T m[kRows], l[kRows];
+  const int64_t r0 = rt * kForwardRows, rows = std::min(kForwardRows, P.Tq - r0), D = P.D;
+  alignas(64) T s[kForwardRows * kKeys];
+  T m[kForwardRows], l[kForwardRows];
   T* o = out + P.rows_at(bh) + r0 * D;  // accumulated in place
   std::fill(o, o + rows * D, T(0));
   std::fill(m, m + rows, T(kMask));
   std::fill(l, l + rows, T(0));
-  std::vector<T> qbuf(kRows * D), vbuf(kKeys * D), kbuf, own_kt, own_ksum;
+  std::vector<T> qbuf(kForwardRows * D), vbuf(kKeys * D), kbuf, own_kt, own_ksum;
   const T* qr = P.q.rows(bh, r0, rows, qbuf.data());
   const T* ktb = P.kt ? P.kt + bh * D * P.Tkp : nullptr;
   const T* ksb = P.kt ? P.ksum + bh * P.Tkp : nullptr;
@@ -253,9 +257,9 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
         P.template decode_scores<NVd>(bh, qr, r0, rows, c0, P.k.rows(bh, c0, cols, kbuf.data()),
                                       cols, s);
       else
-        P.scores(bh, qr, ktb + c0, P.Tkp, ksb + c0, r0, rows, c0, s, nullptr);
+        P.scores(bh, qr, ktb + c0 * D, kKeys, ksb + c0, r0, rows, c0, s, nullptr);
     } else {
-      P.scores(bh, qr, ktb + c0, P.Tkp, ksb + c0, r0, rows, c0, s, nullptr);
+      P.scores(bh, qr, ktb + c0 * D, kKeys, ksb + c0, r0, rows, c0, s, nullptr);
     }
     for (int64_t r = 0; r < rows; ++r) {  // online softmax
       T* sr = s + r * kKeys;
