@@ -18,7 +18,7 @@ $(BIN)/python:
 # build (TRUTHGPT_REQUIRE_NATIVE=1, checked again by the tests); without one the install goes
 # on and attention falls back to the compiled or eager kernels.
 PIP_PINNED = $(BIN)/pip install --quiet -c constraints.txt
-NATIVE_SRC := $(wildcard src/truthgpt/nn/attention/csrc/*.cpp src/truthgpt/nn/attention/csrc/*.h)
+NATIVE_SRC := $(wildcard src/truthgpt/nn/attention/csrc/*.cpp src/truthgpt/nn/attention/csrc/*.h) src/truthgpt/core/kernel_codes.py
 export TRUTHGPT_REQUIRE_NATIVE := $(shell command -v c++ >/dev/null 2>&1 && echo 1 || echo 0)
 
 $(STAMP): pyproject.toml constraints.txt setup.py $(NATIVE_SRC) | $(BIN)/python

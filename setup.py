@@ -6,6 +6,7 @@ Everything else about the package is in pyproject.toml.
 """
 
 import os
+import runpy
 import sys
 from pathlib import Path
 
@@ -31,6 +32,11 @@ class OptionalBuildExtension(BuildExtension):
 
 
 CSRC = "src/truthgpt/nn/attention/csrc"
+# The kind codes, from the registry's own table (by path: the package is not installed yet),
+# as -DTG_KIND_L1=0 ...: csrc/common.h builds its enum from them and stops without them.
+CODES_FILE = Path(__file__).resolve().parent / "src/truthgpt/core/kernel_codes.py"
+KERNEL_CODES = runpy.run_path(str(CODES_FILE))["KERNEL_CODES"]
+KIND_MACROS = [f"-DTG_KIND_{name.upper()}={code}" for name, code in KERNEL_CODES.items()]
 native = CppExtension(
     "truthgpt.nn.attention._native",
     # the host code first: it parses ATen's headers, the longest of the four compiles
@@ -41,7 +47,14 @@ native = CppExtension(
     depends=[str(p) for p in sorted(Path(CSRC).glob("*.h"))],
     # -fno-math-errno lets sqrt vectorise; nothing here changes the floating-point
     # environment (no -ffast-math: it would flush subnormals to zero process-wide).
-    extra_compile_args=["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wno-unused-function"],
+    extra_compile_args=[
+        "-O3",
+        "-g0",
+        "-fopenmp",
+        "-fno-math-errno",
+        "-Wno-unused-function",
+        *KIND_MACROS,
+    ],
     extra_link_args=["-fopenmp"],
 )
 

@@ -4,6 +4,8 @@
     python benchmarks/attention.py --quick       # T in 64, 256, two repeats (attention.quick.*)
     python benchmarks/attention.py --load        # also with a busy process on one core
     python benchmarks/attention.py --spread      # only the default-λ score spreads
+    python benchmarks/attention.py --threads 2 --long    # B=1, H=8, D=64, T in 2048 ... 16384
+    python benchmarks/attention.py --threads 2 --decode  # one token against 8192 cached ones
 
 Rows are `kind` (the default backend: native for l1, l2, chebyshev, lp) and `kind@backend`
 for the other backends of the blocked kinds (compiled, eager). Each runs `distance_attention`
@@ -15,6 +17,15 @@ high-water mark (VmHWM, reset through /proc/self/clear_refs) minus the resident 
 the measured call; glibc is told to serve every allocation over 64 KiB with mmap
 (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the resident set at once.
 Results: benchmarks/results/attention[.threadsN].json and .md.
+
+--long: dot and l1 only, B=1 (B·H = 8), T in 2048, 4096, 8192, 16384; the same interleaved
+ratios (at least three rounds each, however slow) and peak memory of forward + backward and
+of the forward alone, in benchmarks/results/attention.long.json and .md, with the CPU model
+and the load averages.
+--decode: one decoding step (Tq = 1) against a cache of 8192 tokens, B=1, H=8, D=64, fp32,
+under no_grad: the keys and values are views [:, :, :8192] of (B, H, capacity, D) buffers, as
+nn/cache.py's LayerCache passes them; interleaved steps of each kind against dot.
+Results: benchmarks/results/attention.decode.json and .md.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import torch
 from truthgpt.nn.attention import default_lambda, distance_attention
 from truthgpt.nn.attention import kinds as distance_kinds
 
-B, H, D = 4, 8, 64
+B, H, D = 4, 8, 64  # --long sets B = 1
 P = 3.0  # exponent for kind="lp"
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,11 +92,12 @@ def forward_only(row: str, q, k, v, grad) -> float:
 SLOW_S = 5.0  # a case slower than this is repeated once only (it dwarfs the noise anyway)
 
 
-def time_all(Ts, rows, repeats: int) -> dict:
+def time_all(Ts, rows, repeats: int, every_round: bool = False) -> dict:
     """Interleaved rounds; per (T, row): the median over rounds of the ratio to SDPA dot.
 
     Short sequences get more rounds (repeats · 1024 / T, at most 4x): their runs take
     milliseconds, where one time slice lost to another process is a large error.
+    every_round: slow cases too run in every round (--long: the ratio is the point).
     """
     out: dict = {}
     for T in Ts:
@@ -94,7 +106,7 @@ def time_all(Ts, rows, repeats: int) -> dict:
         row_kinds = [r for r in rows if not (r == "l1@eager" and T > 1024)]
         slow = set()
         for row in row_kinds:  # warm-up: compile, allocator, caches
-            if sum(fwd_bwd(row, *inputs)) >= SLOW_S:
+            if sum(fwd_bwd(row, *inputs)) >= SLOW_S and not every_round:
                 slow.add(row)
             forward_only(row, *inputs)
         train: dict = {row: [] for row in row_kinds}
@@ -138,24 +150,29 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_case(kind: str, T: int) -> int:
-    """Peak bytes above the resident set during one forward + backward (run in a subprocess)."""
+def memory_case(kind: str, T: int, forward: bool = False) -> int:
+    """Peak bytes above the resident set during one forward + backward (or, forward: one
+    forward under no_grad), run in a subprocess."""
     inputs = make_inputs(T)
-    if sum(fwd_bwd(kind, *inputs)) < SLOW_S:  # a second warm-up unless slow
-        fwd_bwd(kind, *inputs)
+    call = forward_only if forward else fwd_bwd
+    first = call(kind, *inputs)
+    if (first if forward else sum(first)) < SLOW_S:  # a second warm-up unless slow
+        call(kind, *inputs)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")
-    fwd_bwd(kind, *inputs)
+    call(kind, *inputs)
     peak = _status_kib("VmHWM")
     return (peak - before) * 1024
 
 
 def _case_cmd(*case: str) -> list[str]:
-    """Command line re-running this script for one case, with the same torch threads."""
-    return [sys.executable, __file__, *case, "--threads", str(torch.get_num_threads())]
+    """Command line re-running this script for one case, with the same torch threads and
+    batch size."""
+    threads = str(torch.get_num_threads())
+    return [sys.executable, __file__, *case, "--threads", threads, "--batch", str(B)]
 
 
-def memory_all(Ts, kinds) -> dict:
+def memory_all(Ts, kinds, forward: bool = False) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out: dict = {}
     for T in Ts:
@@ -163,14 +180,14 @@ def memory_all(Ts, kinds) -> dict:
         for kind in kinds:
             if kind == "l1@eager":
                 continue
-            cmd = _case_cmd("--memory-case", kind, str(T))
+            cmd = _case_cmd("--memory-case", kind, str(T), *(["--forward-only"] * forward))
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             out[T][kind] = {"peak_bytes": json.loads(res.stdout.strip().splitlines()[-1])}
         dot = out[T]["dot"]["peak_bytes"]
         for kind in out[T]:
             out[T][kind]["memory_ratio"] = out[T][kind]["peak_bytes"] / dot
         print(
-            f"T={T:5d} peak/SDPA: "
+            f"T={T:5d} peak/SDPA ({'forward' if forward else 'fwd+bwd'}): "
             + "  ".join(f"{kd} {v['memory_ratio']:.2f}" for kd, v in out[T].items()),
             flush=True,
         )
@@ -254,6 +271,168 @@ def spread_table(dims=(16, 32, 64, 128)) -> dict:
             row[name] = (default_lambda(kind, D_, p=p) * s).std(dim=1).mean().item()
         table[D_] = row
     return table
+
+
+# --------------------------------------------------------------------------------------------
+# long sequences, and one decoding step against a long cache
+
+
+LONG_TS = (2048, 4096, 8192, 16384)
+
+
+def cpu_model() -> str:
+    """lscpu's model name (the machine's CPU), or platform's guess without lscpu."""
+    try:
+        res = subprocess.run(["lscpu"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.machine()
+    for line in res.stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def _environment(command: list[str]) -> dict:
+    return {
+        "command": "python " + " ".join(["benchmarks/attention.py", *command]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu_model": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def long_sequences(repeats: int, Ts=LONG_TS) -> dict:
+    rows = ["dot", "l1"]
+    result = _environment(sys.argv[1:])
+    result["shape"] = {"B": B, "H": H, "D": D}
+    result["time"] = time_all(Ts, rows, repeats, every_round=True)
+    result["memory"] = memory_all(Ts, rows)
+    result["memory_forward"] = memory_all(Ts, rows, forward=True)
+    result["load_average_end"] = os.getloadavg()
+    return result
+
+
+DECODE_CACHE = 8192
+
+
+def decode_steps(kinds, rounds: int, steps: int) -> dict:
+    """Per kind, the median over rounds of (time of `steps` steps / dot's in the same round).
+
+    The cache is a (B, H, capacity, D) buffer and each step reads the view [:, :, :8192], as
+    LayerCache hands it to attention; the query is a new (B, H, 1, D) row every step.
+    """
+    g = torch.Generator().manual_seed(0)
+    capacity = DECODE_CACHE + 256
+    k_buf, v_buf = (torch.randn(1, H, capacity, D, generator=g) for _ in range(2))
+    k, v = k_buf[:, :, :DECODE_CACHE], v_buf[:, :, :DECODE_CACHE]
+    queries = torch.randn(steps, 1, H, 1, D, generator=g)
+    scales = {kd: torch.full((H,), default_lambda(kd, D, p=P)) for kd in kinds}
+
+    def run(kind: str) -> float:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for q in queries:
+                distance_attention(q, k, v, kind, scales[kind], p=P)
+            return time.perf_counter() - t0
+
+    for kind in kinds:  # warm-up
+        run(kind)
+    times: dict = {kd: [] for kd in kinds}
+    for _ in range(rounds):
+        for kind in kinds:
+            times[kind].append(run(kind))
+    out = {}
+    for kind in kinds:
+        ratios = [a / b for a, b in zip(times[kind], times["dot"], strict=True)]
+        out[kind] = {
+            "step_median_us": statistics.median(times[kind]) / steps * 1e6,
+            "ratio": statistics.median(ratios),
+            "ratio_quartiles": statistics.quantiles(ratios, n=4),
+        }
+    print(
+        f"decode, cache {DECODE_CACHE}: "
+        + "  ".join(
+            f"{kd} {r['ratio']:.2f} ({r['step_median_us']:.0f} us)" for kd, r in out.items()
+        ),
+        flush=True,
+    )
+    return out
+
+
+def _load_line(result: dict) -> str:
+    return (
+        "Load average (1, 5, 15 min) at start: "
+        + ", ".join(f"{x:.2f}" for x in result["load_average_start"])
+        + "; at end: "
+        + ", ".join(f"{x:.2f}" for x in result["load_average_end"])
+        + f" ({os.cpu_count()} cores)."
+    )
+
+
+def write_long_markdown(result: dict, path: Path) -> None:
+    shape = result["shape"]
+    lines = [
+        "# Long sequences: L1 (native kernel) against SDPA (CPU)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"CPU: {result['cpu_model']} ({result['machine']}), torch {result['torch']}, "
+        f"{result['threads']} threads.  ",
+        f"Shapes: B={shape['B']}, H={shape['H']}, D={shape['D']}, causal, fp32, per-head "
+        "scale. Ratios: medians over interleaved rounds of (l1 time / SDPA dot time in the same "
+        "round).  ",
+        _load_line(result),
+        "",
+        "| T | SDPA fwd+bwd (ms) | l1 fwd+bwd / SDPA | SDPA forward (ms) | l1 forward / SDPA "
+        "| rounds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for T, row in result["time"].items():
+        dot, l1 = row["dot"], row["l1"]
+        lines.append(
+            f"| {T} | {dot['median_s'] * 1e3:.0f} | {l1['time_ratio']:.2f} | "
+            f"{dot['forward_median_s'] * 1e3:.0f} | {l1['forward_ratio']:.2f} | {l1['rounds']} |"
+        )
+    lines += [
+        "",
+        "## Peak memory / SDPA (resident set above the inputs; fresh process per case)",
+        "",
+        "| T | SDPA fwd+bwd (MiB) | l1 fwd+bwd / SDPA | SDPA forward (MiB) | l1 forward / SDPA |",
+        "|---|---|---|---|---|",
+    ]
+    for T, row in result["memory"].items():
+        fwd = result["memory_forward"][T]
+        lines.append(
+            f"| {T} | {row['dot']['peak_bytes'] / 2**20:.0f} | {row['l1']['memory_ratio']:.2f} "
+            f"| {fwd['dot']['peak_bytes'] / 2**20:.0f} | {fwd['l1']['memory_ratio']:.2f} |"
+        )
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def write_decode_markdown(result: dict, path: Path) -> None:
+    lines = [
+        f"# One decoding step against {DECODE_CACHE} cached tokens (CPU)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"CPU: {result['cpu_model']} ({result['machine']}), torch {result['torch']}, "
+        f"{result['threads']} threads.  ",
+        f"B=1, H={H}, D={D}, Tq=1, fp32, no_grad; k and v are views [:, :, :{DECODE_CACHE}] of "
+        f"(B, H, capacity, D) buffers. {result['rounds']} interleaved rounds of "
+        f"{result['steps']} steps per kind; ratio = median over rounds of (kind / dot).  ",
+        _load_line(result),
+        "",
+        "| kind | step (us, median) | / dot | quartiles of the ratio |",
+        "|---|---|---|---|",
+    ]
+    for kind, r in result["decode"].items():
+        q1, _, q3 = r["ratio_quartiles"]
+        lines.append(
+            f"| {kind} | {r['step_median_us']:.0f} | {r['ratio']:.2f} | {q1:.2f} - {q3:.2f} |"
+        )
+    lines.append("")
+    path.write_text("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +524,20 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: torch's, here one per core)"
     )
+    parser.add_argument(
+        "--long", action="store_true", help="dot and l1 at B=1, T in 2048 ... 16384"
+    )
+    parser.add_argument(
+        "--decode", action="store_true", help=f"one step against {DECODE_CACHE} cached tokens"
+    )
+    parser.add_argument(
+        "--lengths",
+        type=lambda text: tuple(int(t) for t in text.split(",")),
+        default=LONG_TS,
+        help="--long: these T only (comma-separated)",
+    )
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--forward-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-case", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--first-call-case", metavar="ROW", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -352,10 +545,35 @@ def main() -> int:
     )
     args = parser.parse_args()
 
+    global B
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch:
+        B = args.batch
     if args.memory_case:
-        print(json.dumps(memory_case(args.memory_case[0], int(args.memory_case[1]))))
+        kind, T = args.memory_case[0], int(args.memory_case[1])
+        print(json.dumps(memory_case(kind, T, args.forward_only)))
+        return 0
+    if args.long or args.decode:
+        args.out.mkdir(parents=True, exist_ok=True)
+        suffix = f".threads{args.threads}" if args.threads and args.threads != 2 else ""
+        if args.long:
+            B = 1
+            result = long_sequences(repeats=3, Ts=args.lengths)
+            name = f"attention.long{suffix}"
+            (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_long_markdown(result, args.out / f"{name}.md")
+            print(f"wrote {args.out / name}.json and .md")
+        if args.decode:
+            result = _environment(sys.argv[1:])
+            rounds, steps = 40, 20
+            result.update(rounds=rounds, steps=steps)
+            result["decode"] = decode_steps(["dot", "l1", "l2", "chebyshev"], rounds, steps)
+            result["load_average_end"] = os.getloadavg()
+            name = f"attention.decode{suffix}"
+            (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_decode_markdown(result, args.out / f"{name}.md")
+            print(f"wrote {args.out / name}.json and .md")
         return 0
     if args.first_call_case:
         print(json.dumps(first_call_case(args.first_call_case)))

@@ -7,26 +7,39 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from test_attention import REFERENCE_DISTANCES, P, make
-from truthgpt.nn.attention import distance_attention, kinds, native, triton_kernels
+from truthgpt.nn.attention import backends, distance_attention, kinds, native, triton_kernels
 from truthgpt.nn.attention.functional import alibi_slopes
 
 KINDS = kinds.names()
 BLOCKED_KINDS = kinds.names("blocked")
 
 
+def hand_bias(slopes, Tq, Tk):
+    """−m_h·|i + Tk − Tq − j|, written out element by element."""
+    bias = torch.zeros(len(slopes), Tq, Tk, dtype=torch.float64)
+    for h in range(len(slopes)):
+        for i in range(Tq):
+            for j in range(Tk):
+                bias[h, i, j] = -float(slopes[h]) * abs(i + Tk - Tq - j)
+    return bias
+
+
 def reference(q, k, v, kind, scale, slopes, causal=True, attn_mask=None, p=P):
-    """Naive float64 attention with the position term written out element by element."""
+    """Naive float64 attention with the position term added by hand."""
     q, k, v = q.double(), k.double(), v.double()
     s = scale.double().view(1, -1, 1, 1) if isinstance(scale, torch.Tensor) else scale
     scores = -s * REFERENCE_DISTANCES[kind](q, k, p)
     H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
-    bias = torch.zeros(H, Tq, Tk, dtype=torch.float64)
-    for h in range(H):
-        for i in range(Tq):
-            for j in range(Tk):
-                bias[h, i, j] = -float(slopes[h]) * abs(i + Tk - Tq - j)
+    if Tq * Tk <= 100:
+        bias = hand_bias(slopes, Tq, Tk)
+    else:  # the same formula on index tensors (checked against hand_bias below)
+        i = torch.arange(Tq, dtype=torch.float64)[:, None] + (Tk - Tq)
+        j = torch.arange(Tk, dtype=torch.float64)[None, :]
+        bias = -slopes.double().view(H, 1, 1) * (i - j).abs()
     scores = scores + bias
     if causal:
         i = torch.arange(Tq)[:, None]
@@ -67,6 +80,14 @@ def test_every_kind_on_its_own_path(kind, causal):
     exp = torch.autograd.grad(want, (q, k, v, scale), g)
     for a, b in zip(got, exp, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_reference_bias_on_indices_is_the_hand_written_one():
+    slopes = torch.tensor([0.5, 0.125, 2.0])
+    i = torch.arange(4, dtype=torch.float64)[:, None] + 5
+    j = torch.arange(9, dtype=torch.float64)[None, :]
+    vectorised = -slopes.double().view(3, 1, 1) * (i - j).abs()
+    torch.testing.assert_close(vectorised, hand_bias(slopes, 4, 9))
 
 
 def _backends() -> list[str]:
@@ -122,3 +143,148 @@ def test_bad_slopes_are_named(alibi, message):
     q, k, v = make()
     with pytest.raises(ValueError, match=message):
         distance_attention(q, k, v, "l1", 1.0, alibi=alibi)
+
+
+# --------------------------------------------------------------------------------------------
+# the kernels compute the term themselves: no fallback to the plain path
+
+
+def _kernel_backends() -> list[str]:
+    return ["eager"] + (["native"] if native.available() else [])
+
+
+@pytest.fixture
+def no_plain_path(monkeypatch):
+    """Any call that would fall back to the plain path fails instead."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the call fell back to the plain path")
+
+    monkeypatch.setattr(backends, "run_plain", refuse)
+
+
+def test_the_fixture_catches_a_fallback(no_plain_path):
+    """One decoding step on a blocked backend takes the plain path on purpose: it now fails,
+    so the fixture does catch a fallback."""
+    q, k, v = make(Tq=1, Tk=4)
+    with pytest.raises(AssertionError, match="plain path"):
+        distance_attention(q, k, v, "l1", 1.0, alibi=alibi_slopes(3), backend="eager")
+
+
+@pytest.mark.parametrize("backend", _kernel_backends())
+@pytest.mark.parametrize("kind", BLOCKED_KINDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernels_compute_the_term_themselves(no_plain_path, backend, kind, causal):
+    """Across several of the kernels' tiles (64 keys, native; 32, eager), Tq < Tk."""
+    if backend == "native" and kinds.get(kind).kernel.native_code is None:
+        pytest.skip("not a native kind")
+    q, k, v = make(B=1, H=2, Tq=70, Tk=150, D=8, dtype=torch.float64, grad=True, seed=3)
+    scale = torch.tensor([0.4, 0.9], dtype=torch.float64, requires_grad=True)
+    slopes = torch.tensor([0.05, 0.3], dtype=torch.float64)
+    out = distance_attention(
+        q, k, v, kind, scale, causal=causal, p=P, alibi=slopes, backend=backend
+    )
+    want = reference(q, k, v, kind, scale, slopes, causal)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, scale), g)
+    exp = torch.autograd.grad(want, (q, k, v, scale), g)
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernel not built")
+
+
+@needs_native
+@pytest.mark.parametrize("Tq", [1, 3, 8])  # the decoding path: one task per head
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_native_decoding_steps(no_plain_path, Tq, kind):
+    q, k, v = make(B=2, H=3, Tq=Tq, Tk=200, D=16, seed=5)
+    slopes = alibi_slopes(3)
+    scale = torch.tensor([0.5, 0.8, 1.1])
+    with torch.no_grad():
+        out = distance_attention(q, k, v, kind, scale, alibi=slopes, backend="native")
+    want = reference(q, k, v, kind, scale, slopes)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["l1", "l2", "chebyshev", "lp"])
+@pytest.mark.parametrize("D", [3, 8])  # 8: the vector code in float64; 3: plain loops
+def test_native_gradcheck_with_alibi(kind, D):
+    """q, k, v and λ: λ's gradient −Σ dS·d does not see the position term."""
+    q, k, v = make(B=1, H=2, Tq=66, Tk=70, D=D, dtype=torch.float64, grad=True, seed=6)
+    scale = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
+    slopes = torch.tensor([0.02, 0.25], dtype=torch.float64)
+
+    def f(q, k, v, scale):
+        return native.native_attention(q, k, v, kind, scale, p=P, alibi=slopes)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, scale), fast_mode=True)
+
+
+@needs_native
+def test_native_lambda_gradient_is_minus_ds_times_distance():
+    """dλ_h = −Σ dS·d written out: the score's derivative in λ, the position term aside."""
+    q, k, v = make(B=1, H=2, Tq=9, Tk=9, D=4, dtype=torch.float64, seed=7)
+    scale = torch.tensor([0.6, 1.1], dtype=torch.float64, requires_grad=True)
+    slopes = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    out = native.native_attention(q, k, v, "l1", scale, alibi=slopes)
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, scale, g)
+    dist = REFERENCE_DISTANCES["l1"](q, k, P)
+    scores = (-scale.detach().view(1, 2, 1, 1) * dist + hand_bias(slopes, 9, 9)).masked_fill(
+        torch.ones(9, 9, dtype=torch.bool).triu(1), -math.inf
+    )
+    prob = torch.softmax(scores, -1)
+    dp = g @ v.transpose(-1, -2)
+    ds = prob * (dp - (dp * prob).sum(-1, keepdim=True))
+    torch.testing.assert_close(got, -(ds * dist).sum((0, 2, 3)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    backend=st.sampled_from(_kernel_backends()),
+    kind=st.sampled_from(["l1", "l2", "chebyshev", "lp"]),
+    H=st.integers(1, 3),
+    Tq=st.integers(1, 90),
+    extra=st.integers(0, 80),
+    D=st.sampled_from([1, 3, 8]),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    slopes=st.lists(st.floats(0.0, 2.0), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_property(backend, kind, H, Tq, extra, D, causal, masked, slopes, seed):
+    """Output and the gradients of q, k, v and λ equal the reference for any shape, slopes
+    (zero included), causal or not, with a boolean mask that may leave rows with no key."""
+    Tk = Tq + extra
+    if backend == "eager" and Tq == 1:
+        Tq = 2  # one decoding step is the plain path's on purpose (backends._blocked)
+        Tk = max(Tk, Tq)
+    q, k, v = make(B=2, H=H, Tq=Tq, Tk=Tk, D=D, dtype=torch.float64, grad=True, seed=seed)
+    scale = torch.linspace(0.3, 1.2, H, dtype=torch.float64).requires_grad_()
+    m = torch.tensor(slopes[:H], dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, Tq, Tk, generator=torch.Generator().manual_seed(seed)) > 0.3
+    run_plain = backends.run_plain
+    try:
+        backends.run_plain = _refuse_plain
+        out = distance_attention(
+            q, k, v, kind, scale, causal=causal, attn_mask=mask, p=P, alibi=m, backend=backend
+        )
+    finally:
+        backends.run_plain = run_plain
+    want = reference(q, k, v, kind, scale, m, causal, mask)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, scale), g)
+    exp = torch.autograd.grad(want, (q, k, v, scale), g)
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _refuse_plain(*args, **kwargs):
+    raise AssertionError("the call fell back to the plain path")

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernel_codes import KERNEL_CODES
+
 # Cosine normalises q and k; a zero vector is divided by this instead of by 0.
 COSINE_EPS = 1e-6
 
@@ -381,7 +383,9 @@ _builtin(
         _l1,
         lambda D: 2.0 / math.sqrt(D),
         aliases=("manhattan",),
-        kernel=MinkowskiKernel(1.0, _sum_reduce, pair_grad=_l1_grad, native_code=0),
+        kernel=MinkowskiKernel(
+            1.0, _sum_reduce, pair_grad=_l1_grad, native_code=KERNEL_CODES["l1"]
+        ),
         linear_in_scale=True,
     )
 )
@@ -392,7 +396,9 @@ _builtin(
         _l2,
         lambda D: 2.0,
         aliases=("euclidean",),
-        kernel=MinkowskiKernel(2.0, _root_sum_square_reduce, linear_grad=_l2_weight, native_code=1),
+        kernel=MinkowskiKernel(
+            2.0, _root_sum_square_reduce, linear_grad=_l2_weight, native_code=KERNEL_CODES["l2"]
+        ),
         linear_in_scale=True,
     )
 )
@@ -414,7 +420,9 @@ _builtin(
         _chebyshev,
         lambda D: 3.0,
         aliases=("linf",),
-        kernel=MinkowskiKernel(math.inf, _max_reduce, pair_grad=_chebyshev_grad, native_code=2),
+        kernel=MinkowskiKernel(
+            math.inf, _max_reduce, pair_grad=_chebyshev_grad, native_code=KERNEL_CODES["chebyshev"]
+        ),
         linear_in_scale=True,
     )
 )
@@ -433,7 +441,9 @@ _builtin(
         _lp_lambda,
         takes_p=True,
         same_as=((1.0, "l1"), (2.0, "l2")),
-        kernel=MinkowskiKernel(None, _power_reduce, pair_grad=_lp_grad, native_code=3),
+        kernel=MinkowskiKernel(
+            None, _power_reduce, pair_grad=_lp_grad, native_code=KERNEL_CODES["lp"]
+        ),
         linear_in_scale=True,
     )
 )

@@ -45,7 +45,7 @@ def _kernel(
 
 
 def _blocked(compiled: bool) -> Run:
-    kernel = _kernel(lambda: kernels.blocked_attention, compiled=compiled)
+    kernel = _kernel(lambda: kernels.blocked_attention, alibi=True, compiled=compiled)
 
     def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
         if q.shape[2] == 1:  # one decoding step holds only Tk scores per head: plain is cheap
@@ -58,7 +58,8 @@ def _blocked(compiled: bool) -> Run:
 register_backend(
     AttentionBackend(
         "native",
-        _kernel(lambda: native.native_attention),  # the decoding step too: one pass over heads
+        # the decoding step too: one pass over heads
+        _kernel(lambda: native.native_attention, alibi=True),
         ("blocked",),
         supports=lambda q, kind: native.supports(q, kind),
         unavailable=lambda: (

@@ -234,7 +234,9 @@ class _Plan:
     generator seeded with (seed, first row, key block), so the backward regenerates them.
     """
 
-    def __init__(self, q, Tk, kernel, p, block, rows, causal, user_bias, dropout_p, seed, compiled):
+    def __init__(
+        self, q, Tk, kernel, p, block, rows, causal, user_bias, dropout_p, seed, compiled, alibi
+    ):
         B, H, Tq, _ = q.shape
         self.compiled = compiled
         self.kernel, self.p = kernel, p
@@ -243,6 +245,8 @@ class _Plan:
         self.causal, self.offset = causal, Tk - Tq
         self.user_bias, self.dropout_p, self.seed = user_bias, dropout_p, seed
         self.dtype, self.device = q.dtype, q.device
+        # ALiBi slopes (1, H, 1, 1) or None; they get no gradient
+        self.alibi = None if alibi is None else alibi.detach().to(q.dtype).view(1, H, 1, 1)
 
     def chunks(self, j: int) -> list[tuple[int, int]]:
         """Row ranges [r0, r1) that meet key block j."""
@@ -250,7 +254,8 @@ class _Plan:
         return [(r, min(r + self.rows, self.Tq)) for r in range(first, self.Tq, self.rows)]
 
     def bias(self, r0: int, r1: int, j: int) -> Tensor:
-        """Additive mask for rows [r0, r1) × key block j, broadcastable to (B, H, R, b)."""
+        """Additive mask (and ALiBi's term) for rows [r0, r1) × key block j, broadcastable to
+        (B, H, R, b)."""
         b = self.block
         c0 = j * b
         bias = torch.zeros(1, 1, r1 - r0, b, dtype=self.dtype, device=self.device)
@@ -261,6 +266,11 @@ class _Plan:
             if self.causal:
                 keep = keep & (cols <= rows + self.offset)
             bias = bias.masked_fill(~keep, MASK_VALUE)
+        if self.alibi is not None:  # −m·|i − j| of this tile only, from the indices
+            rows = torch.arange(r0 + self.offset, r1 + self.offset, device=self.device)
+            cols = torch.arange(c0, c0 + b, device=self.device)
+            distance = (rows[:, None] - cols[None, :]).abs().to(self.dtype)  # (R, b)
+            bias = (bias - self.alibi * distance).clamp(min=MASK_VALUE)  # (1, H, R, b)
         if self.user_bias is not None:
             ub = self.user_bias[..., r0:r1, c0 : c0 + b]
             bias = (bias + ub).clamp(min=MASK_VALUE)
@@ -406,6 +416,7 @@ def blocked_attention(
     row_chunk: int | None = None,
     seed: int | None = None,
     compiled: bool = True,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """Blocked exact attention for a kind with a `MinkowskiKernel` (`kinds.names("blocked")`),
     (B, H, Tq, D). Arguments as `distance_attention` (checked there).
@@ -417,6 +428,8 @@ def blocked_attention(
     seed: dropout seed; None draws one from torch's global generator (so torch.manual_seed
     makes runs reproducible). The masks are drawn per (row chunk, key block), so they differ
     between compiled and eager mode unless both sizes are given.
+    alibi: (H,) ALiBi slopes or None: −m_h·|i − j| is added to each (rows × block) tile from
+    the indices; the slopes get no gradient.
     """
     spec = kinds.get(kind)
     if spec.kernel is None:
@@ -448,6 +461,7 @@ def blocked_attention(
         float(dropout_p),
         seed,
         compiled,
+        alibi,
     )
     return BlockedDistanceAttention.apply(q, k, v, scale_t, is_tensor, plan).to(dtype)
 

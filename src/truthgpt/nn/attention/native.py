@@ -53,8 +53,8 @@ class NativeDistanceAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, code, p, causal, bias, dropout_p, seed):
-        args = (code, p, causal, bias, dropout_p, seed)
+    def forward(ctx, q, k, v, scale, code, p, causal, bias, dropout_p, seed, alibi):
+        args = (code, p, causal, bias, dropout_p, seed, alibi)
         out, lse = torch.ops.truthgpt.distance_attention_forward(q, k, v, scale, *args)
         ctx.save_for_backward(q, k, v, out, lse, scale)
         ctx.args = args
@@ -67,7 +67,7 @@ class NativeDistanceAttention(torch.autograd.Function):
             grad_out, q, k, v, out, lse, scale, *ctx.args
         )
         dscale = dscale if ctx.needs_input_grad[3] else None  # (H,): summed over the batch
-        return dq, dk, dv, dscale, None, None, None, None, None, None
+        return dq, dk, dv, dscale, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable
@@ -83,12 +83,15 @@ def native_attention(
     *,
     p: float | None = None,
     seed: int | None = None,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """Exact attention with the native kernel, (B, H, Tq, D), for the kinds it implements
     (l1, l2, chebyshev, lp).
 
     Arguments as `distance_attention` (checked there). seed: dropout seed; None draws one from
-    torch's global generator, so torch.manual_seed makes runs reproducible.
+    torch's global generator, so torch.manual_seed makes runs reproducible. alibi: (H,) ALiBi
+    slopes or None; the kernel adds −m_h·|i − j| per tile from the indices (no Tq×Tk bias),
+    and the slopes get no gradient.
     """
     if UNAVAILABLE is not None:
         raise RuntimeError(f"truthgpt's native attention kernel is not available ({UNAVAILABLE})")
@@ -109,7 +112,8 @@ def native_attention(
         seed = int(torch.randint(0, SEED_RANGE, ()).item())
     exponent = float(p) if spec.takes_p else 0.0
     bias = additive_bias(attn_mask, q.dtype)
-    args = (spec.kernel.native_code, exponent, causal, bias, float(dropout_p), seed or 0)
+    slopes = alibi.detach().to(q.dtype) if alibi is not None else None
+    args = (spec.kernel.native_code, exponent, causal, bias, float(dropout_p), seed or 0, slopes)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, scale_t)):
         out = NativeDistanceAttention.apply(q, k, v, scale_t, *args)
     else:  # inference (decoding): the operator alone, no autograd bookkeeping

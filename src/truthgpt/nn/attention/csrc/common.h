@@ -11,19 +11,49 @@
 namespace truthgpt_native {
 
 constexpr int64_t kRows = 64;  // query rows per tile
+// query rows per forward task: each key tile it loads (k transposed, v) serves this many rows,
+// so at long lengths k and v stream from the shared cache half as often as with kRows
+constexpr int64_t kForwardRows = 2 * kRows;
 constexpr int64_t kKeys = 64;  // keys per tile (a multiple of every vector width)
 constexpr int64_t kDecodeRows = 8;  // at most this many queries: a decoding step
 constexpr double kMask = -1e30;  // masked score: finite, so exp(m_old - m_new) stays defined
 constexpr double kDeadRow = kMask / 2;  // a row whose running max stayed below saw no key
 
-enum Kind : int64_t { kL1 = 0, kL2 = 1, kChebyshev = 2, kLp = 3 };
+// The kind codes come from kernel_codes.py, the registry's table, through setup.py's -D flags:
+// the kernel cannot disagree with the registry about which code is which distance.
+#if !defined(TG_KIND_L1) || !defined(TG_KIND_L2) || !defined(TG_KIND_CHEBYSHEV) || \
+    !defined(TG_KIND_LP)
+#error "TG_KIND_L1, TG_KIND_L2, TG_KIND_CHEBYSHEV and TG_KIND_LP must be defined (setup.py)"
+#endif
+enum Kind : int64_t {
+  kL1 = TG_KIND_L1,
+  kL2 = TG_KIND_L2,
+  kChebyshev = TG_KIND_CHEBYSHEV,
+  kLp = TG_KIND_LP
+};
+inline bool known_kind(int64_t kind) {
+  return kind == kL1 || kind == kL2 || kind == kChebyshev || kind == kLp;
+}
 
 #define TG_INLINE inline __attribute__((always_inline))
 
+// Vector width in bytes: the register width of the instruction set the translation unit is
+// built for (isa_*.cpp define it). A wider GCC vector is split into registers, and its selects
+// (a < b ? a : b) into scalar code, ten times slower. Everything that depends on the width is
+// always inlined into one translation unit's entry points, so no out-of-line copy of it can be
+// shared between instruction sets.
+#ifndef TG_VEC_BYTES
+#define TG_VEC_BYTES 64
+#endif
+
+// Vectors per row of a 4-row register tile: 4 x 4 accumulators fill half of AVX-512's 32
+// registers, 4 x 2 half of AVX2's (and SSE2's) 16; more would spill to the stack.
+constexpr int kRegVecs = TG_VEC_BYTES == 64 ? 4 : 2;
+
 template <typename T>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int W = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(TG_VEC_BYTES)));
+  static constexpr int W = TG_VEC_BYTES / sizeof(T);
 };
 
 template <typename V, typename T>
@@ -36,16 +66,22 @@ template <typename V, typename T>
 TG_INLINE void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
+// every lane x, by a broadcast (V{} + x would first add 0.0f to x as a scalar: without
+// fast-math the compiler must keep that add, since -0.0f + 0.0f is +0.0f)
 template <typename V, typename T>
 TG_INLINE V splat(T x) {
-  return V{} + x;
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I VI __attribute__((vector_size(sizeof(V))));
+  V v{};
+  v[0] = x;
+  return __builtin_shuffle(v, VI{});  // lane 0 everywhere: one broadcast instruction
 }
 // |x| by clearing the sign bit: one instruction (x < 0 ? -x : x is three)
 template <typename V>
 TG_INLINE V vabs(V x) {
   using E = std::remove_reference_t<decltype(x[0])>;
   using I = std::conditional_t<sizeof(E) == 4, int32_t, int64_t>;
-  typedef I VI __attribute__((vector_size(64)));
+  typedef I VI __attribute__((vector_size(TG_VEC_BYTES)));
   VI bits;
   std::memcpy(&bits, &x, sizeof(V));
   bits &= std::numeric_limits<I>::max();
@@ -59,7 +95,7 @@ TG_INLINE V vabs(V x) {
 
 TG_INLINE Vec<float>::type vexp(Vec<float>::type x) {  // Cephes' expf, ~1 ulp; 0 below -87.3
   using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(TG_VEC_BYTES)));
   const V zero{};
   const V xc = x < -87.3f ? splat<V>(-87.3f) : (x > 88.3f ? splat<V>(88.3f) : x);
   V n = xc * 1.44269504088896341f;
@@ -82,7 +118,7 @@ TG_INLINE Vec<float>::type vexp(Vec<float>::type x) {  // Cephes' expf, ~1 ulp; 
 
 TG_INLINE Vec<float>::type vlog(Vec<float>::type x) {  // x > 0
   using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(TG_VEC_BYTES)));
   VI bits;
   std::memcpy(&bits, &x, sizeof(V));
   V e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, V);

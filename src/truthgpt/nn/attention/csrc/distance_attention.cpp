@@ -1,4 +1,5 @@
-// Distance attention on the CPU: scores -lambda_h * d(q_i, k_j) for d in l1, l2, chebyshev, lp.
+// Distance attention on the CPU: scores -lambda_h * d(q_i, k_j) for d in l1, l2, chebyshev, lp,
+// plus ALiBi's -m_h |i - j| when slopes are given (computed from the indices in each tile).
 //
 // Why a native kernel: the same math as kernels.py, but each pass (forward, backward) is ONE
 // parallel region over (batch*head, block) tasks taken from a shared counter. A pass made of
@@ -17,9 +18,9 @@
 // At a tie (q_d == k_d) this is the subgradient +1 of |x| at x = q_d - k_d = 0 (the plain and
 // eager paths use sign(0) = 0, as torch.cdist does).
 //
-// Vector code uses GCC vector extensions (64-byte vectors) and is compiled for AVX-512, AVX2
-// and baseline x86-64, each in its own translation unit (isa_*.cpp, built in parallel); the
-// first call picks the one the CPU runs.
+// Vector code uses GCC vector extensions, as wide as the registers (TG_VEC_BYTES), and is
+// compiled for AVX-512, AVX2 and baseline x86-64, each in its own translation unit (isa_*.cpp,
+// built in parallel); the first call picks the one the CPU runs.
 // No floating-point environment is changed (no fast-math flags: subnormals survive).
 
 #include <ATen/ATen.h>
@@ -95,8 +96,8 @@ Strided<T> strided(const at::Tensor& x) {
   return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), x.size(1), x.size(3)};
 }
 
-// xt (B, H, D, Tkp) = x transposed, zero-padded; xsum (B, H, Tkp) = sum_d x (if not null):
-// one task per head, in the kernel's own parallel region (no ATen copies).
+// xt (B, H, Tkp / kKeys, D, kKeys) = x transposed tile by tile, zero-padded; xsum (B, H, Tkp) =
+// sum_d x (if not null): one task per head, in the kernel's own parallel region (no ATen copies).
 template <typename T>
 void transpose_keys(const Strided<T>& x, int64_t BH, int64_t Tk, int64_t Tkp, T* xt, T* xsum) {
   run_tasks(BH, [&](int64_t bh) {
@@ -117,14 +118,23 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   v.sizes() == k.sizes(),
               "k, v must be (B, H, Tk, D) matching q");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == q.size(1), "scale must be (H,)");
-  TORCH_CHECK(kind >= kL1 && kind <= kLp, "unknown kind ", kind);
+  TORCH_CHECK(known_kind(kind), "unknown kind code ", kind, " (kinds: l1 ", int64_t(kL1),
+              ", l2 ", int64_t(kL2), ", chebyshev ", int64_t(kChebyshev), ", lp ", int64_t(kLp),
+              ")");
+}
+
+// ALiBi slopes (H,) in q's dtype, or an undefined tensor
+at::Tensor slopes_of(const std::optional<at::Tensor>& alibi, const at::Tensor& q) {
+  if (!alibi) return {};
+  TORCH_CHECK(alibi->dim() == 1 && alibi->size(0) == q.size(1), "alibi must be (H,)");
+  return alibi->to(q.scalar_type()).contiguous();
 }
 
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const T* kt, const T* ksum, int64_t Tkp, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& bias, int64_t kind, double p,
-                        bool causal, double dropout_p, int64_t seed) {
+                        const std::optional<at::Tensor>& bias, const at::Tensor& alibi,
+                        int64_t kind, double p, bool causal, double dropout_p, int64_t seed) {
   Problem<T> P{};
   P.B = q.size(0), P.H = q.size(1), P.Tq = q.size(2), P.Tk = k.size(2), P.D = q.size(3);
   P.Tkp = Tkp;
@@ -136,6 +146,7 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
     P.bs0 = bias->stride(0), P.bs1 = bias->stride(1), P.bs2 = bias->stride(2);
     P.bs3 = bias->stride(3);
   }
+  P.alibi = alibi.defined() ? alibi.data_ptr<T>() : nullptr;
   P.dropout_p = dropout_p, P.seed = uint64_t(seed);
   return P;
 }
@@ -150,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tenso
                                            const at::Tensor& v_, const at::Tensor& scale_,
                                            int64_t kind, double p, bool causal,
                                            const std::optional<at::Tensor>& bias_,
-                                           double dropout_p, int64_t seed) {
+                                           double dropout_p, int64_t seed,
+                                           const std::optional<at::Tensor>& alibi_) {
   check_inputs(q_, k_, v_, scale_, kind);
   const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
   const at::Tensor scale = scale_.to(q.scalar_type()).contiguous();
@@ -158,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tenso
   TORCH_CHECK(!causal || Tk >= Tq, "causal attention needs Tk >= Tq");
   const int64_t Tkp = round_up(std::max<int64_t>(Tk, 1), kKeys);
   const auto bias = expanded_bias(bias_, q, Tk);
+  const at::Tensor alibi = slopes_of(alibi_, q);
   at::Tensor out = at::empty({B, H, Tq, D}, q.options());
   at::Tensor lse = at::empty({B, H, Tq}, q.options());
   if (q.numel() == 0 || Tk == 0) return {out.zero_(), lse.fill_(-kMask)};
@@ -171,11 +184,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tenso
     scalar_t* kt_data = shared_keys ? kt.data_ptr<scalar_t>() : nullptr;
     scalar_t* ksum_data = shared_keys ? ksum.data_ptr<scalar_t>() : nullptr;
     if (shared_keys) transpose_keys(strided<scalar_t>(k), B * H, Tk, Tkp, kt_data, ksum_data);
-    const auto P = make_problem<scalar_t>(q, k, v, kt_data, ksum_data, Tkp, scale, bias, kind,
-                                          p, causal, dropout_p, seed);
+    const auto P = make_problem<scalar_t>(q, k, v, kt_data, ksum_data, Tkp, scale, bias, alibi,
+                                          kind, p, causal, dropout_p, seed);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* l = lse.data_ptr<scalar_t>();
-    run_tasks(B * H * ((Tq + kRows - 1) / kRows),
+    run_tasks(B * H * ((Tq + kForwardRows - 1) / kForwardRows),
               [&](int64_t t) { forward_tasks(P, t, t + 1, o, l); });
   });
   return {out, lse};
@@ -186,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& scale_, int64_t kind,
     double p, bool causal, const std::optional<at::Tensor>& bias_, double dropout_p,
-    int64_t seed) {
+    int64_t seed, const std::optional<at::Tensor>& alibi_) {
   check_inputs(q_, k_, v_, scale_, kind);
   const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
   const at::Tensor dout = rows_contiguous(dout_.to(q.scalar_type()));
@@ -196,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
   const int64_t Tkp = round_up(std::max<int64_t>(Tk, 1), kKeys), BH = B * H;
   const auto bias = expanded_bias(bias_, q, Tk);
+  const at::Tensor alibi = slopes_of(alibi_, q);
   const int64_t threads = at::get_num_threads(), nkt = (Tk + kKeys - 1) / kKeys;
   const int64_t groups =
       BH >= 2 * threads ? 1 : std::clamp<int64_t>((2 * threads + BH - 1) / BH, 1, nkt);
@@ -205,18 +219,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dscale = at::zeros({groups, B, H}, q.options());
   if (q.numel() == 0 || Tk == 0) return {dq.sum(0), dk.zero_(), dv.zero_(), dscale.sum({0, 1})};
   const at::Tensor scale2 = scale * 2;
-  at::Tensor kt = at::empty({B, H, D, Tkp}, q.options()), ksum = at::empty({B, H, Tkp}, q.options());
-  at::Tensor vt = at::empty({B, H, D, Tkp}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "distance_attention_backward", [&] {
-    transpose_keys(strided<scalar_t>(k), BH, Tk, Tkp, kt.data_ptr<scalar_t>(),
-                   ksum.data_ptr<scalar_t>());
-    transpose_keys(strided<scalar_t>(v), BH, Tk, Tkp, vt.data_ptr<scalar_t>(),
-                   static_cast<scalar_t*>(nullptr));
-    const auto P = make_problem<scalar_t>(q, k, v, kt.data_ptr<scalar_t>(),
-                                          ksum.data_ptr<scalar_t>(), Tkp, scale, bias, kind, p,
-                                          causal, dropout_p, seed);
+    // no shared transposition: each task transposes its own key tiles (passes.h)
+    const auto P = make_problem<scalar_t>(q, k, v, nullptr, nullptr, Tkp, scale, bias, alibi,
+                                          kind, p, causal, dropout_p, seed);
     Grads<scalar_t> G{strided<scalar_t>(dout), strided<scalar_t>(out),
-                      lse.data_ptr<scalar_t>(),  vt.data_ptr<scalar_t>(),
+                      lse.data_ptr<scalar_t>(),
                       dq.data_ptr<scalar_t>(),   dk.data_ptr<scalar_t>(),
                       dv.data_ptr<scalar_t>(),   dscale.data_ptr<scalar_t>(),
                       scale2.data_ptr<scalar_t>(), groups};
@@ -245,11 +253,12 @@ at::Tensor dropout_keep(int64_t seed, int64_t B, int64_t H, int64_t Tq, int64_t 
 TORCH_LIBRARY(truthgpt, m) {
   m.def(
       "distance_attention_forward(Tensor q, Tensor k, Tensor v, Tensor scale, int kind, "
-      "float p, bool causal, Tensor? bias, float dropout_p, int seed) -> (Tensor, Tensor)");
+      "float p, bool causal, Tensor? bias, float dropout_p, int seed, Tensor? alibi=None) -> "
+      "(Tensor, Tensor)");
   m.def(
       "distance_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor scale, int kind, float p, bool causal, Tensor? bias, float dropout_p, "
-      "int seed) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int seed, Tensor? alibi=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("dropout_keep(int seed, int B, int H, int Tq, int Tk, float p) -> Tensor",
         &truthgpt_native::dropout_keep);
 }

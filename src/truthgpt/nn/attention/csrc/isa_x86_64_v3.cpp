@@ -1,4 +1,5 @@
 // The float32 task loops for x86-64-v3 (AVX2, FMA).
+#define TG_VEC_BYTES 32  // AVX2's 32-byte registers
 #include "tasks.h"
 
 #if TG_ISA_VARIANTS

@@ -47,11 +47,15 @@ struct Problem {
   // (the head dimension contiguous): the model's q, k, v are views of one projection, read
   // in place; a tile's rows are gathered into a buffer when they are not contiguous.
   Strided<T> q, k, v;
-  const T* kt;        // (B, H, D, Tkp): k transposed, keys along the lanes
+  // (B, H, Tkp / kKeys, D, kKeys): k transposed tile by tile, keys along the lanes (forward; or
+  // null). Tile-major: a (D, Tk) transpose would put a tile's D rows Tk floats apart, at long
+  // power-of-two lengths all in the same L1 sets, which thrashes them.
+  const T* kt;
   const T* ksum;      // (B, H, Tkp): sum_d k (l1)
   const T* scale;     // (H,)
   const T* bias;      // additive user mask (B, H, Tq, Tk) by the strides below, or null
   int64_t bs0, bs1, bs2, bs3;
+  const T* alibi;     // (H,) ALiBi slopes m: scores get -m_h |i - j| (i = row + offset), or null
   double dropout_p;  // kept in double: the 1 / (1 - p) rescaling is exact in float64
   uint64_t seed;
 
@@ -63,18 +67,19 @@ struct Problem {
   int64_t row_begin(int64_t c0) const { return causal ? std::max<int64_t>(0, c0 - offset) : 0; }
 
   // Scores s and distances dist (may be null) of rows [r0, r0 + rows) x keys [c0, c0 + kKeys);
-  // masked scores are kMask. For l1, dist leaves out the row constant sum_d q_d.
+  // masked scores are kMask. dist is the distance alone, without ALiBi's term (dscale needs
+  // the score's derivative in lambda, which the term does not have). For l1, dist leaves out
+  // the row constant sum_d q_d.
   // qr: the rows' queries, contiguous (Strided::rows).
-  // ktb, ksb: this head's kt and ksum (P.kt, P.ksum, or the task's own copy).
-  TG_INLINE void scores(int64_t bh, const T* qr, const T* ktb, const T* ksb, int64_t r0,
-                        int64_t rows, int64_t c0, T* s, T* dist) const {
-    const T* ktc = ktb + c0;
+  // ktc: the tile's keys transposed (D rows, ldk apart, from key c0 on); ksc: their sums.
+  TG_INLINE void scores(int64_t bh, const T* qr, const T* ktc, int64_t ldk, const T* ksc,
+                        int64_t r0, int64_t rows, int64_t c0, T* s, T* dist) const {
     const T lam = scale[bh % H];
     const int64_t n = rows * kKeys;
     switch (kind) {
       case kL1: {
-        score_tile<T, MinSum>(qr, rows, ktc, Tkp, D, s);
-        const T* ks = ksb + c0;
+        score_tile<T, MinSum>(qr, rows, ktc, ldk, D, s);
+        const T* ks = ksc;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < kKeys; ++c) {
             const T d = ks[c] - 2 * s[r * kKeys + c];
@@ -84,14 +89,14 @@ struct Problem {
         break;
       }
       case kL2:
-        score_tile<T, SqSum>(qr, rows, ktc, Tkp, D, s);
+        score_tile<T, SqSum>(qr, rows, ktc, ldk, D, s);
         for (int64_t i = 0; i < n; ++i) s[i] = std::sqrt(s[i]);
         break;
       case kChebyshev:
-        score_tile<T, AbsMax>(qr, rows, ktc, Tkp, D, s);
+        score_tile<T, AbsMax>(qr, rows, ktc, ldk, D, s);
         break;
       case kLp:
-        lp_tile<T>(qr, rows, ktc, Tkp, D, p, s);
+        lp_tile<T>(qr, rows, ktc, ldk, D, p, s);
         if constexpr (std::is_same_v<T, float>) {  // d = (sum)^(1/p) on the lanes
           using V = Vec<float>::type;
           for (int64_t i = 0; i < n; i += Vec<float>::W)
@@ -105,10 +110,52 @@ struct Problem {
       if (dist) std::memcpy(dist, s, sizeof(T) * n);
       for (int64_t i = 0; i < n; ++i) s[i] *= -lam;
     }
+    finish(bh, r0, rows, c0, s);
+  }
+
+  // Whether decode_scores serves this problem's kind (lp takes the transposed path).
+  bool decodes_in_place() const { return kind == kL1 || kind == kL2 || kind == kChebyshev; }
+
+  // scores for a decoding step (a few rows), the keys kc (rows D apart, cols of them) read in
+  // place. Same scores as scores(): l1 leaves out sum_d q_d here too (the backward recomputes
+  // through scores() from the log-sum-exp saved here).
+  template <int NVd>
+  TG_INLINE void decode_scores(int64_t bh, const T* qr, int64_t r0, int64_t rows, int64_t c0,
+                               const T* kc, int64_t cols, T* s) const {
+    const T lam = scale[bh % H];
+    const int64_t n = rows * kKeys;
+    if (kind == kL1) {
+      key_rows_tile<T, NVd, AbsSum, false>(qr, rows, kc, cols, D, s);
+      for (int64_t r = 0; r < rows; ++r) {
+        T qsum = 0;
+        for (int64_t d = 0; d < D; ++d) qsum += qr[r * D + d];
+        for (int64_t c = 0; c < kKeys; ++c) s[r * kKeys + c] = -lam * (s[r * kKeys + c] - qsum);
+      }
+    } else {
+      if (kind == kL2) {
+        key_rows_tile<T, NVd, SqSum, false>(qr, rows, kc, cols, D, s);
+        for (int64_t i = 0; i < n; ++i) s[i] = std::sqrt(s[i]);
+      } else {
+        key_rows_tile<T, NVd, AbsMax, true>(qr, rows, kc, cols, D, s);
+      }
+      for (int64_t i = 0; i < n; ++i) s[i] *= -lam;
+    }
+    finish(bh, r0, rows, c0, s);
+  }
+
+  // The position term, the causal mask and the user's mask on a tile of -lambda d.
+  TG_INLINE void finish(int64_t bh, int64_t r0, int64_t rows, int64_t c0, T* s) const {
     const int64_t b = bh / H, h = bh % H;
+    // ALiBi from the indices: the row's position minus the tile's first key, less c (exact in
+    // T: positions are far below 2^24). Without slopes the loop is skipped once per row.
+    const T slope = alibi ? alibi[h] : T(0);
     for (int64_t r = 0; r < rows; ++r) {
       T* sr = s + r * kKeys;
       const int64_t visible = std::clamp<int64_t>(key_end(r0 + r + 1) - c0, 0, kKeys);
+      if (alibi) {
+        const T i = T(r0 + r + offset - c0);
+        for (int64_t c = 0; c < visible; ++c) sr[c] -= slope * std::abs(i - T(c));
+      }
       for (int64_t c = visible; c < kKeys; ++c) sr[c] = T(kMask);
       if (bias) {
         const T* br = bias + b * bs0 + h * bs1 + (r0 + r) * bs2 + c0 * bs3;
@@ -128,7 +175,8 @@ struct Problem {
   }
 };
 
-// xt (D, Tkp) = head bh of x transposed, zero-padded; xsum (Tkp) = sum_d x (if not null)
+// xt (Tkp / kKeys, D, kKeys) = head bh of x transposed tile by tile, zero-padded; xsum (Tkp) =
+// sum_d x (if not null)
 template <typename T>
 TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64_t Tkp, T* xt,
                               T* xsum) {
@@ -138,7 +186,7 @@ TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64
     const T* rows[kBlock];
     for (int64_t i = 0; i < kBlock; ++i) rows[i] = c0 + i < Tk ? x.row(bh, c0 + i) : nullptr;
     for (int64_t d = 0; d < D; ++d) {
-      T* out = xt + d * Tkp + c0;
+      T* out = xt + (c0 / kKeys) * D * kKeys + d * kKeys + c0 % kKeys;
       for (int64_t i = 0; i < kBlock; ++i) out[i] = rows[i] ? rows[i][d] : T(0);
     }
     if (xsum)
@@ -150,25 +198,53 @@ TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64
   }
 }
 
+// xt (D, kKeys) = keys [c0, c0 + cols) of head bh transposed, zero-padded; xsum (kKeys) = their
+// sums (if not null)
+template <typename T>
+TG_INLINE void transpose_tile(const Strided<T>& x, int64_t bh, int64_t c0, int64_t cols, T* xt,
+                              T* xsum) {
+  constexpr int64_t kBlock = 16;  // keys at a time: each write fills a cache line, not a word
+  const int64_t D = x.D;
+  for (int64_t i0 = 0; i0 < kKeys; i0 += kBlock) {
+    const T* rows[kBlock];
+    for (int64_t i = 0; i < kBlock; ++i) rows[i] = i0 + i < cols ? x.row(bh, c0 + i0 + i) : nullptr;
+    for (int64_t d = 0; d < D; ++d) {
+      T* out = xt + d * kKeys + i0;
+      for (int64_t i = 0; i < kBlock; ++i) out[i] = rows[i] ? rows[i][d] : T(0);
+    }
+    if (xsum)
+      for (int64_t i = 0; i < kBlock; ++i) {
+        T sum = 0;
+        for (int64_t d = 0; rows[i] && d < D; ++d) sum += rows[i][d];
+        xsum[i0 + i] = sum;
+      }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
-// forward: one task per (batch*head, row tile), the heaviest (last rows, causal) first
+// forward: one task per (batch*head, kForwardRows rows), the heaviest (last rows, causal) first
 
 template <typename T, int NVd>
 TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
-  const int64_t BH = P.B * P.H, nrt = (P.Tq + kRows - 1) / kRows;
+  const int64_t BH = P.B * P.H, nrt = (P.Tq + kForwardRows - 1) / kForwardRows;
   const int64_t bh = task % BH, rt = nrt - 1 - task / BH;
-  const int64_t r0 = rt * kRows, rows = std::min(kRows, P.Tq - r0), D = P.D;
-  alignas(64) T s[kRows * kKeys];
-  T m[kRows], l[kRows];
+  const int64_t r0 = rt * kForwardRows, rows = std::min(kForwardRows, P.Tq - r0), D = P.D;
+  alignas(64) T s[kForwardRows * kKeys];
+  T m[kForwardRows], l[kForwardRows];
   T* o = out + P.rows_at(bh) + r0 * D;  // accumulated in place
   std::fill(o, o + rows * D, T(0));
   std::fill(m, m + rows, T(kMask));
   std::fill(l, l + rows, T(0));
-  std::vector<T> qbuf(kRows * D), vbuf(kKeys * D), own_kt, own_ksum;
+  std::vector<T> qbuf(kForwardRows * D), vbuf(kKeys * D), kbuf, own_kt, own_ksum;
   const T* qr = P.q.rows(bh, r0, rows, qbuf.data());
   const T* ktb = P.kt ? P.kt + bh * D * P.Tkp : nullptr;
   const T* ksb = P.kt ? P.ksum + bh * P.Tkp : nullptr;
-  if (!ktb) {  // one task per head (short queries, e.g. decoding): transpose k right here
+  // one task per head (short queries, e.g. decoding): keys read in place (the cache's rows),
+  // or, for lp and odd head sizes, transposed right here
+  const bool in_place = !ktb && NVd > 0 && P.decodes_in_place();
+  if (in_place) {
+    kbuf.resize(kKeys * D);
+  } else if (!ktb) {
     own_kt.resize(D * P.Tkp), own_ksum.resize(P.Tkp);
     transpose_head(P.k, bh, P.Tk, P.Tkp, own_kt.data(), own_ksum.data());
     ktb = own_kt.data(), ksb = own_ksum.data();
@@ -176,7 +252,15 @@ TG_INLINE void forward_task(const Problem<T>& P, int64_t task, T* out, T* lse) {
   const int64_t kend = P.key_end(r0 + rows);
   for (int64_t c0 = 0; c0 < kend; c0 += kKeys) {
     const int64_t cols = std::min(kKeys, P.Tk - c0);
-    P.scores(bh, qr, ktb, ksb, r0, rows, c0, s, nullptr);
+    if constexpr (NVd > 0) {
+      if (in_place)
+        P.template decode_scores<NVd>(bh, qr, r0, rows, c0, P.k.rows(bh, c0, cols, kbuf.data()),
+                                      cols, s);
+      else
+        P.scores(bh, qr, ktb + c0 * D, kKeys, ksb + c0, r0, rows, c0, s, nullptr);
+    } else {
+      P.scores(bh, qr, ktb + c0 * D, kKeys, ksb + c0, r0, rows, c0, s, nullptr);
+    }
     for (int64_t r = 0; r < rows; ++r) {  // online softmax
       T* sr = s + r * kKeys;
       const T mx = row_max(sr, m[r]);
@@ -206,7 +290,6 @@ template <typename T>
 struct Grads {
   Strided<T> dout, out;  // (B, H, Tq, D)
   const T* lse;    // (B, H, Tq)
-  const T* vt;     // (B, H, D, Tkp): v transposed
   T* dq;           // (groups, B, H, Tq, D); l1: sum dS [q < k], scaled by 2 lambda afterwards
   T* dk;           // (B, H, Tk, D)
   T* dv;           // (B, H, Tk, D)
@@ -225,6 +308,10 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
   alignas(64) T s[kRows * kKeys], dist[kRows * kKeys], dp[kRows * kKeys], pd[kRows * kKeys];
   std::vector<T> dk_acc(kKeys * D), dv_acc(kKeys * D);
   std::vector<T> qbuf(kRows * D), kbuf(kKeys * D), dobuf(kRows * D), delta(P.Tq);
+  // the task's key tile, k and v transposed: each key tile belongs to one task, so it is
+  // transposed once, here, and no (B, H, D, Tk) copy is held
+  std::vector<T> kt(D * kKeys), vt(D * kKeys);
+  alignas(64) T ksum[kKeys];
   alignas(64) T colsum[kKeys];
   for (int64_t r = 0; r < P.Tq; ++r) {  // delta = dO . O for every row (holds with dropout)
     const T* a = G.dout.row(bh, r);
@@ -242,6 +329,8 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
   for (int64_t ti = group; ti < nkt; ti += G.groups) {
     const int64_t c0 = ti * kKeys, cols = std::min(kKeys, P.Tk - c0);
     const T* kc = P.k.rows(bh, c0, cols, kbuf.data());
+    transpose_tile(P.k, bh, c0, cols, kt.data(), ksum);
+    transpose_tile(P.v, bh, c0, cols, vt.data(), static_cast<T*>(nullptr));
     std::fill(dk_acc.begin(), dk_acc.end(), T(0));
     std::fill(dv_acc.begin(), dv_acc.end(), T(0));
     std::fill(colsum, colsum + kKeys, T(0));
@@ -249,10 +338,10 @@ TG_INLINE void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t tas
       const int64_t rows = std::min(kRows, P.Tq - r0);
       const T* qr = P.q.rows(bh, r0, rows, qbuf.data());
       const T* dor = G.dout.rows(bh, r0, rows, dobuf.data());
-      P.scores(bh, qr, P.kt + bh * D * P.Tkp, P.ksum + bh * P.Tkp, r0, rows, c0, s, dist);
+      P.scores(bh, qr, kt.data(), kKeys, ksum, r0, rows, c0, s, dist);
       for (int64_t r = 0; r < rows; ++r)  // probabilities from the saved log-sum-exp
         exp_row(s + r * kKeys, G.lse[bh * P.Tq + r0 + r]);
-      score_tile<T, Dot>(dor, rows, G.vt + bh * D * P.Tkp + c0, P.Tkp, D, dp);  // dP = dO v^T
+      score_tile<T, Dot>(dor, rows, vt.data(), kKeys, D, dp);  // dP = dO v^T
       if (P.dropout_p > 0) {  // dv sees the dropped weights; dP passes through the same mask
         std::memcpy(pd, s, sizeof(T) * rows * kKeys);
         P.drop(bh, r0, rows, c0, cols, pd);

@@ -17,23 +17,25 @@
 
 namespace truthgpt_native {
 
-// NVd: the head dimension in vectors, 0 when it is not a multiple of the width (plain loops).
-// A switch, not a lambda: the loops must be inlined into each instruction-set variant.
-// float: D = 16, 32, 64, 128; double (tests): D = 8.
+// NVd: the head dimension in vectors, 0 when it is not one of the counts compiled below (plain
+// loops). A switch, not a lambda: the loops must be inlined into each instruction-set variant.
+// float: D = 16, 32, 64, 128 at 64-byte vectors (D = 64 is 4, 8 or 16 vectors, by the width);
+// double (tests): D = 8 at 64- or 16-byte vectors.
 template <typename T>
 int64_t width_case(int64_t D) {
   constexpr int W = Vec<T>::W;
   const int64_t n = D % W ? 0 : D / W;
-  if (sizeof(T) == 8) return n == 1 ? 1 : 0;
-  return n == 1 || n == 2 || n == 4 || n == 8 ? n : 0;
+  if (sizeof(T) == 8) return n == 1 || n == 4 ? n : 0;
+  return n == 1 || n == 2 || n == 4 || n == 8 || n == 16 ? n : 0;
 }
 
 #define TG_BY_WIDTH(T, D, ...)                           \
   switch (width_case<T>(D)) {                            \
     case 1: { constexpr int NVd = 1; __VA_ARGS__; } break;      \
     case 2: if constexpr (sizeof(T) == 4) { constexpr int NVd = 2; __VA_ARGS__; } break; \
-    case 4: if constexpr (sizeof(T) == 4) { constexpr int NVd = 4; __VA_ARGS__; } break; \
+    case 4: if constexpr (true) { constexpr int NVd = 4; __VA_ARGS__; } break; \
     case 8: if constexpr (sizeof(T) == 4) { constexpr int NVd = 8; __VA_ARGS__; } break; \
+    case 16: if constexpr (sizeof(T) == 4) { constexpr int NVd = 16; __VA_ARGS__; } break; \
     default: { constexpr int NVd = 0; __VA_ARGS__; } break;     \
   }
 

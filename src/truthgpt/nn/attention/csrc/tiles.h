@@ -2,6 +2,8 @@
 // along the lanes, and each kind's gradient loops.
 #pragma once
 
+#include <utility>
+
 #include "common.h"
 
 namespace truthgpt_native {
@@ -34,33 +36,109 @@ struct Dot {  // dP = dO . v
 template <typename T, typename Op>
 TG_INLINE void score_tile(const T* a, int64_t rows, const T* bt, int64_t ldb, int64_t D, T* out) {
   using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W, NV = kKeys / W;
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    V acc[4][NV];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < NV; ++j) acc[i][j] = V{};
-    for (int64_t d = 0; d < D; ++d) {
-      V b[NV];
-      for (int j = 0; j < NV; ++j) b[j] = load<V>(bt + d * ldb + j * W);
-      for (int i = 0; i < 4; ++i) {
-        V x = splat<V>(a[(r + i) * D + d]);
-        for (int j = 0; j < NV; ++j) acc[i][j] = Op::step(acc[i][j], x, b[j]);
+  constexpr int W = Vec<T>::W, NV = kKeys / W, NC = NV < kRegVecs ? NV : kRegVecs;
+  for (int j0 = 0; j0 < NV; j0 += NC) {  // key chunks of NC vectors: the tile stays in registers
+    const T* bj = bt + j0 * W;
+    T* oj = out + j0 * W;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      V acc[4][NC];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < NC; ++j) acc[i][j] = V{};
+      for (int64_t d = 0; d < D; ++d) {
+        V b[NC];
+        for (int j = 0; j < NC; ++j) b[j] = load<V>(bj + d * ldb + j * W);
+        for (int i = 0; i < 4; ++i) {
+          V x = splat<V>(a[(r + i) * D + d]);
+          for (int j = 0; j < NC; ++j) acc[i][j] = Op::step(acc[i][j], x, b[j]);
+        }
       }
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < NC; ++j) store(oj + (r + i) * kKeys + j * W, acc[i][j]);
     }
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < NV; ++j) store(out + (r + i) * kKeys + j * W, acc[i][j]);
-  }
-  for (; r < rows; ++r) {
-    V acc[NV];
-    for (int j = 0; j < NV; ++j) acc[j] = V{};
-    for (int64_t d = 0; d < D; ++d) {
-      V x = splat<V>(a[r * D + d]);
-      for (int j = 0; j < NV; ++j) acc[j] = Op::step(acc[j], x, load<V>(bt + d * ldb + j * W));
+    for (; r < rows; ++r) {
+      V acc[NC];
+      for (int j = 0; j < NC; ++j) acc[j] = V{};
+      for (int64_t d = 0; d < D; ++d) {
+        V x = splat<V>(a[r * D + d]);
+        for (int j = 0; j < NC; ++j) acc[j] = Op::step(acc[j], x, load<V>(bj + d * ldb + j * W));
+      }
+      for (int j = 0; j < NC; ++j) store(oj + r * kKeys + j * W, acc[j]);
     }
-    for (int j = 0; j < NV; ++j) store(out + r * kKeys + j * W, acc[j]);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// decoding: scores of a few query rows against keys read in place, (Tk, D) rows with the head
+// dimension along the lanes (the cache's layout), instead of a transposed copy of every key
+// per step. Each key gives a vector of partial sums; W such vectors fold into one vector of W
+// keys' results (W - 1 two-source shuffles), in key order.
+
+// Source lane of output lane o when folding blocks of 2h lanes (one key each, W / 2h keys per
+// vector) of x (indices < W) and y (indices >= W) into blocks of h lanes: x's keys, then y's.
+constexpr int fold_lane(int W, int h, bool upper, int o) {
+  const int t = o / h, per = W / (2 * h);
+  return (t < per ? 0 : W) + (t % per) * 2 * h + (upper ? h : 0) + o % h;
+}
+
+template <typename VI, int W, int h, bool upper, int... L>
+TG_INLINE VI fold_mask(std::integer_sequence<int, L...>) {
+  return VI{fold_lane(W, h, upper, L)...};
+}
+
+template <typename T, bool Max, int h>
+TG_INLINE typename Vec<T>::type fold(typename Vec<T>::type x, typename Vec<T>::type y) {
+  using V = typename Vec<T>::type;
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I VI __attribute__((vector_size(TG_VEC_BYTES)));
+  constexpr int W = Vec<T>::W;
+  constexpr auto lanes = std::make_integer_sequence<int, W>{};
+  const V lo = __builtin_shuffle(x, y, fold_mask<VI, W, h, false>(lanes));
+  const V hi = __builtin_shuffle(x, y, fold_mask<VI, W, h, true>(lanes));
+  if constexpr (Max) return lo > hi ? lo : hi;
+  return lo + hi;
+}
+
+// acc[0..W) (one key each, W lanes of partial results) -> one vector of W keys' results
+template <typename T, bool Max, int h = Vec<T>::W / 2>
+TG_INLINE typename Vec<T>::type fold_keys(typename Vec<T>::type* acc) {
+  // 2h vectors in (keys in blocks of 2h lanes), h out
+  for (int i = 0; i < h; ++i) acc[i] = fold<T, Max, h>(acc[2 * i], acc[2 * i + 1]);
+  if constexpr (h == 1) return acc[0];
+  else return fold_keys<T, Max, h / 2>(acc);
+}
+
+// out[r][c] = reduce_d op(q[r][d], k[c][d]) for c < cols (0 up to kKeys), k's rows D apart.
+template <typename T, int NVd, typename Op, bool Max>
+TG_INLINE void key_rows_tile(const T* q, int64_t rows, const T* k, int64_t cols, int64_t D,
+                             T* out) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + r * D;
+    for (int64_t c0 = 0; c0 < kKeys; c0 += W) {
+      V acc[W];
+      for (int i = 0; i < W; ++i) acc[i] = V{};
+      if (c0 + W <= cols) {
+        for (int j = 0; j < NVd; ++j) {
+          const V qv = load<V>(qr + j * W);
+          for (int i = 0; i < W; ++i)
+            acc[i] = Op::step(acc[i], qv, load<V>(k + (c0 + i) * D + j * W));
+        }
+      } else {  // the last keys: those past cols stay 0 (the caller masks them)
+        for (int i = 0; c0 + i < cols; ++i)
+          for (int j = 0; j < NVd; ++j)
+            acc[i] = Op::step(acc[i], load<V>(qr + j * W), load<V>(k + (c0 + i) * D + j * W));
+      }
+      store(out + r * kKeys + c0, fold_keys<T, Max>(acc));
+    }
+  }
+}
+
+struct AbsSum {  // l1 on the lanes of the head dimension: sum_d |a - b|
+  template <typename V>
+  TG_INLINE static V step(V acc, V a, V b) { return acc + vabs(a - b); }
+};
 
 // lp: sum_d |a - b|^p, with |x|^p = exp(p log |x|) on the lanes (float); plain loops (double).
 template <typename T>
@@ -100,7 +178,7 @@ TG_INLINE void lp_tile(const T* a, int64_t rows, const T* bt, int64_t ldb, int64
 template <typename T, int NVd>
 TG_INLINE void rows_acc(const T* w, int64_t rows, int64_t cols, const T* b, int64_t D, T* out) {
   using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
+  constexpr int W = Vec<T>::W, NC = NVd < kRegVecs ? NVd : kRegVecs;
   if constexpr (NVd == 0) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) {
@@ -108,30 +186,34 @@ TG_INLINE void rows_acc(const T* w, int64_t rows, int64_t cols, const T* b, int6
         for (int64_t d = 0; d < D; ++d) out[r * D + d] += x * b[c * D + d];
       }
   } else {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      V acc[4][NVd];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < NVd; ++j) acc[i][j] = load<V>(out + (r + i) * D + j * W);
-      for (int64_t c = 0; c < cols; ++c) {
-        V bv[NVd];
-        for (int j = 0; j < NVd; ++j) bv[j] = load<V>(b + c * D + j * W);
-        for (int i = 0; i < 4; ++i) {
-          V x = splat<V>(w[(r + i) * kKeys + c]);
-          for (int j = 0; j < NVd; ++j) acc[i][j] += x * bv[j];
+    for (int j0 = 0; j0 < NVd; j0 += NC) {  // chunks of NC vectors of the head dimension
+      const T* bj = b + j0 * W;
+      T* oj = out + j0 * W;
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) {
+        V acc[4][NC];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < NC; ++j) acc[i][j] = load<V>(oj + (r + i) * D + j * W);
+        for (int64_t c = 0; c < cols; ++c) {
+          V bv[NC];
+          for (int j = 0; j < NC; ++j) bv[j] = load<V>(bj + c * D + j * W);
+          for (int i = 0; i < 4; ++i) {
+            V x = splat<V>(w[(r + i) * kKeys + c]);
+            for (int j = 0; j < NC; ++j) acc[i][j] += x * bv[j];
+          }
         }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < NC; ++j) store(oj + (r + i) * D + j * W, acc[i][j]);
       }
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < NVd; ++j) store(out + (r + i) * D + j * W, acc[i][j]);
-    }
-    for (; r < rows; ++r) {
-      V acc[NVd];
-      for (int j = 0; j < NVd; ++j) acc[j] = load<V>(out + r * D + j * W);
-      for (int64_t c = 0; c < cols; ++c) {
-        V x = splat<V>(w[r * kKeys + c]);
-        for (int j = 0; j < NVd; ++j) acc[j] += x * load<V>(b + c * D + j * W);
+      for (; r < rows; ++r) {
+        V acc[NC];
+        for (int j = 0; j < NC; ++j) acc[j] = load<V>(oj + r * D + j * W);
+        for (int64_t c = 0; c < cols; ++c) {
+          V x = splat<V>(w[r * kKeys + c]);
+          for (int j = 0; j < NC; ++j) acc[j] += x * load<V>(bj + c * D + j * W);
+        }
+        for (int j = 0; j < NC; ++j) store(oj + r * D + j * W, acc[j]);
       }
-      for (int j = 0; j < NVd; ++j) store(out + r * D + j * W, acc[j]);
     }
   }
 }
@@ -139,7 +221,7 @@ TG_INLINE void rows_acc(const T* w, int64_t rows, int64_t cols, const T* b, int6
 template <typename T, int NVd>
 TG_INLINE void cols_acc(const T* w, int64_t rows, int64_t cols, const T* b, int64_t D, T* out) {
   using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
+  constexpr int W = Vec<T>::W, NC = NVd < kRegVecs ? NVd : kRegVecs;
   if constexpr (NVd == 0) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) {
@@ -147,30 +229,34 @@ TG_INLINE void cols_acc(const T* w, int64_t rows, int64_t cols, const T* b, int6
         for (int64_t d = 0; d < D; ++d) out[c * D + d] += x * b[r * D + d];
       }
   } else {
-    int64_t c = 0;
-    for (; c + 4 <= cols; c += 4) {
-      V acc[4][NVd];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < NVd; ++j) acc[i][j] = load<V>(out + (c + i) * D + j * W);
-      for (int64_t r = 0; r < rows; ++r) {
-        V bv[NVd];
-        for (int j = 0; j < NVd; ++j) bv[j] = load<V>(b + r * D + j * W);
-        for (int i = 0; i < 4; ++i) {
-          V x = splat<V>(w[r * kKeys + c + i]);
-          for (int j = 0; j < NVd; ++j) acc[i][j] += x * bv[j];
+    for (int j0 = 0; j0 < NVd; j0 += NC) {  // chunks of NC vectors of the head dimension
+      const T* bj = b + j0 * W;
+      T* oj = out + j0 * W;
+      int64_t c = 0;
+      for (; c + 4 <= cols; c += 4) {
+        V acc[4][NC];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < NC; ++j) acc[i][j] = load<V>(oj + (c + i) * D + j * W);
+        for (int64_t r = 0; r < rows; ++r) {
+          V bv[NC];
+          for (int j = 0; j < NC; ++j) bv[j] = load<V>(bj + r * D + j * W);
+          for (int i = 0; i < 4; ++i) {
+            V x = splat<V>(w[r * kKeys + c + i]);
+            for (int j = 0; j < NC; ++j) acc[i][j] += x * bv[j];
+          }
         }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < NC; ++j) store(oj + (c + i) * D + j * W, acc[i][j]);
       }
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < NVd; ++j) store(out + (c + i) * D + j * W, acc[i][j]);
-    }
-    for (; c < cols; ++c) {
-      V acc[NVd];
-      for (int j = 0; j < NVd; ++j) acc[j] = load<V>(out + c * D + j * W);
-      for (int64_t r = 0; r < rows; ++r) {
-        V x = splat<V>(w[r * kKeys + c]);
-        for (int j = 0; j < NVd; ++j) acc[j] += x * load<V>(b + r * D + j * W);
+      for (; c < cols; ++c) {
+        V acc[NC];
+        for (int j = 0; j < NC; ++j) acc[j] = load<V>(oj + c * D + j * W);
+        for (int64_t r = 0; r < rows; ++r) {
+          V x = splat<V>(w[r * kKeys + c]);
+          for (int j = 0; j < NC; ++j) acc[j] += x * load<V>(bj + r * D + j * W);
+        }
+        for (int j = 0; j < NC; ++j) store(oj + c * D + j * W, acc[j]);
       }
-      for (int j = 0; j < NVd; ++j) store(out + c * D + j * W, acc[j]);
     }
   }
 }
@@ -194,47 +280,53 @@ TG_INLINE void l1_grad(const T* g, int64_t rows, int64_t cols, const T* q, const
         }
       }
   } else {
+    constexpr int NC = NVd < kRegVecs ? NVd : kRegVecs;
     const V zero{};
-    int64_t c = 0;
-    for (; c + 2 <= cols; c += 2) {
-      V k0[NVd], k1[NVd], a0[NVd], a1[NVd];
-      for (int j = 0; j < NVd; ++j) {
-        k0[j] = load<V>(k + c * D + j * W);
-        k1[j] = load<V>(k + (c + 1) * D + j * W);
-        a0[j] = load<V>(dk_acc + c * D + j * W);
-        a1[j] = load<V>(dk_acc + (c + 1) * D + j * W);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const V g0 = splat<V>(g[r * kKeys + c]), g1 = splat<V>(g[r * kKeys + c + 1]);
-        for (int j = 0; j < NVd; ++j) {
-          const V qv = load<V>(q + r * D + j * W);
-          const V m0 = qv < k0[j] ? g0 : zero;
-          const V m1 = qv < k1[j] ? g1 : zero;
-          a0[j] += m0;
-          a1[j] += m1;
-          store(dq_acc + r * D + j * W, load<V>(dq_acc + r * D + j * W) + (m0 + m1));
+    for (int j0 = 0; j0 < NVd; j0 += NC) {  // chunks of NC vectors of the head dimension
+      const int64_t o = j0 * W;
+      int64_t c = 0;
+      for (; c + 2 <= cols; c += 2) {
+        V k0[NC], k1[NC], a0[NC], a1[NC];
+        for (int j = 0; j < NC; ++j) {
+          k0[j] = load<V>(k + c * D + o + j * W);
+          k1[j] = load<V>(k + (c + 1) * D + o + j * W);
+          a0[j] = load<V>(dk_acc + c * D + o + j * W);
+          a1[j] = load<V>(dk_acc + (c + 1) * D + o + j * W);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const V g0 = splat<V>(g[r * kKeys + c]), g1 = splat<V>(g[r * kKeys + c + 1]);
+          for (int j = 0; j < NC; ++j) {
+            const V qv = load<V>(q + r * D + o + j * W);
+            const V m0 = qv < k0[j] ? g0 : zero;
+            const V m1 = qv < k1[j] ? g1 : zero;
+            a0[j] += m0;
+            a1[j] += m1;
+            T* dqp = dq_acc + r * D + o + j * W;
+            store(dqp, load<V>(dqp) + (m0 + m1));
+          }
+        }
+        for (int j = 0; j < NC; ++j) {
+          store(dk_acc + c * D + o + j * W, a0[j]);
+          store(dk_acc + (c + 1) * D + o + j * W, a1[j]);
         }
       }
-      for (int j = 0; j < NVd; ++j) {
-        store(dk_acc + c * D + j * W, a0[j]);
-        store(dk_acc + (c + 1) * D + j * W, a1[j]);
-      }
-    }
-    for (; c < cols; ++c) {
-      V k0[NVd], a0[NVd];
-      for (int j = 0; j < NVd; ++j) {
-        k0[j] = load<V>(k + c * D + j * W);
-        a0[j] = load<V>(dk_acc + c * D + j * W);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const V g0 = splat<V>(g[r * kKeys + c]);
-        for (int j = 0; j < NVd; ++j) {
-          const V m0 = load<V>(q + r * D + j * W) < k0[j] ? g0 : zero;
-          a0[j] += m0;
-          store(dq_acc + r * D + j * W, load<V>(dq_acc + r * D + j * W) + m0);
+      for (; c < cols; ++c) {
+        V k0[NC], a0[NC];
+        for (int j = 0; j < NC; ++j) {
+          k0[j] = load<V>(k + c * D + o + j * W);
+          a0[j] = load<V>(dk_acc + c * D + o + j * W);
         }
+        for (int64_t r = 0; r < rows; ++r) {
+          const V g0 = splat<V>(g[r * kKeys + c]);
+          for (int j = 0; j < NC; ++j) {
+            const V m0 = load<V>(q + r * D + o + j * W) < k0[j] ? g0 : zero;
+            a0[j] += m0;
+            T* dqp = dq_acc + r * D + o + j * W;
+            store(dqp, load<V>(dqp) + m0);
+          }
+        }
+        for (int j = 0; j < NC; ++j) store(dk_acc + c * D + o + j * W, a0[j]);
       }
-      for (int j = 0; j < NVd; ++j) store(dk_acc + c * D + j * W, a0[j]);
     }
   }
 }
