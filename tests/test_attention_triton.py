@@ -310,6 +310,90 @@ def test_a_kind_without_a_triton_op_is_refused():
         triton_kernels.triton_attention(q, k, v, "l1", 0.5, forward_tile=(16, 24))
 
 
+# --------------------------------------------------------------------------------------------
+# ALiBi
+
+
+ALIBI = torch.tensor([0.5, 0.125])
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(7, 7), (20, 37)])
+def test_alibi_matches_a_hand_added_bias(kind, causal, Tq, Tk):
+    """−m_h·|i + Tk − Tq − j| computed in the kernels from the indices, against the float64
+    reference that adds it element by element: output and the gradients of q, k, v and λ,
+    over several tiles (the last one short), queries at the last positions when Tq < Tk."""
+    from test_alibi import reference as alibi_reference
+
+    q, k, v = make(B=2, H=2, Tq=Tq, Tk=Tk, D=3, dtype=torch.float64, grad=True, seed=Tk)
+    scale = head_scale(2, torch.float64, grad=True)
+    out = run(q, k, v, kind, scale, causal, alibi=ALIBI.to(DEVICE))
+    expected = alibi_reference(q, k, v, kind, scale, ALIBI, causal, p=P)
+    torch.testing.assert_close(out, expected)
+    assert_same_gradients(out, expected, (q, k, v, scale))
+    plain = run(q, k, v, kind, scale, causal)
+    assert not torch.allclose(out, plain)  # the slopes are large enough to matter
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi_with_a_mask_and_fully_masked_rows(causal):
+    """ALiBi and a boolean mask together; a row the mask hides entirely stays zero."""
+    from test_alibi import reference as alibi_reference
+
+    q, k, v = make(B=2, H=2, Tq=17, Tk=20, D=3, dtype=torch.float64, grad=True, seed=4)
+    scale = head_scale(2, torch.float64, grad=True)
+    mask = torch.rand(2, 1, 17, 20, generator=torch.Generator().manual_seed(5)) > 0.3
+    mask[:, :, 3] = False
+    out = run(q, k, v, "l1", scale, causal, mask.to(DEVICE), alibi=ALIBI.to(DEVICE))
+    expected = alibi_reference(q, k, v, "l1", scale, ALIBI, causal, mask)
+    torch.testing.assert_close(out, expected)
+    assert out[:, :, 3].abs().max() == 0
+    assert_same_gradients(out, expected, (q, k, v, scale))
+
+
+@needs_triton
+def test_alibi_runs_in_the_kernels_not_on_the_plain_path(monkeypatch):
+    """backend='triton' with slopes (a decoding step included) never falls back to the plain
+    path, and bad slopes are refused by name."""
+    from test_alibi import reference as alibi_reference
+    from truthgpt.nn.attention import backends
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plain path ran")
+
+    monkeypatch.setattr(backends, "run_plain", refuse)
+    for Tq in (1, 6):
+        q, k, v = make(B=1, H=2, Tq=Tq, Tk=9, D=3, dtype=torch.float64)
+        slopes = ALIBI.double()
+        out = distance_attention(
+            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), "l2", 0.8, backend="triton",
+            alibi=slopes.to(DEVICE),
+        )  # fmt: skip
+        torch.testing.assert_close(out.cpu(), alibi_reference(q, k, v, "l2", 0.8, slopes))
+    with pytest.raises(ValueError, match="alibi"):
+        triton_kernels.triton_attention(q, k, v, "l1", 0.5, alibi=torch.ones(3))
+
+
+@needs_triton
+def test_an_unknown_kind_code_is_a_compile_time_error(monkeypatch):
+    """The codes come from kernel_codes.KERNEL_CODES, and a code the kernels do not know
+    stops the launch instead of running as some other kind."""
+    from truthgpt.nn.attention import _triton_jit
+    from truthgpt.nn.attention.kernel_codes import KERNEL_CODES
+
+    assert {c: n for n, c in KERNEL_CODES.items()} == triton_kernels.KIND_CODES
+    for name, code in KERNEL_CODES.items():
+        assert getattr(_triton_jit, name.upper()).value == code
+    bogus = max(KERNEL_CODES.values()) + 1
+    monkeypatch.setattr(triton_kernels, "_code", lambda kind: bogus)
+    q, k, v = make(B=1, H=1, Tq=5, Tk=5, D=3)
+    with pytest.raises(Exception, match="unknown kind code"):
+        run(q, k, v, "l1", 0.5)
+
+
 def test_the_grid_has_one_axis_past_cudas_65535():
     """B·H programs do not go on a grid axis CUDA caps at 65535 (a decoding step of a large
     batch): every launch puts B·H·tiles on axis 0 (up to 2³¹ − 1)."""

@@ -14,7 +14,8 @@ Layouts (all row-major, one (b, h) slice after another):
     DQT (B·H, D, Tqp): the gradient of q, transposed, in ACC (added to atomically);
     DKT (B·H, D, Tkp): the gradient of k, transposed, in ACC (each program its own keys);
     DLam (B·H, key tiles): each backward program's part of dλ, summed by the host.
-KIND is the kind's `MinkowskiKernel.native_code`: 0 l1, 1 l2, 2 chebyshev, 3 lp.
+KIND is the kind's `MinkowskiKernel.native_code` (kernel_codes.KERNEL_CODES); any other code
+is a compile-time error, not a silent lp.
 
 Register blocking: a (BLOCK_M, BLOCK_N) tile of scores is held as a 4-D tensor
 (RM, RN, MP, NP), query row m0 + rm·MP + mp and key n0 + rn·NP + np. Triton spreads a tensor's
@@ -29,16 +30,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from truthgpt.nn.attention.kernel_codes import KERNEL_CODES
+
 # A masked score: finite, so that exp(m_old − m_new) is defined while a row has seen no key.
 MASK = tl.constexpr(-1e30)
 # A row whose running max stayed below this saw no key; its log-sum-exp is set to −MASK, so
 # that the backward's exp(s − lse) is 0 everywhere in it.
 DEAD = tl.constexpr(-5e29)
 
-L1 = tl.constexpr(0)
-L2 = tl.constexpr(1)
-CHEBYSHEV = tl.constexpr(2)
-LP = tl.constexpr(3)
+# The kinds' codes, from the one table the registry and the native build read too.
+L1 = tl.constexpr(KERNEL_CODES["l1"])
+L2 = tl.constexpr(KERNEL_CODES["l2"])
+CHEBYSHEV = tl.constexpr(KERNEL_CODES["chebyshev"])
+LP = tl.constexpr(KERNEL_CODES["lp"])
 LOG2E = tl.constexpr(1.4426950408889634)
 # Coordinates per iteration of the coordinate loops: unrolled this far, not over all of D,
 # which would multiply the compile time by D for a few loop instructions per coordinate.
@@ -126,9 +130,11 @@ def _distance(
             acc += x * x
         elif KIND == CHEBYSHEV:
             acc = tl.maximum(acc, tl.abs(x))
-        else:  # lp: |x|^p = 2^(p·log2|x|), 0 at x = 0
+        elif KIND == LP:  # |x|^p = 2^(p·log2|x|), 0 at x = 0
             ax = tl.abs(x)
             acc += tl.where(ax > 0, tl.exp2(p * tl.log2(tl.where(ax > 0, ax, 1.0))), 0.0)
+        else:
+            tl.static_assert(False, "unknown kind code")
     if KIND == L2:
         acc = tl.sqrt(acc)
     elif KIND == LP:
@@ -148,13 +154,18 @@ def _scores(
     sbm,
     sbn,
     offset,
+    slope,
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
-    """(−λ·dist plus the user's additive mask)·log2(e), the scores in base 2 (exp2 is one
-    instruction); MASK where the key is out of range or (causal) after the query's position;
-    never below MASK. lam: −λ·log2(e)."""
+    """(−λ·dist − m·|i + Tk − Tq − j| (ALiBi) plus the user's additive mask)·log2(e), the
+    scores in base 2 (exp2 is one instruction); MASK where the key is out of range or (causal)
+    after the query's position; never below MASK. lam: −λ·log2(e), slope: m·log2(e). The
+    position term comes from the indices: no Tq×Tk bias is read."""
     s = lam * dist
+    if HAS_ALIBI:
+        s -= slope * tl.abs(rows + offset - keys).to(s.dtype)
     if HAS_BIAS:
         ptrs = bias_ptr + rows.to(tl.int64) * sbm + keys * sbn
         bias = tl.load(ptrs, mask=(rows < Tq) & (keys < Tk), other=0.0).to(s.dtype)
@@ -179,6 +190,7 @@ def forward_kernel(
     KT,
     V,
     Scale,
+    Alibi,
     Bias,
     Out,
     Lse,
@@ -203,6 +215,7 @@ def forward_kernel(
     KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
@@ -234,6 +247,9 @@ def forward_kernel(
     v_ptr = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     lam = -tl.load(Scale + h).to(ACC) * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
     m_i = tl.full([RM, MP], MASK, ACC)
     l_i = tl.zeros([RM, MP], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -245,7 +261,22 @@ def forward_kernel(
         dist, _ = _distance(
             qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
         )
-        s = _scores(dist, lam, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS)
+        s = _scores(
+            dist,
+            lam,
+            rows,
+            keys,
+            Tq,
+            Tk,
+            bias_ptr,
+            sbm,
+            sbn,
+            offset,
+            slope,
+            CAUSAL,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
         m_new = tl.maximum(m_i, tl.max(tl.max(s, 1), 2))
         alpha = tl.exp2(m_i - m_new)
         pexp = tl.exp2(s - m_new[:, None, :, None])
@@ -299,9 +330,11 @@ def _coordinate_grads(
             w = g
         elif KIND == CHEBYSHEV:
             w = tl.where(tl.abs(x) == dist, g, 0.0)
-        else:  # lp
+        elif KIND == LP:
             ratio = tl.abs(x) * inv
             w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
+        else:
+            tl.static_assert(False, "unknown kind code")
         # w·sign(x): the sign bit of x flips w's; 0 at a tie
         w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
         tl.atomic_add(dqt + d * Tqp + rows2, _rows_of(w), sem="relaxed")
@@ -332,6 +365,7 @@ def backward_kernel(
     Lse,
     Delta,
     Scale,
+    Alibi,
     Bias,
     DQT,
     DKT,
@@ -361,6 +395,7 @@ def backward_kernel(
     KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
@@ -402,6 +437,9 @@ def backward_kernel(
     vt = VT + bh.to(tl.int64) * D * Tkp
     lam = tl.load(Scale + h).to(ACC)
     lam2 = -lam * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -421,7 +459,22 @@ def backward_kernel(
         dist, dp = _distance(
             qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True
         )
-        s = _scores(dist, lam2, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS)
+        s = _scores(
+            dist,
+            lam2,
+            rows,
+            keys,
+            Tq,
+            Tk,
+            bias_ptr,
+            sbm,
+            sbn,
+            offset,
+            slope,
+            CAUSAL,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
         lse = tl.load(Lse + bh.to(tl.int64) * Tqp + rows)
         prob = tl.exp2(s - lse)
         do = tl.load(do_ptr + offs_m[:, None] * sot + offs_d[None, :], mask=mask_md, other=0.0)

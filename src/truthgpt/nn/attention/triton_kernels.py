@@ -50,12 +50,13 @@ import torch
 from torch import Tensor
 
 from truthgpt.nn.attention import kinds
-from truthgpt.nn.attention.functional import SEED_RANGE
+from truthgpt.nn.attention.functional import SEED_RANGE, check_alibi
+from truthgpt.nn.attention.kernel_codes import KERNEL_CODES
 from truthgpt.nn.attention.kernels import additive_bias
 from truthgpt.nn.attention.kinds import DistanceKind
 
 # The kinds the kernels implement, by `MinkowskiKernel.native_code` (the KIND constexpr).
-KIND_CODES = {0: "l1", 1: "l2", 2: "chebyshev", 3: "lp"}
+KIND_CODES = {code: name for name, code in KERNEL_CODES.items()}
 # Tiles (query rows, keys) and warps per program, chosen by the instruction counts of their
 # sm_90a machine code (benchmarks/triton_sass.py), not timed: no GPU has run these kernels
 # yet. Each thread holds a block of rows × keys of the tile (`_blocking`).
@@ -139,7 +140,8 @@ def check(q: Tensor, kind: str | DistanceKind) -> None:
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """What the kernels are compiled and launched with, besides q, k, v and λ: the kind's
-    code and exponent, the masks, dropout (its probability and seed) and the tiles."""
+    code and exponent, the masks, ALiBi's slopes, dropout (its probability and seed) and the
+    tiles."""
 
     code: int
     p: float
@@ -147,6 +149,7 @@ class KernelConfig:
     bias: Tensor | None  # (B?, H?, Tq, Tk) additive, in the accumulation dtype
     dropout_p: float
     seed: int
+    alibi: Tensor | None = None  # (H,) slopes, in the accumulation dtype
     forward_tile: tuple[int, int] = FORWARD_TILE
     backward_tile: tuple[int, int] = BACKWARD_TILE
     forward_warps: int = FORWARD_WARPS
@@ -190,8 +193,9 @@ def padded_length(T: int, tiles: tuple[int, ...]) -> int:
 
 
 def _shared(qt, kt, v, Tq: int, scale: Tensor, cfg: KernelConfig, acc: torch.dtype):
-    """Launch arguments the two kernels share: the bias and its strides, the sizes, the
-    constexprs. qt, kt: (B, H, D, Tqp), (B, H, D, Tkp), padded, in the accumulation dtype."""
+    """Launch arguments the two kernels share: the ALiBi slopes, the bias and its strides, the
+    sizes, the constexprs. qt, kt: (B, H, D, Tqp), (B, H, D, Tkp), padded, in the
+    accumulation dtype."""
     B, H, D, Tqp = qt.shape
     Tkp = kt.shape[3]
     Tk = v.shape[2]
@@ -205,19 +209,21 @@ def _shared(qt, kt, v, Tq: int, scale: Tensor, cfg: KernelConfig, acc: torch.dty
     dot = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else acc
     if dot == torch.bfloat16 and interpreted():  # its tl.dot multiplies bf16 bits as integers
         dot = acc
+    alibi = cfg.alibi if cfg.alibi is not None else scale  # any tensor: never read
     drop_scale = 1.0 / (1.0 - cfg.dropout_p)
     sizes = (H, Tq, Tk, Tqp, Tkp, Tk - Tq, cfg.p, cfg.seed, cfg.dropout_p, drop_scale)
     flags = dict(
         KIND=cfg.code,
         CAUSAL=cfg.causal,
         HAS_BIAS=bias is not None,
+        HAS_ALIBI=cfg.alibi is not None,
         DROPOUT=cfg.dropout_p > 0.0,
         ACC=_tl_dtype(module, acc),
         DOT=_tl_dtype(module, dot),
         D=D,
         BLOCK_D=_pow2(D),
     )
-    return bias_args, sizes, flags
+    return (alibi, *bias_args), sizes, flags
 
 
 def _meta(flags: dict, tile: tuple[int, int], warps: int) -> dict:
@@ -234,7 +240,7 @@ def forward_launch(qt, kt, v, scale, out, lse, cfg: KernelConfig) -> tuple[tuple
     tile = _tile(cfg.forward_tile, Tq, v.shape[2])
     n_tiles = triton_cdiv(Tq, tile[0])
     grid = (n_tiles * B * H,)
-    args = (qt, kt, v, scale, bias_args[0], out, lse, *v.stride()[:3], *bias_args[1:], *sizes)
+    args = (qt, kt, v, scale, *bias_args[:2], out, lse, *v.stride()[:3], *bias_args[2:], *sizes)
     return grid, (*args, n_tiles), _meta(flags, tile, cfg.forward_warps)
 
 
@@ -247,8 +253,8 @@ def backward_launch(qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg: K
     tile = _tile(cfg.backward_tile, Tq, v.shape[2])
     n_tiles = dlam.shape[1]
     grid = (n_tiles * B * H,)
-    args = (qt, kt, v, do, gt, vt, lse, delta, scale, bias_args[0], dqt, dkt, dv, dlam)
-    args += (*v.stride()[:3], *do.stride()[:3], *bias_args[1:], *sizes, n_tiles)
+    args = (qt, kt, v, do, gt, vt, lse, delta, scale, *bias_args[:2], dqt, dkt, dv, dlam)
+    args += (*v.stride()[:3], *do.stride()[:3], *bias_args[2:], *sizes, n_tiles)
     return grid, args, _meta(flags, tile, cfg.backward_warps)
 
 
@@ -344,6 +350,7 @@ def triton_attention(
     seed: int | None = None,
     forward_tile: tuple[int, int] | None = None,
     backward_tile: tuple[int, int] | None = None,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """Exact attention with the Triton kernels, (B, H, Tq, D), for l1, l2, chebyshev and lp.
 
@@ -351,9 +358,11 @@ def triton_attention(
     torch's global generator, so torch.manual_seed makes runs reproducible. forward_tile,
     backward_tile: (query rows, keys) per program, powers of two ≥ 16 (None: FORWARD_TILE,
     BACKWARD_TILE, or WIDE_TILES for fp32 and fp64); any give the same result up to rounding
-    (and the same dropout mask).
+    (and the same dropout mask). alibi: (H,) ALiBi slopes m ≥ 0 or None: the scores get
+    −m_h·|i + Tk − Tq − j|, computed in the kernels from the indices.
     """
     check(q, kind)
+    check_alibi(alibi, q)
     spec = kinds.get(kind)
     dtype = q.dtype
     if dtype not in _DTYPES:
@@ -379,6 +388,7 @@ def triton_attention(
         bias=additive_bias(attn_mask, acc),
         dropout_p=float(dropout_p),
         seed=int(seed or 0),
+        alibi=alibi.detach().to(acc).contiguous() if alibi is not None else None,
         forward_tile=tuple(forward_tile),
         backward_tile=tuple(backward_tile),
     )
