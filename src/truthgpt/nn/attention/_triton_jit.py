@@ -11,8 +11,11 @@ Layouts (all row-major, one (b, h) slice after another):
     V, DO (B, H, T, D) with strides given; Out (B, H, Tq, D); Delta (B·H, Tqp);
     GT (B·H, D, Tqp), VT (B·H, D, Tkp): dO and v transposed, padded, in ACC, as QT and KT;
     Lse (B·H, Tqp): each row's log-sum-exp in base 2 (of the scores times log2(e));
-    DQT (B·H, D, Tqp): the gradient of q, transposed, in ACC (added to atomically);
+    DQT (B·H, D, Tqp): the gradient of q, transposed, in ACC (l2: added to atomically; the
+        others: each dq program its own rows);
     DKT (B·H, D, Tkp): the gradient of k, transposed, in ACC (each program its own keys);
+    DV: the gradient of v in ACC, (B·H, Tk, D), or (B·H, D, Tkp) where the split backward
+        sums it on CUDA cores (`backward_dkdv_kernel`);
     DLam (B·H, key tiles): each backward program's part of dλ, summed by the host.
 KIND is the kind's `MinkowskiKernel.native_code` (kernel_codes.KERNEL_CODES); any other code
 is a compile-time error, not a silent lp.
@@ -300,11 +303,10 @@ def forward_kernel(
 
 
 @triton.jit
-def _coordinate_grads(
+def _coordinate_grad(
     qt,
     kt,
-    dqt,
-    dkt,
+    out,
     g,
     dist,
     rows2,
@@ -315,31 +317,118 @@ def _coordinate_grads(
     KIND: tl.constexpr,
     ACC: tl.constexpr,
     D: tl.constexpr,
+    FOR_Q: tl.constexpr,
+    gt,
+    dvt,
+    kept,
+    WITH_DV: tl.constexpr,
 ):
-    """dq_i += Σ_j g_ij ∂d_ij/∂q_i (atomically: other key tiles add to the same rows) and
-    dk_j −= the same sums over i (this program's own keys: a plain read and write), one
-    coordinate at a time. ∂d/∂q_d: sign(x) (l1), sign(x) where |x| is the max (chebyshev),
-    sign(x)·(|x|/d)^(p−1) (lp); 0 where undefined (x = 0, d = 0), as torch.cdist."""
+    """FOR_Q: dq_i += Σ_j g_ij ∂d_ij/∂q_i into out (DQT, the program's own rows); else
+    dk_j −= the same sums over i into out (DKT, its own keys): one coordinate at a time, a
+    plain read and write, the sum over the tile's other axis inside each thread when the
+    layout holds that axis in registers (`backward_dkdv_kernel`, `backward_dq_kernel`).
+    ∂d/∂q_d: sign(x) (l1), sign(x) where |x| is the max (chebyshev), sign(x)·(|x|/d)^(p−1)
+    (lp); 0 where undefined (x = 0, d = 0), as torch.cdist. WITH_DV (dk): also
+    dv_jd += Σ_i kept_ij·dO_id into dvt (v's gradient transposed), the same kind of sum."""
     rows = rows2[:, None, :, None]
     keys = keys2[None, :, None, :]
     if KIND == LP:
         inv = 1.0 / tl.where(dist > 0, dist, 1.0)
+    if KIND == CHEBYSHEV:  # at d = 0 every |x| is the max, and the gradient is 0
+        g = tl.where(dist > 0, g, 0.0)
     for d in tl.range(0, D, loop_unroll_factor=UNROLL):
         x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        # g·sign(x) as g times ±1 or 0: the compare gives 1.0 or 0.0 in one instruction, x's
+        # sign bit flips it in another, and the product joins the sum as a fused multiply-add
         if KIND == L1:
-            w = g
-        elif KIND == CHEBYSHEV:
-            w = tl.where(tl.abs(x) == dist, g, 0.0)
+            w = g * _flip_sign((x != 0).to(ACC), x, ACC)
+        elif KIND == CHEBYSHEV:  # where |x| is the max, then x ≠ 0 (d > 0 above)
+            w = g * _flip_sign((tl.abs(x) == dist).to(ACC), x, ACC)
         elif KIND == LP:
             ratio = tl.abs(x) * inv
             w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
+            w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
         else:
             tl.static_assert(False, "unknown kind code")
-        # w·sign(x): the sign bit of x flips w's; 0 at a tie
-        w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
-        tl.atomic_add(dqt + d * Tqp + rows2, _rows_of(w), sem="relaxed")
-        dk_ptrs = dkt + d * Tkp + keys2
-        tl.store(dk_ptrs, tl.load(dk_ptrs) - _keys_of(w))
+        if FOR_Q:
+            dq_ptrs = out + d * Tqp + rows2
+            tl.store(dq_ptrs, tl.load(dq_ptrs) + _rows_of(w))
+        else:
+            dk_ptrs = out + d * Tkp + keys2
+            tl.store(dk_ptrs, tl.load(dk_ptrs) - _keys_of(w))
+            if WITH_DV:
+                dv_ptrs = dvt + d * Tkp + keys2
+                dv_part = _keys_of(kept * tl.load(gt + d * Tqp + rows))
+                tl.store(dv_ptrs, tl.load(dv_ptrs) + dv_part)
+
+
+@triton.jit
+def _tile_grad(
+    qt,
+    kt,
+    gt,
+    vt,
+    do,
+    v,
+    lse_ptr,
+    delta_ptr,
+    rows,
+    keys,
+    lam2,
+    slope,
+    bias_ptr,
+    sbm,
+    sbn,
+    bh,
+    Tq,
+    Tk,
+    Tqp,
+    Tkp,
+    offset,
+    p,
+    seed,
+    dropout_p,
+    drop_scale,
+    KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    D: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
+    MP: tl.constexpr,
+    NP: tl.constexpr,
+    TC: tl.constexpr,
+):
+    """A tile's distances, probabilities as they reach v (dropped ones 0) and ds = dL/ds,
+    recomputed from the saved log-sum-exp (see `backward_kernel`). dp = dO·vᵀ: TC (fp16,
+    bf16), on tensor cores from the tiles do and v, moved into the tile's layout after the
+    distance's loop; else on CUDA cores in that loop, from gt and vt (dO and v transposed),
+    as an IEEE product of the operands' tiles would hold too many registers."""
+    if TC:
+        dist, _ = _distance(
+            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
+        )
+        dp = _from_tile(_mm(do, tl.trans(v), DOT, ACC), RM, RN, MP, NP)
+    else:
+        dist, dp = _distance(
+            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True
+        )
+    s = _scores(
+        dist, lam2, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, slope, CAUSAL, HAS_BIAS,
+        HAS_ALIBI,
+    )  # fmt: skip
+    prob = tl.exp2(s - tl.load(lse_ptr + rows))
+    kept = prob
+    if DROPOUT:
+        keep = _keep(seed, bh, rows, keys, Tq, Tk, dropout_p)
+        kept = tl.where(keep, prob * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = prob * (dp - tl.load(delta_ptr + rows))
+    return dist, kept, ds
 
 
 @triton.jit
@@ -406,9 +495,9 @@ def backward_kernel(
     RM: tl.constexpr,
     RN: tl.constexpr,
 ):
-    """One program per (key tile, b·h), the FlashAttention-2 layout, the heaviest (first,
-    when causal) tiles first: it holds its keys' dv (and dk for l2) and walks the query
-    tiles that see them, recomputing the probabilities from the saved log-sum-exp:
+    """l2's backward: one program per (key tile, b·h), the FlashAttention-2 layout, the
+    heaviest (first, when causal) tiles first: it holds its keys' dv and dk and walks the
+    query tiles that see them, recomputing the probabilities from the saved log-sum-exp:
 
         p = exp(s − lse)   dv += (p∘z)ᵀ dO   dp = (dO vᵀ)∘z   ds = p∘(dp − Δ), Δ = dO·O
         dλ −= Σ ds∘dist    g = −λ·ds = dL/d dist,   z: dropout multipliers (or 1)
@@ -500,13 +589,249 @@ def backward_kernel(
             dq_ptrs = dqt + offs_d[None, :] * Tqp + offs_m[:, None]
             tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
         else:
-            _coordinate_grads(qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D)
+            tl.static_assert(False, "the coordinate kinds take backward_dkdv_kernel")
     dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dv_ptrs, dv, mask=mask_nd)
     if KIND == L2:  # this program's rows of dk alone: a plain store
         tl.store(dkt + offs_d[None, :] * Tkp + offs_n[:, None], dk, mask=offs_d[None, :] < D)
     total = tl.sum(tl.reshape(dlam, (BLOCK_M * BLOCK_N,)), 0)
     tl.store(DLam + bh.to(tl.int64) * n_tiles + tile, total)
+
+
+@triton.jit
+def backward_dkdv_kernel(
+    QT,
+    KT,
+    V,
+    DO,
+    GT,
+    VT,
+    Lse,
+    Delta,
+    Scale,
+    Alibi,
+    Bias,
+    DKT,
+    DV,
+    DLam,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    H,
+    Tq,
+    Tk,
+    Tqp,
+    Tkp,
+    offset,
+    p,
+    seed,
+    dropout_p,
+    drop_scale,
+    n_tiles,
+    KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
+    TC: tl.constexpr,
+):
+    """dk, dv and dλ of l1, chebyshev and lp: one program per (key tile, b·h), the heaviest
+    (first, when causal) first, walking the query tiles that see its keys. The host gives it
+    a blocking with each thread holding every row of the tile (MP = 1) for its keys, so dk's
+    sum over the rows stays inside the thread: no shuffle in the coordinate loop. dq is
+    `backward_dq_kernel`'s. dv: TC, a tensor-core product per query tile added to DV
+    (B·H, Tk, D) in memory (held in registers through the coordinate loops it would crowd out
+    the tile); else sums inside each thread in the dk loop, into DV as (B·H, D, Tkp)."""
+    MP: tl.constexpr = BLOCK_M // RM
+    NP: tl.constexpr = BLOCK_N // RN
+    BH = tl.num_programs(0) // n_tiles
+    pid = tl.program_id(0)
+    bh = pid % BH
+    tile = pid // BH
+    b = bh // H
+    h = bh % H
+    n0 = tile * BLOCK_N
+    keys2 = _index(n0, RN, NP)  # (RN, NP)
+    keys = keys2[None, :, None, :]
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    qt = QT + bh.to(tl.int64) * D * Tqp
+    kt = KT + bh.to(tl.int64) * D * Tkp
+    gt = GT + bh.to(tl.int64) * D * Tqp
+    vt = VT + bh.to(tl.int64) * D * Tkp
+    dkt = DKT + bh.to(tl.int64) * D * Tkp
+    do_ptr = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    mask_nd = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+    v_ptrs = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_n[:, None] * svt
+    bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    lse_ptr = Lse + bh.to(tl.int64) * Tqp
+    delta_ptr = Delta + bh.to(tl.int64) * Tqp
+    lam = tl.load(Scale + h).to(ACC)
+    lam2 = -lam * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
+    dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
+    dvt = DV + bh.to(tl.int64) * D * Tkp
+    dlam = tl.zeros([RN, NP], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    lo = 0
+    if CAUSAL:  # rows before n0 − offset see none of these keys
+        lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+    for m0 in range(lo, Tq, BLOCK_M):
+        rows2 = _index(m0, RM, MP)
+        rows = rows2[:, None, :, None]
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        do = qt  # unread unless TC
+        v = qt
+        if TC:
+            mask_md = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+            do_ptrs = do_ptr + offs_m[:, None] * sot + offs_d[None, :]
+            do = tl.load(do_ptrs, mask=mask_md, other=0.0)
+            # v read again for each tile (from cache), not held in registers through the loops
+            v = tl.load(v_ptrs + offs_d[None, :], mask=mask_nd, other=0.0)
+        dist, kept, ds = _tile_grad(
+            qt, kt, gt, vt, do, v, lse_ptr, delta_ptr, rows, keys, lam2, slope, bias_ptr, sbm, sbn,
+            bh, Tq, Tk, Tqp, Tkp, offset, p, seed, dropout_p, drop_scale, KIND, CAUSAL,
+            HAS_BIAS, HAS_ALIBI, DROPOUT, ACC, DOT, D, RM, RN, MP, NP, TC,
+        )  # fmt: skip
+        if TC:
+            dv += _mm(tl.trans(_to_tile(kept, BLOCK_M, BLOCK_N)), do, DOT, ACC)
+        dlam -= _keys_of(ds * dist)
+        _coordinate_grad(
+            qt, kt, dkt, -lam * ds, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D, False,
+            gt, dvt, kept, not TC,
+        )  # fmt: skip
+    if TC:
+        tl.store(dv_ptrs, dv, mask=mask_nd)
+    total = tl.sum(tl.reshape(dlam, (BLOCK_N,)), 0)
+    tl.store(DLam + bh.to(tl.int64) * n_tiles + tile, total)
+
+
+@triton.jit
+def backward_dq_kernel(
+    QT,
+    KT,
+    V,
+    DO,
+    GT,
+    VT,
+    Lse,
+    Delta,
+    Scale,
+    Alibi,
+    Bias,
+    DQT,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    H,
+    Tq,
+    Tk,
+    Tqp,
+    Tkp,
+    offset,
+    p,
+    seed,
+    dropout_p,
+    drop_scale,
+    n_tiles,
+    KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
+    TC: tl.constexpr,
+):
+    """dq of l1, chebyshev and lp: one program per (query tile, b·h), the heaviest first,
+    walking the key tiles its rows see, as the forward does. Each thread holds every key of
+    the tile (NP = 1) for its rows, so dq's sum over the keys stays inside the thread, and
+    each row of dq has one writer: no atomics, the same sums in the same order every run."""
+    MP: tl.constexpr = BLOCK_M // RM
+    NP: tl.constexpr = BLOCK_N // RN
+    BH = tl.num_programs(0) // n_tiles
+    pid = tl.program_id(0)
+    bh = pid % BH
+    tile = pid // BH
+    if CAUSAL:
+        tile = n_tiles - 1 - tile
+    b = bh // H
+    h = bh % H
+    m0 = tile * BLOCK_M
+    rows2 = _index(m0, RM, MP)  # (RM, MP)
+    rows = rows2[:, None, :, None]
+    qt = QT + bh.to(tl.int64) * D * Tqp
+    kt = KT + bh.to(tl.int64) * D * Tkp
+    gt = GT + bh.to(tl.int64) * D * Tqp
+    vt = VT + bh.to(tl.int64) * D * Tkp
+    dqt = DQT + bh.to(tl.int64) * D * Tqp
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    do_ptrs = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot
+    mask_md = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+    do = qt  # unread unless TC
+    if TC:
+        do = tl.load(do_ptrs + offs_d[None, :], mask=mask_md, other=0.0)
+    v_ptr = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    lse_ptr = Lse + bh.to(tl.int64) * Tqp
+    delta_ptr = Delta + bh.to(tl.int64) * Tqp
+    lam = tl.load(Scale + h).to(ACC)
+    lam2 = -lam * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
+    hi = Tk
+    if CAUSAL:  # the tile's last row sees keys up to m0 + BLOCK_M − 1 + offset
+        hi = tl.minimum(Tk, m0 + BLOCK_M + offset)
+    for n0 in range(0, hi, BLOCK_N):
+        keys2 = _index(n0, RN, NP)
+        keys = keys2[None, :, None, :]
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_nd = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        v = qt
+        if TC:
+            v_ptrs = v_ptr + offs_n[:, None] * svt + offs_d[None, :]
+            v = tl.load(v_ptrs, mask=mask_nd, other=0.0)
+        dist, _, ds = _tile_grad(
+            qt, kt, gt, vt, do, v, lse_ptr, delta_ptr, rows, keys, lam2, slope, bias_ptr, sbm, sbn,
+            bh, Tq, Tk, Tqp, Tkp, offset, p, seed, dropout_p, drop_scale, KIND, CAUSAL,
+            HAS_BIAS, HAS_ALIBI, DROPOUT, ACC, DOT, D, RM, RN, MP, NP, TC,
+        )  # fmt: skip
+        _coordinate_grad(
+            qt, kt, dqt, -lam * ds, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D, True,
+            qt, qt, ds, False,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -522,4 +847,11 @@ def dropout_keep_kernel(Out, seed, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLO
     tl.store(ptrs, keep.to(tl.float32), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
 
-__all__ = ["backward_kernel", "dropout_keep_kernel", "forward_kernel", "triton"]
+__all__ = [
+    "backward_dkdv_kernel",
+    "backward_dq_kernel",
+    "backward_kernel",
+    "dropout_keep_kernel",
+    "forward_kernel",
+    "triton",
+]
