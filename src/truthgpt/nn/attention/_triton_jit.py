@@ -98,6 +98,19 @@ def _keys_of(x4):
 
 
 @triton.jit
+def _program(n_tiles, H, REVERSE: tl.constexpr):
+    """(b·h, tile, b, h) of this program: grid axis 0 runs over b·h first, then the tiles
+    (CUDA caps the other axes at 65535); REVERSE: the last tile first (causal: the heaviest)."""
+    BH = tl.num_programs(0) // n_tiles
+    pid = tl.program_id(0)
+    bh = pid % BH
+    tile = pid // BH
+    if REVERSE:
+        tile = n_tiles - 1 - tile
+    return bh, tile, bh // H, bh % H
+
+
+@triton.jit
 def _distance(
     qt,
     kt,
@@ -233,14 +246,7 @@ def forward_kernel(
     online softmax over the key tiles it can see."""
     MP: tl.constexpr = BLOCK_M // RM
     NP: tl.constexpr = BLOCK_N // RN
-    BH = tl.num_programs(0) // n_tiles
-    pid = tl.program_id(0)
-    bh = pid % BH
-    tile = pid // BH
-    if CAUSAL:
-        tile = n_tiles - 1 - tile
-    b = bh // H
-    h = bh % H
+    bh, tile, b, h = _program(n_tiles, H, CAUSAL)
     m0 = tile * BLOCK_M
     rows2 = _index(m0, RM, MP)  # (RM, MP)
     rows = rows2[:, None, :, None]
@@ -504,12 +510,7 @@ def backward_kernel(
     """
     MP: tl.constexpr = BLOCK_M // RM
     NP: tl.constexpr = BLOCK_N // RN
-    BH = tl.num_programs(0) // n_tiles
-    pid = tl.program_id(0)
-    bh = pid % BH
-    tile = pid // BH
-    b = bh // H
-    h = bh % H
+    bh, tile, b, h = _program(n_tiles, H, False)
     n0 = tile * BLOCK_N
     keys2 = _index(n0, RN, NP)  # (RN, NP)
     keys = keys2[None, :, None, :]
@@ -659,12 +660,7 @@ def backward_dkdv_kernel(
     the tile); else sums inside each thread in the dk loop, into DV as (B·H, D, Tkp)."""
     MP: tl.constexpr = BLOCK_M // RM
     NP: tl.constexpr = BLOCK_N // RN
-    BH = tl.num_programs(0) // n_tiles
-    pid = tl.program_id(0)
-    bh = pid % BH
-    tile = pid // BH
-    b = bh // H
-    h = bh % H
+    bh, tile, b, h = _program(n_tiles, H, False)
     n0 = tile * BLOCK_N
     keys2 = _index(n0, RN, NP)  # (RN, NP)
     keys = keys2[None, :, None, :]
@@ -779,14 +775,7 @@ def backward_dq_kernel(
     each row of dq has one writer: no atomics, the same sums in the same order every run."""
     MP: tl.constexpr = BLOCK_M // RM
     NP: tl.constexpr = BLOCK_N // RN
-    BH = tl.num_programs(0) // n_tiles
-    pid = tl.program_id(0)
-    bh = pid % BH
-    tile = pid // BH
-    if CAUSAL:
-        tile = n_tiles - 1 - tile
-    b = bh // H
-    h = bh % H
+    bh, tile, b, h = _program(n_tiles, H, CAUSAL)
     m0 = tile * BLOCK_M
     rows2 = _index(m0, RM, MP)  # (RM, MP)
     rows = rows2[:, None, :, None]
