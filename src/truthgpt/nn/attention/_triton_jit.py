@@ -438,6 +438,28 @@ def _tile_grad(
 
 
 @triton.jit
+def _lp_grads(
+    qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, ACC: tl.constexpr, D: tl.constexpr
+):
+    """lp's dq_i += Σ_j g_ij·sign(x)·(|x|/d)^(p−1) (atomically: other key tiles add to the
+    same rows) and dk_j −= the same sums over i (this program's own keys), in one loop over
+    the coordinates for both: the power costs some thirty instructions per term, which two
+    kernels (`backward_dkdv_kernel`, `backward_dq_kernel`) would each pay, while the sums
+    across threads cost a few. 0 where undefined (x = 0, d = 0), as torch.cdist."""
+    rows = rows2[:, None, :, None]
+    keys = keys2[None, :, None, :]
+    inv = 1.0 / tl.where(dist > 0, dist, 1.0)
+    for d in tl.range(0, D, loop_unroll_factor=UNROLL):
+        x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        ratio = tl.abs(x) * inv
+        w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
+        w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
+        tl.atomic_add(dqt + d * Tqp + rows2, _rows_of(w), sem="relaxed")
+        dk_ptrs = dkt + d * Tkp + keys2
+        tl.store(dk_ptrs, tl.load(dk_ptrs) - _keys_of(w))
+
+
+@triton.jit
 def _flip_sign(w, x, dtype: tl.constexpr):
     """w with its sign flipped where x is negative: one bitwise operation."""
     if dtype == tl.float64:
@@ -501,9 +523,10 @@ def backward_kernel(
     RM: tl.constexpr,
     RN: tl.constexpr,
 ):
-    """l2's backward: one program per (key tile, b·h), the FlashAttention-2 layout, the
-    heaviest (first, when causal) tiles first: it holds its keys' dv and dk and walks the
-    query tiles that see them, recomputing the probabilities from the saved log-sum-exp:
+    """The backward of l2 and lp: one program per (key tile, b·h), the FlashAttention-2
+    layout, the heaviest (first, when causal) tiles first: it holds its keys' dv (and dk for
+    l2) and walks the query tiles that see them, recomputing the probabilities from the
+    saved log-sum-exp:
 
         p = exp(s − lse)   dv += (p∘z)ᵀ dO   dp = (dO vᵀ)∘z   ds = p∘(dp − Δ), Δ = dO·O
         dλ −= Σ ds∘dist    g = −λ·ds = dL/d dist,   z: dropout multipliers (or 1)
@@ -589,8 +612,10 @@ def backward_kernel(
             dk += keys_w[:, None] * k - _mm(tl.trans(w), q, ACC, ACC)
             dq_ptrs = dqt + offs_d[None, :] * Tqp + offs_m[:, None]
             tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
+        elif KIND == LP:
+            _lp_grads(qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, ACC, D)
         else:
-            tl.static_assert(False, "the coordinate kinds take backward_dkdv_kernel")
+            tl.static_assert(False, "l1 and chebyshev take backward_dkdv_kernel")
     dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dv_ptrs, dv, mask=mask_nd)
     if KIND == L2:  # this program's rows of dk alone: a plain store
@@ -651,7 +676,7 @@ def backward_dkdv_kernel(
     RN: tl.constexpr,
     TC: tl.constexpr,
 ):
-    """dk, dv and dλ of l1, chebyshev and lp: one program per (key tile, b·h), the heaviest
+    """dk, dv and dλ of l1 and chebyshev: one program per (key tile, b·h), the heaviest
     (first, when causal) first, walking the query tiles that see its keys. The host gives it
     a blocking with each thread holding every row of the tile (MP = 1) for its keys, so dk's
     sum over the rows stays inside the thread: no shuffle in the coordinate loop. dq is
@@ -769,7 +794,7 @@ def backward_dq_kernel(
     RN: tl.constexpr,
     TC: tl.constexpr,
 ):
-    """dq of l1, chebyshev and lp: one program per (query tile, b·h), the heaviest first,
+    """dq of l1 and chebyshev: one program per (query tile, b·h), the heaviest first,
     walking the key tiles its rows see, as the forward does. Each thread holds every key of
     the tile (NP = 1) for its rows, so dq's sum over the keys stays inside the thread, and
     each row of dq has one writer: no atomics, the same sums in the same order every run."""

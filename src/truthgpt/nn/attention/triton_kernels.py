@@ -6,11 +6,13 @@ Triton kernels (`_triton_jit.py`) in the FlashAttention-2 layout:
 * forward: one program per (query tile, batch·head) runs the online softmax over the key
   tiles it can see (causal: only those up to its last row) and saves the output and the
   per-row log-sum-exp;
-* backward of l1, chebyshev and lp, two kernels as FlashAttention-2's: dk/dv, one program
+* backward of l1 and chebyshev, two kernels as FlashAttention-2's: dk/dv, one program
   per (key tile, batch·head) walking the query tiles that see its keys, and dq, one program
   per (query tile, batch·head) walking the key tiles its rows see; each recomputes the
   tile's distances and probabilities from the saved log-sum-exp;
-* backward of l2: one kernel per (key tile, batch·head), dq and dk as matrix products.
+* backward of l2 and lp: one kernel per (key tile, batch·head) walking the query tiles,
+  dq added atomically: l2's gradients are matrix products, and lp's per-coordinate term (a
+  power, some thirty instructions) would cost twice over in two kernels.
 
 The distance of a tile is computed one coordinate at a time from exact differences q_d − k_d
 (no ‖q‖² + ‖k‖² − 2q·k expansion), the per-coordinate op chosen at compile time by the kind's
@@ -23,7 +25,7 @@ accumulation, as flash attention does); fp32 and fp64 inputs use IEEE products (
 (Triton 3.9's interpreter multiplies bf16 dot operands as integers, so there bf16 inputs
 take fp32 products; it also rounds to bf16 by truncation where GPUs round to nearest.)
 
-Why two backward kernels for l1, chebyshev and lp, though the dq kernel computes every
+Why two backward kernels for l1 and chebyshev, though the dq kernel computes every
 distance a second time: their gradients are sums over a tile's other axis of per-coordinate
 terms (dq_id = Σ_j g_ij·sign(q_id − k_jd), not a matrix product). One kernel giving both dq
 and dk must sum across threads inside its coordinate loop (shuffles and barriers, once per
@@ -31,8 +33,8 @@ coordinate) and add dq atomically; two kernels each lay their tile out so that t
 inside a thread (the dk/dv kernel's threads hold every row of it, the dq kernel's every
 key), and write rows they alone own: no shuffle in the coordinate loops, no atomics, and dq
 summed in the same order every run. benchmarks/results/triton_sass.md has the instruction
-counts of both. dλ is summed per program and then on the host, in a fixed order. l2's dq
-is still added atomically (not bitwise reproducible between runs).
+counts of both. dλ is summed per program and then on the host, in a fixed order. l2's and
+lp's dq are added atomically (not bitwise reproducible between runs).
 
 Dropout: Philox (`tl.rand`) on (seed, the entry's index ((b·H + h)·Tq + i)·Tk + j), the seed
 drawn per call from torch's generator; the backward regenerates the same mask, whatever the tiles,
@@ -74,12 +76,12 @@ BACKWARD_WARPS = 4
 # TF32), whose operands and sums stay in registers, and float64 holds each value in two:
 # at the tiles above both spill (and float64's forward takes 192 KiB of shared memory).
 WIDE_TILES = ((64, 64), (32, 128))
-# The backward of l1, chebyshev and lp is two kernels: dk and dv over BACKWARD_TILE (or
+# The backward of l1 and chebyshev is two kernels: dk and dv over BACKWARD_TILE (or
 # WIDE_TILES[1]), each thread holding every row of the tile for its keys; dq over DQ_TILES,
 # each thread holding every key for its rows (`_blocking`). By wide (fp32, fp64).
 DQ_TILES = {False: (128, 64), True: (128, 64)}
-# l2's backward is one kernel of products (dq added atomically), with its own tiles.
-L2_BACKWARD_TILES = {False: (64, 64), True: (32, 64)}  # by wide
+# l2's and lp's backward is one kernel (dq added atomically), with its own tiles.
+FUSED_BACKWARD_TILES = {False: (64, 64), True: (32, 64)}  # by wide
 # Triton 3.9 warns unless fused multiply-adds are asked for explicitly; they are its default.
 _OPTIONS = {"enable_fp_fusion": True}
 INSTALL_HINT = "pip install 'truthgpt[gpu]' (triton==3.9.0)"
@@ -255,9 +257,10 @@ def _meta(flags: dict, tile: tuple[int, int], warps: int, spread: str = "even") 
 
 
 def _split(cfg: KernelConfig) -> bool:
-    """Whether the backward is two kernels (dk and dv; dq): the kinds whose gradients are
-    sums of per-coordinate terms. l2's are products, one kernel."""
-    return cfg.code != KERNEL_CODES["l2"]
+    """Whether the backward is two kernels (dk and dv; dq): l1 and chebyshev, whose
+    per-coordinate terms are a few instructions. l2's gradients are products, and lp's
+    term (a power) costs too much to compute twice: one kernel each."""
+    return cfg.code in (KERNEL_CODES["l1"], KERNEL_CODES["chebyshev"])
 
 
 def _backward_tiles(cfg: KernelConfig, Tq: int, Tk: int) -> list[tuple[int, int]]:
@@ -455,8 +458,8 @@ def triton_attention(
         seed = int(torch.randint(0, SEED_RANGE, ()).item())
     wide = q.dtype in (torch.float32, torch.float64)
     defaults = WIDE_TILES if wide else (FORWARD_TILE, BACKWARD_TILE)
-    if _code(spec) == KERNEL_CODES["l2"]:
-        defaults = (defaults[0], L2_BACKWARD_TILES[wide])
+    if _code(spec) in (KERNEL_CODES["l2"], KERNEL_CODES["lp"]):
+        defaults = (defaults[0], FUSED_BACKWARD_TILES[wide])
     dq_tile = None if backward_tile else DQ_TILES[wide]
     forward_tile = forward_tile or defaults[0]
     backward_tile = backward_tile or defaults[1]
