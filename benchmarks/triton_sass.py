@@ -319,17 +319,42 @@ def _unroll() -> int:
     return int(getattr(getattr(_triton_jit, "UNROLL", 1), "value", 1))
 
 
+# The pass each kernel belongs to, by name; kernels of one pass that each handle every
+# (i, j, d) triple once (the split backward) add up to the pass.
+PHASES = {
+    "forward_kernel": "forward",
+    "backward_kernel": "backward",
+    "backward_dkdv_kernel": "backward dk,dv",
+    "backward_dq_kernel": "backward dq",
+}
+
+
+def total_row(parts: list[dict]) -> dict:
+    """The split backward as one pass: instructions per triple and per class summed over its
+    kernels (each visits every triple once), spills and sync summed, the largest registers
+    and shared memory, the lowest occupancy."""
+    row = dict(parts[0], kernel="+".join(p["kernel"] for p in parts))
+    row["pass"] = "backward (sum)"
+    row["instructions_per_triple"] = sum(p["instructions_per_triple"] for p in parts)
+    row["per_triple"] = {c: sum(p["per_triple"][c] for p in parts) for c in CLASS_NAMES}
+    for key in ("spill_bytes", "coordinate_loop_sync"):
+        row[key] = sum(p[key] for p in parts)
+    for key in ("registers", "shared_bytes"):
+        row[key] = max(p[key] for p in parts)
+    row["occupancy"] = min(p["occupancy"] for p in parts)
+    row.pop("per_tile_iteration", None)
+    return row
+
+
 def measure(kind: str, dtype_name: str, D: int, T: int) -> list[dict]:
-    """One row per kernel (and per autotune config) of one forward + backward."""
+    """One row per kernel (and per autotune config) of one forward + backward, and for a
+    backward split into kernels, their sum."""
     rows = []
     for fn, _grid, args, meta in capture(kind, dtype_name, D, T):
         for jit, cfg in _unwrap(fn, meta):
             name = jit.__name__
-            if name.startswith("forward"):
-                phase = "forward"
-            elif name.startswith("backward"):
-                phase = "backward"
-            else:
+            phase = PHASES.get(name)
+            if phase is None:
                 continue
             result = compile_sm90(jit, args, cfg)
             threads = 32 * result["num_warps"]
@@ -361,6 +386,9 @@ def measure(kind: str, dtype_name: str, D: int, T: int) -> list[dict]:
             else:
                 row["instructions_per_triple"] = None
             rows.append(row)
+    split = [r for r in rows if r["pass"] in ("backward dk,dv", "backward dq")]
+    if len(split) == 2 and all(r["instructions_per_triple"] for r in split):
+        rows.append(total_row(split))
     return rows
 
 
@@ -401,7 +429,7 @@ def markdown(rows: list[dict], command: str, versions: str, seconds: float) -> s
             str(r["spill_bytes"]),
             str(r["shared_bytes"]),
             f"{r['occupancy']:.3f}",
-            f"{r['tile'][0]}×{r['tile'][1]}, {r['num_warps']}",
+            "" if "+" in r["kernel"] else f"{r['tile'][0]}×{r['tile'][1]}, {r['num_warps']}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ not divide them. Skipped, with the reason, when triton is not installed.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -82,7 +83,7 @@ def test_matches_reference_with_gradients(kind, causal, Tq, Tk):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck(kind):
     """gradcheck in float64 (the interpreter computes in it), two key tiles, Tq < Tk. On a
-    GPU dq's atomic additions may come in another order from one backward to the next."""
+    GPU l2's dq atomic additions may come in another order from one backward to the next."""
     q, k, v = make(B=1, H=2, Tq=5, Tk=18, D=2, dtype=torch.float64, grad=True, seed=3)
     scale = head_scale(2, torch.float64, grad=True)
     assert torch.autograd.gradcheck(
@@ -310,6 +311,90 @@ def test_a_kind_without_a_triton_op_is_refused():
         triton_kernels.triton_attention(q, k, v, "l1", 0.5, forward_tile=(16, 24))
 
 
+# --------------------------------------------------------------------------------------------
+# ALiBi
+
+
+ALIBI = torch.tensor([0.5, 0.125])
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(7, 7), (20, 37)])
+def test_alibi_matches_a_hand_added_bias(kind, causal, Tq, Tk):
+    """−m_h·|i + Tk − Tq − j| computed in the kernels from the indices, against the float64
+    reference that adds it element by element: output and the gradients of q, k, v and λ,
+    over several tiles (the last one short), queries at the last positions when Tq < Tk."""
+    from test_alibi import reference as alibi_reference
+
+    q, k, v = make(B=2, H=2, Tq=Tq, Tk=Tk, D=3, dtype=torch.float64, grad=True, seed=Tk)
+    scale = head_scale(2, torch.float64, grad=True)
+    out = run(q, k, v, kind, scale, causal, alibi=ALIBI.to(DEVICE))
+    expected = alibi_reference(q, k, v, kind, scale, ALIBI, causal, p=P)
+    torch.testing.assert_close(out, expected)
+    assert_same_gradients(out, expected, (q, k, v, scale))
+    plain = run(q, k, v, kind, scale, causal)
+    assert not torch.allclose(out, plain)  # the slopes are large enough to matter
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi_with_a_mask_and_fully_masked_rows(causal):
+    """ALiBi and a boolean mask together; a row the mask hides entirely stays zero."""
+    from test_alibi import reference as alibi_reference
+
+    q, k, v = make(B=2, H=2, Tq=17, Tk=20, D=3, dtype=torch.float64, grad=True, seed=4)
+    scale = head_scale(2, torch.float64, grad=True)
+    mask = torch.rand(2, 1, 17, 20, generator=torch.Generator().manual_seed(5)) > 0.3
+    mask[:, :, 3] = False
+    out = run(q, k, v, "l1", scale, causal, mask.to(DEVICE), alibi=ALIBI.to(DEVICE))
+    expected = alibi_reference(q, k, v, "l1", scale, ALIBI, causal, mask)
+    torch.testing.assert_close(out, expected)
+    assert out[:, :, 3].abs().max() == 0
+    assert_same_gradients(out, expected, (q, k, v, scale))
+
+
+@needs_triton
+def test_alibi_runs_in_the_kernels_not_on_the_plain_path(monkeypatch):
+    """backend='triton' with slopes (a decoding step included) never falls back to the plain
+    path, and bad slopes are refused by name."""
+    from test_alibi import reference as alibi_reference
+    from truthgpt.nn.attention import backends
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plain path ran")
+
+    monkeypatch.setattr(backends, "run_plain", refuse)
+    for Tq in (1, 6):
+        q, k, v = make(B=1, H=2, Tq=Tq, Tk=9, D=3, dtype=torch.float64)
+        slopes = ALIBI.double()
+        out = distance_attention(
+            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), "l2", 0.8, backend="triton",
+            alibi=slopes.to(DEVICE),
+        )  # fmt: skip
+        torch.testing.assert_close(out.cpu(), alibi_reference(q, k, v, "l2", 0.8, slopes))
+    with pytest.raises(ValueError, match="alibi"):
+        triton_kernels.triton_attention(q, k, v, "l1", 0.5, alibi=torch.ones(3))
+
+
+@needs_triton
+def test_an_unknown_kind_code_is_a_compile_time_error(monkeypatch):
+    """The codes come from kernel_codes.KERNEL_CODES, and a code the kernels do not know
+    stops the launch instead of running as some other kind."""
+    from truthgpt.nn.attention import _triton_jit
+    from truthgpt.nn.attention.kernel_codes import KERNEL_CODES
+
+    assert {c: n for n, c in KERNEL_CODES.items()} == triton_kernels.KIND_CODES
+    for name, code in KERNEL_CODES.items():
+        assert getattr(_triton_jit, name.upper()).value == code
+    bogus = max(KERNEL_CODES.values()) + 1
+    monkeypatch.setattr(triton_kernels, "_code", lambda kind: bogus)
+    q, k, v = make(B=1, H=1, Tq=5, Tk=5, D=3)
+    with pytest.raises(Exception, match="unknown kind code"):
+        run(q, k, v, "l1", 0.5)
+
+
 def test_the_grid_has_one_axis_past_cudas_65535():
     """B·H programs do not go on a grid axis CUDA caps at 65535 (a decoding step of a large
     batch): every launch puts B·H·tiles on axis 0 (up to 2³¹ − 1)."""
@@ -324,8 +409,12 @@ def test_the_grid_has_one_axis_past_cudas_65535():
     grid, _, _ = triton_kernels.forward_launch(qt, kt, v, scale, out, lse, cfg)
     assert grid == (B * H,)
     dlam = torch.zeros(B * H, 1)
-    launch = triton_kernels.backward_launch(qt, kt, v, do, lse, lse, scale, qt, kt, v, dlam, cfg)
-    assert launch[0] == (B * H,)
+    for code in (0, 1):  # two kernels (the coordinate kinds), one (l2)
+        cfg = dataclasses.replace(cfg, code=code)
+        launches = triton_kernels.backward_launch(
+            qt, kt, v, do, lse, lse, scale, qt, kt, v, dlam, cfg
+        )
+        assert [grid for _, grid, _, _ in launches] == [(B * H,)] * (2 - code)
 
 
 @needs_triton
@@ -410,9 +499,11 @@ AOT_CASES = [
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     """Every kernel variant compiles to sm_90a machine code (ptxas included) from the very
     launches the host makes, with the runtime's specialisation. No spills: l1's forward in
-    fp32, bf16 and fp16 at D ≤ 128, its backward in bf16 and fp16 at D = 64 (the backward
-    spills in fp32, and 16 bytes at D = 128: benchmarks/results/triton_sass.md). A fresh
-    process: in this one the kernels are interpreted ones."""
+    fp32, bf16 and fp16 at D ≤ 128; its dq kernel likewise; its dk/dv kernel in fp32 at
+    D ≤ 128 and in bf16 and fp16 at D = 64 (at D = 128 it spills a few hundred bytes:
+    benchmarks/results/triton_sass.md). The split backward (l1, chebyshev) has no shuffle or
+    barrier in its coordinate loops: each sum over a tile's other axis stays in a thread.
+    A fresh process: in this one the kernels are interpreted ones."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -423,12 +514,14 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(rows) == 2 * len(AOT_CASES)
+    assert len(rows) == sum(2 if case[1] in ("l2", "lp") else 3 for case in AOT_CASES)
     for row in rows:
         assert row["registers"] > 0, row
+        if row["kernel"] in ("backward_dkdv", "backward_dq"):
+            assert row["coordinate_loop_sync"] == 0, row
         if row["kind"] != "l1" or row["dtype"] == "fp64":
             continue
-        if row["kernel"] == "forward" or (row["dtype"] != "fp32" and row["D"] == 64):
+        if row["kernel"] != "backward_dkdv" or row["dtype"] == "fp32" or row["D"] == 64:
             assert row["spill_bytes"] == 0, row
 
 

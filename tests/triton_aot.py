@@ -6,7 +6,8 @@ Each case is (dtype, kind, causal, with a mask, dropout p, D). The kernels are c
 the runtime would compile them: from the launches the host code makes (recorded by
 benchmarks/triton_sass.py's `capture`, at B=H=1, T=256), with the runtime's specialisation
 (arguments divisible by 16 marked so), down to machine code by the ptxas bundled with triton;
-one JSON line per kernel gives its registers and spilled bytes. The interpreter checks the
+one JSON line per kernel gives its registers, spilled bytes and the shuffles and barriers in
+its coordinate loops. The interpreter checks the
 math; this catches what only the compiler rejects (types, layouts, tl.dot shapes) and
 register spills.
 
@@ -53,13 +54,14 @@ def check(
     meter = _meter()
     rows = []
     for fn, _grid, args, meta in meter.capture(kind, dtype_name, D, T, causal, masked, dropout_p):
-        if fn.__name__ not in ("forward_kernel", "backward_kernel"):
+        if not fn.__name__.startswith(("forward", "backward")):
             continue
         result = meter.compile_sm90(fn, args, meta)
         rows.append(
             dict(kernel=fn.__name__.removesuffix("_kernel"), dtype=dtype_name, kind=kind, D=D)
             | dict(causal=causal, masked=masked, dropout_p=dropout_p)
             | {k: result[k] for k in ("registers", "spill_bytes", "shared_bytes")}
+            | {"coordinate_loop_sync": meter.coordinate_loop_sync(result["sass"])}
         )
     return rows
 

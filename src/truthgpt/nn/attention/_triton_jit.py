@@ -11,10 +11,14 @@ Layouts (all row-major, one (b, h) slice after another):
     V, DO (B, H, T, D) with strides given; Out (B, H, Tq, D); Delta (B·H, Tqp);
     GT (B·H, D, Tqp), VT (B·H, D, Tkp): dO and v transposed, padded, in ACC, as QT and KT;
     Lse (B·H, Tqp): each row's log-sum-exp in base 2 (of the scores times log2(e));
-    DQT (B·H, D, Tqp): the gradient of q, transposed, in ACC (added to atomically);
+    DQT (B·H, D, Tqp): the gradient of q, transposed, in ACC (l2: added to atomically; the
+        others: each dq program its own rows);
     DKT (B·H, D, Tkp): the gradient of k, transposed, in ACC (each program its own keys);
+    DV: the gradient of v in ACC, (B·H, Tk, D), or (B·H, D, Tkp) where the split backward
+        sums it on CUDA cores (`backward_dkdv_kernel`);
     DLam (B·H, key tiles): each backward program's part of dλ, summed by the host.
-KIND is the kind's `MinkowskiKernel.native_code`: 0 l1, 1 l2, 2 chebyshev, 3 lp.
+KIND is the kind's `MinkowskiKernel.native_code` (kernel_codes.KERNEL_CODES); any other code
+is a compile-time error, not a silent lp.
 
 Register blocking: a (BLOCK_M, BLOCK_N) tile of scores is held as a 4-D tensor
 (RM, RN, MP, NP), query row m0 + rm·MP + mp and key n0 + rn·NP + np. Triton spreads a tensor's
@@ -29,16 +33,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from truthgpt.nn.attention.kernel_codes import KERNEL_CODES
+
 # A masked score: finite, so that exp(m_old − m_new) is defined while a row has seen no key.
 MASK = tl.constexpr(-1e30)
 # A row whose running max stayed below this saw no key; its log-sum-exp is set to −MASK, so
 # that the backward's exp(s − lse) is 0 everywhere in it.
 DEAD = tl.constexpr(-5e29)
 
-L1 = tl.constexpr(0)
-L2 = tl.constexpr(1)
-CHEBYSHEV = tl.constexpr(2)
-LP = tl.constexpr(3)
+# The kinds' codes, from the one table the registry and the native build read too.
+L1 = tl.constexpr(KERNEL_CODES["l1"])
+L2 = tl.constexpr(KERNEL_CODES["l2"])
+CHEBYSHEV = tl.constexpr(KERNEL_CODES["chebyshev"])
+LP = tl.constexpr(KERNEL_CODES["lp"])
 LOG2E = tl.constexpr(1.4426950408889634)
 # Coordinates per iteration of the coordinate loops: unrolled this far, not over all of D,
 # which would multiply the compile time by D for a few loop instructions per coordinate.
@@ -91,6 +98,19 @@ def _keys_of(x4):
 
 
 @triton.jit
+def _program(n_tiles, H, REVERSE: tl.constexpr):
+    """(b·h, tile, b, h) of this program: grid axis 0 runs over b·h first, then the tiles
+    (CUDA caps the other axes at 65535); REVERSE: the last tile first (causal: the heaviest)."""
+    BH = tl.num_programs(0) // n_tiles
+    pid = tl.program_id(0)
+    bh = pid % BH
+    tile = pid // BH
+    if REVERSE:
+        tile = n_tiles - 1 - tile
+    return bh, tile, bh // H, bh % H
+
+
+@triton.jit
 def _distance(
     qt,
     kt,
@@ -126,9 +146,11 @@ def _distance(
             acc += x * x
         elif KIND == CHEBYSHEV:
             acc = tl.maximum(acc, tl.abs(x))
-        else:  # lp: |x|^p = 2^(p·log2|x|), 0 at x = 0
+        elif KIND == LP:  # |x|^p = 2^(p·log2|x|), 0 at x = 0
             ax = tl.abs(x)
             acc += tl.where(ax > 0, tl.exp2(p * tl.log2(tl.where(ax > 0, ax, 1.0))), 0.0)
+        else:
+            tl.static_assert(False, "unknown kind code")
     if KIND == L2:
         acc = tl.sqrt(acc)
     elif KIND == LP:
@@ -148,13 +170,18 @@ def _scores(
     sbm,
     sbn,
     offset,
+    slope,
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
-    """(−λ·dist plus the user's additive mask)·log2(e), the scores in base 2 (exp2 is one
-    instruction); MASK where the key is out of range or (causal) after the query's position;
-    never below MASK. lam: −λ·log2(e)."""
+    """(−λ·dist − m·|i + Tk − Tq − j| (ALiBi) plus the user's additive mask)·log2(e), the
+    scores in base 2 (exp2 is one instruction); MASK where the key is out of range or (causal)
+    after the query's position; never below MASK. lam: −λ·log2(e), slope: m·log2(e). The
+    position term comes from the indices: no Tq×Tk bias is read."""
     s = lam * dist
+    if HAS_ALIBI:
+        s -= slope * tl.abs(rows + offset - keys).to(s.dtype)
     if HAS_BIAS:
         ptrs = bias_ptr + rows.to(tl.int64) * sbm + keys * sbn
         bias = tl.load(ptrs, mask=(rows < Tq) & (keys < Tk), other=0.0).to(s.dtype)
@@ -179,6 +206,7 @@ def forward_kernel(
     KT,
     V,
     Scale,
+    Alibi,
     Bias,
     Out,
     Lse,
@@ -203,6 +231,7 @@ def forward_kernel(
     KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
@@ -217,14 +246,7 @@ def forward_kernel(
     online softmax over the key tiles it can see."""
     MP: tl.constexpr = BLOCK_M // RM
     NP: tl.constexpr = BLOCK_N // RN
-    BH = tl.num_programs(0) // n_tiles
-    pid = tl.program_id(0)
-    bh = pid % BH
-    tile = pid // BH
-    if CAUSAL:
-        tile = n_tiles - 1 - tile
-    b = bh // H
-    h = bh % H
+    bh, tile, b, h = _program(n_tiles, H, CAUSAL)
     m0 = tile * BLOCK_M
     rows2 = _index(m0, RM, MP)  # (RM, MP)
     rows = rows2[:, None, :, None]
@@ -234,6 +256,9 @@ def forward_kernel(
     v_ptr = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     lam = -tl.load(Scale + h).to(ACC) * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
     m_i = tl.full([RM, MP], MASK, ACC)
     l_i = tl.zeros([RM, MP], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -245,7 +270,22 @@ def forward_kernel(
         dist, _ = _distance(
             qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
         )
-        s = _scores(dist, lam, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS)
+        s = _scores(
+            dist,
+            lam,
+            rows,
+            keys,
+            Tq,
+            Tk,
+            bias_ptr,
+            sbm,
+            sbn,
+            offset,
+            slope,
+            CAUSAL,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
         m_new = tl.maximum(m_i, tl.max(tl.max(s, 1), 2))
         alpha = tl.exp2(m_i - m_new)
         pexp = tl.exp2(s - m_new[:, None, :, None])
@@ -269,11 +309,10 @@ def forward_kernel(
 
 
 @triton.jit
-def _coordinate_grads(
+def _coordinate_grad(
     qt,
     kt,
-    dqt,
-    dkt,
+    out,
     g,
     dist,
     rows2,
@@ -284,25 +323,136 @@ def _coordinate_grads(
     KIND: tl.constexpr,
     ACC: tl.constexpr,
     D: tl.constexpr,
+    FOR_Q: tl.constexpr,
+    gt,
+    dvt,
+    kept,
+    WITH_DV: tl.constexpr,
 ):
-    """dq_i += Σ_j g_ij ∂d_ij/∂q_i (atomically: other key tiles add to the same rows) and
-    dk_j −= the same sums over i (this program's own keys: a plain read and write), one
-    coordinate at a time. ∂d/∂q_d: sign(x) (l1), sign(x) where |x| is the max (chebyshev),
-    sign(x)·(|x|/d)^(p−1) (lp); 0 where undefined (x = 0, d = 0), as torch.cdist."""
+    """FOR_Q: dq_i += Σ_j g_ij ∂d_ij/∂q_i into out (DQT, the program's own rows); else
+    dk_j −= the same sums over i into out (DKT, its own keys): one coordinate at a time, a
+    plain read and write, the sum over the tile's other axis inside each thread when the
+    layout holds that axis in registers (`backward_dkdv_kernel`, `backward_dq_kernel`).
+    ∂d/∂q_d: sign(x) (l1), sign(x) where |x| is the max (chebyshev), sign(x)·(|x|/d)^(p−1)
+    (lp); 0 where undefined (x = 0, d = 0), as torch.cdist. WITH_DV (dk): also
+    dv_jd += Σ_i kept_ij·dO_id into dvt (v's gradient transposed), the same kind of sum."""
     rows = rows2[:, None, :, None]
     keys = keys2[None, :, None, :]
     if KIND == LP:
         inv = 1.0 / tl.where(dist > 0, dist, 1.0)
+    if KIND == CHEBYSHEV:  # at d = 0 every |x| is the max, and the gradient is 0
+        g = tl.where(dist > 0, g, 0.0)
     for d in tl.range(0, D, loop_unroll_factor=UNROLL):
         x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        # g·sign(x) as g times ±1 or 0: the compare gives 1.0 or 0.0 in one instruction, x's
+        # sign bit flips it in another, and the product joins the sum as a fused multiply-add
         if KIND == L1:
-            w = g
-        elif KIND == CHEBYSHEV:
-            w = tl.where(tl.abs(x) == dist, g, 0.0)
-        else:  # lp
+            w = g * _flip_sign((x != 0).to(ACC), x, ACC)
+        elif KIND == CHEBYSHEV:  # where |x| is the max, then x ≠ 0 (d > 0 above)
+            w = g * _flip_sign((tl.abs(x) == dist).to(ACC), x, ACC)
+        elif KIND == LP:
             ratio = tl.abs(x) * inv
             w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
-        # w·sign(x): the sign bit of x flips w's; 0 at a tie
+            w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
+        else:
+            tl.static_assert(False, "unknown kind code")
+        if FOR_Q:
+            dq_ptrs = out + d * Tqp + rows2
+            tl.store(dq_ptrs, tl.load(dq_ptrs) + _rows_of(w))
+        else:
+            dk_ptrs = out + d * Tkp + keys2
+            tl.store(dk_ptrs, tl.load(dk_ptrs) - _keys_of(w))
+            if WITH_DV:
+                dv_ptrs = dvt + d * Tkp + keys2
+                dv_part = _keys_of(kept * tl.load(gt + d * Tqp + rows))
+                tl.store(dv_ptrs, tl.load(dv_ptrs) + dv_part)
+
+
+@triton.jit
+def _tile_grad(
+    qt,
+    kt,
+    gt,
+    vt,
+    do,
+    v,
+    lse_ptr,
+    delta_ptr,
+    rows,
+    keys,
+    lam2,
+    slope,
+    bias_ptr,
+    sbm,
+    sbn,
+    bh,
+    Tq,
+    Tk,
+    Tqp,
+    Tkp,
+    offset,
+    p,
+    seed,
+    dropout_p,
+    drop_scale,
+    KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    D: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
+    MP: tl.constexpr,
+    NP: tl.constexpr,
+    TC: tl.constexpr,
+):
+    """A tile's distances, probabilities as they reach v (dropped ones 0) and ds = dL/ds,
+    recomputed from the saved log-sum-exp (see `backward_kernel`). dp = dO·vᵀ: TC (fp16,
+    bf16), on tensor cores from the tiles do and v, moved into the tile's layout after the
+    distance's loop; else on CUDA cores in that loop, from gt and vt (dO and v transposed),
+    as an IEEE product of the operands' tiles would hold too many registers."""
+    if TC:
+        dist, _ = _distance(
+            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
+        )
+        dp = _from_tile(_mm(do, tl.trans(v), DOT, ACC), RM, RN, MP, NP)
+    else:
+        dist, dp = _distance(
+            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True
+        )
+    s = _scores(
+        dist, lam2, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, slope, CAUSAL, HAS_BIAS,
+        HAS_ALIBI,
+    )  # fmt: skip
+    prob = tl.exp2(s - tl.load(lse_ptr + rows))
+    kept = prob
+    if DROPOUT:
+        keep = _keep(seed, bh, rows, keys, Tq, Tk, dropout_p)
+        kept = tl.where(keep, prob * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = prob * (dp - tl.load(delta_ptr + rows))
+    return dist, kept, ds
+
+
+@triton.jit
+def _lp_grads(
+    qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, ACC: tl.constexpr, D: tl.constexpr
+):
+    """lp's dq_i += Σ_j g_ij·sign(x)·(|x|/d)^(p−1) (atomically: other key tiles add to the
+    same rows) and dk_j −= the same sums over i (this program's own keys), in one loop over
+    the coordinates for both: the power costs some thirty instructions per term, which two
+    kernels (`backward_dkdv_kernel`, `backward_dq_kernel`) would each pay, while the sums
+    across threads cost a few. 0 where undefined (x = 0, d = 0), as torch.cdist."""
+    rows = rows2[:, None, :, None]
+    keys = keys2[None, :, None, :]
+    inv = 1.0 / tl.where(dist > 0, dist, 1.0)
+    for d in tl.range(0, D, loop_unroll_factor=UNROLL):
+        x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        ratio = tl.abs(x) * inv
+        w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
         w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
         tl.atomic_add(dqt + d * Tqp + rows2, _rows_of(w), sem="relaxed")
         dk_ptrs = dkt + d * Tkp + keys2
@@ -332,6 +482,7 @@ def backward_kernel(
     Lse,
     Delta,
     Scale,
+    Alibi,
     Bias,
     DQT,
     DKT,
@@ -361,6 +512,7 @@ def backward_kernel(
     KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
@@ -371,21 +523,17 @@ def backward_kernel(
     RM: tl.constexpr,
     RN: tl.constexpr,
 ):
-    """One program per (key tile, b·h), the FlashAttention-2 layout, the heaviest (first,
-    when causal) tiles first: it holds its keys' dv (and dk for l2) and walks the query
-    tiles that see them, recomputing the probabilities from the saved log-sum-exp:
+    """The backward of l2 and lp: one program per (key tile, b·h), the FlashAttention-2
+    layout, the heaviest (first, when causal) tiles first: it holds its keys' dv (and dk for
+    l2) and walks the query tiles that see them, recomputing the probabilities from the
+    saved log-sum-exp:
 
         p = exp(s − lse)   dv += (p∘z)ᵀ dO   dp = (dO vᵀ)∘z   ds = p∘(dp − Δ), Δ = dO·O
         dλ −= Σ ds∘dist    g = −λ·ds = dL/d dist,   z: dropout multipliers (or 1)
     """
     MP: tl.constexpr = BLOCK_M // RM
     NP: tl.constexpr = BLOCK_N // RN
-    BH = tl.num_programs(0) // n_tiles
-    pid = tl.program_id(0)
-    bh = pid % BH
-    tile = pid // BH
-    b = bh // H
-    h = bh % H
+    bh, tile, b, h = _program(n_tiles, H, False)
     n0 = tile * BLOCK_N
     keys2 = _index(n0, RN, NP)  # (RN, NP)
     keys = keys2[None, :, None, :]
@@ -402,6 +550,9 @@ def backward_kernel(
     vt = VT + bh.to(tl.int64) * D * Tkp
     lam = tl.load(Scale + h).to(ACC)
     lam2 = -lam * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -421,7 +572,22 @@ def backward_kernel(
         dist, dp = _distance(
             qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True
         )
-        s = _scores(dist, lam2, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, CAUSAL, HAS_BIAS)
+        s = _scores(
+            dist,
+            lam2,
+            rows,
+            keys,
+            Tq,
+            Tk,
+            bias_ptr,
+            sbm,
+            sbn,
+            offset,
+            slope,
+            CAUSAL,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
         lse = tl.load(Lse + bh.to(tl.int64) * Tqp + rows)
         prob = tl.exp2(s - lse)
         do = tl.load(do_ptr + offs_m[:, None] * sot + offs_d[None, :], mask=mask_md, other=0.0)
@@ -446,14 +612,240 @@ def backward_kernel(
             dk += keys_w[:, None] * k - _mm(tl.trans(w), q, ACC, ACC)
             dq_ptrs = dqt + offs_d[None, :] * Tqp + offs_m[:, None]
             tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
+        elif KIND == LP:
+            _lp_grads(qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, ACC, D)
         else:
-            _coordinate_grads(qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D)
+            tl.static_assert(False, "l1 and chebyshev take backward_dkdv_kernel")
     dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dv_ptrs, dv, mask=mask_nd)
     if KIND == L2:  # this program's rows of dk alone: a plain store
         tl.store(dkt + offs_d[None, :] * Tkp + offs_n[:, None], dk, mask=offs_d[None, :] < D)
     total = tl.sum(tl.reshape(dlam, (BLOCK_M * BLOCK_N,)), 0)
     tl.store(DLam + bh.to(tl.int64) * n_tiles + tile, total)
+
+
+@triton.jit
+def backward_dkdv_kernel(
+    QT,
+    KT,
+    V,
+    DO,
+    GT,
+    VT,
+    Lse,
+    Delta,
+    Scale,
+    Alibi,
+    Bias,
+    DKT,
+    DV,
+    DLam,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    H,
+    Tq,
+    Tk,
+    Tqp,
+    Tkp,
+    offset,
+    p,
+    seed,
+    dropout_p,
+    drop_scale,
+    n_tiles,
+    KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
+    TC: tl.constexpr,
+):
+    """dk, dv and dλ of l1 and chebyshev: one program per (key tile, b·h), the heaviest
+    (first, when causal) first, walking the query tiles that see its keys. The host gives it
+    a blocking with each thread holding every row of the tile (MP = 1) for its keys, so dk's
+    sum over the rows stays inside the thread: no shuffle in the coordinate loop. dq is
+    `backward_dq_kernel`'s. dv: TC, a tensor-core product per query tile added to DV
+    (B·H, Tk, D) in memory (held in registers through the coordinate loops it would crowd out
+    the tile); else sums inside each thread in the dk loop, into DV as (B·H, D, Tkp)."""
+    MP: tl.constexpr = BLOCK_M // RM
+    NP: tl.constexpr = BLOCK_N // RN
+    bh, tile, b, h = _program(n_tiles, H, False)
+    n0 = tile * BLOCK_N
+    keys2 = _index(n0, RN, NP)  # (RN, NP)
+    keys = keys2[None, :, None, :]
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    qt = QT + bh.to(tl.int64) * D * Tqp
+    kt = KT + bh.to(tl.int64) * D * Tkp
+    gt = GT + bh.to(tl.int64) * D * Tqp
+    vt = VT + bh.to(tl.int64) * D * Tkp
+    dkt = DKT + bh.to(tl.int64) * D * Tkp
+    do_ptr = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    mask_nd = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+    v_ptrs = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_n[:, None] * svt
+    bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    lse_ptr = Lse + bh.to(tl.int64) * Tqp
+    delta_ptr = Delta + bh.to(tl.int64) * Tqp
+    lam = tl.load(Scale + h).to(ACC)
+    lam2 = -lam * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
+    dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
+    dvt = DV + bh.to(tl.int64) * D * Tkp
+    dlam = tl.zeros([RN, NP], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    lo = 0
+    if CAUSAL:  # rows before n0 − offset see none of these keys
+        lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+    for m0 in range(lo, Tq, BLOCK_M):
+        rows2 = _index(m0, RM, MP)
+        rows = rows2[:, None, :, None]
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        do = qt  # unread unless TC
+        v = qt
+        if TC:
+            mask_md = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+            do_ptrs = do_ptr + offs_m[:, None] * sot + offs_d[None, :]
+            do = tl.load(do_ptrs, mask=mask_md, other=0.0)
+            # v read again for each tile (from cache), not held in registers through the loops
+            v = tl.load(v_ptrs + offs_d[None, :], mask=mask_nd, other=0.0)
+        dist, kept, ds = _tile_grad(
+            qt, kt, gt, vt, do, v, lse_ptr, delta_ptr, rows, keys, lam2, slope, bias_ptr, sbm, sbn,
+            bh, Tq, Tk, Tqp, Tkp, offset, p, seed, dropout_p, drop_scale, KIND, CAUSAL,
+            HAS_BIAS, HAS_ALIBI, DROPOUT, ACC, DOT, D, RM, RN, MP, NP, TC,
+        )  # fmt: skip
+        if TC:
+            dv += _mm(tl.trans(_to_tile(kept, BLOCK_M, BLOCK_N)), do, DOT, ACC)
+        dlam -= _keys_of(ds * dist)
+        _coordinate_grad(
+            qt, kt, dkt, -lam * ds, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D, False,
+            gt, dvt, kept, not TC,
+        )  # fmt: skip
+    if TC:
+        tl.store(dv_ptrs, dv, mask=mask_nd)
+    total = tl.sum(tl.reshape(dlam, (BLOCK_N,)), 0)
+    tl.store(DLam + bh.to(tl.int64) * n_tiles + tile, total)
+
+
+@triton.jit
+def backward_dq_kernel(
+    QT,
+    KT,
+    V,
+    DO,
+    GT,
+    VT,
+    Lse,
+    Delta,
+    Scale,
+    Alibi,
+    Bias,
+    DQT,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    H,
+    Tq,
+    Tk,
+    Tqp,
+    Tkp,
+    offset,
+    p,
+    seed,
+    dropout_p,
+    drop_scale,
+    n_tiles,
+    KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RM: tl.constexpr,
+    RN: tl.constexpr,
+    TC: tl.constexpr,
+):
+    """dq of l1 and chebyshev: one program per (query tile, b·h), the heaviest first,
+    walking the key tiles its rows see, as the forward does. Each thread holds every key of
+    the tile (NP = 1) for its rows, so dq's sum over the keys stays inside the thread, and
+    each row of dq has one writer: no atomics, the same sums in the same order every run."""
+    MP: tl.constexpr = BLOCK_M // RM
+    NP: tl.constexpr = BLOCK_N // RN
+    bh, tile, b, h = _program(n_tiles, H, CAUSAL)
+    m0 = tile * BLOCK_M
+    rows2 = _index(m0, RM, MP)  # (RM, MP)
+    rows = rows2[:, None, :, None]
+    qt = QT + bh.to(tl.int64) * D * Tqp
+    kt = KT + bh.to(tl.int64) * D * Tkp
+    gt = GT + bh.to(tl.int64) * D * Tqp
+    vt = VT + bh.to(tl.int64) * D * Tkp
+    dqt = DQT + bh.to(tl.int64) * D * Tqp
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    do_ptrs = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot
+    mask_md = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+    do = qt  # unread unless TC
+    if TC:
+        do = tl.load(do_ptrs + offs_d[None, :], mask=mask_md, other=0.0)
+    v_ptr = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    lse_ptr = Lse + bh.to(tl.int64) * Tqp
+    delta_ptr = Delta + bh.to(tl.int64) * Tqp
+    lam = tl.load(Scale + h).to(ACC)
+    lam2 = -lam * LOG2E
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
+    hi = Tk
+    if CAUSAL:  # the tile's last row sees keys up to m0 + BLOCK_M − 1 + offset
+        hi = tl.minimum(Tk, m0 + BLOCK_M + offset)
+    for n0 in range(0, hi, BLOCK_N):
+        keys2 = _index(n0, RN, NP)
+        keys = keys2[None, :, None, :]
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_nd = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        v = qt
+        if TC:
+            v_ptrs = v_ptr + offs_n[:, None] * svt + offs_d[None, :]
+            v = tl.load(v_ptrs, mask=mask_nd, other=0.0)
+        dist, _, ds = _tile_grad(
+            qt, kt, gt, vt, do, v, lse_ptr, delta_ptr, rows, keys, lam2, slope, bias_ptr, sbm, sbn,
+            bh, Tq, Tk, Tqp, Tkp, offset, p, seed, dropout_p, drop_scale, KIND, CAUSAL,
+            HAS_BIAS, HAS_ALIBI, DROPOUT, ACC, DOT, D, RM, RN, MP, NP, TC,
+        )  # fmt: skip
+        _coordinate_grad(
+            qt, kt, dqt, -lam * ds, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D, True,
+            qt, qt, ds, False,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -469,4 +861,11 @@ def dropout_keep_kernel(Out, seed, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLO
     tl.store(ptrs, keep.to(tl.float32), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
 
-__all__ = ["backward_kernel", "dropout_keep_kernel", "forward_kernel", "triton"]
+__all__ = [
+    "backward_dkdv_kernel",
+    "backward_dq_kernel",
+    "backward_kernel",
+    "dropout_keep_kernel",
+    "forward_kernel",
+    "triton",
+]

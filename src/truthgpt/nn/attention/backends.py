@@ -75,7 +75,7 @@ register_backend(
 register_backend(
     AttentionBackend(
         "triton",
-        _kernel(lambda: triton_kernels.triton_attention),  # the decoding step too: one launch
+        _kernel(lambda: triton_kernels.triton_attention, alibi=True),  # decoding too: one launch
         ("blocked",),
         supports=lambda q, kind: triton_kernels.supports(q, kind),
         unavailable=lambda: (

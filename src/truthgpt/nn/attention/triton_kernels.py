@@ -1,14 +1,18 @@
 """Distance attention on GPUs: flash-style Triton kernels for l1, l2, chebyshev and lp.
 
 The same math as the native CPU kernel (native.py) and the blocked kernels (kernels.py), as
-two Triton kernels (`_triton_jit.py`) in the FlashAttention-2 layout:
+Triton kernels (`_triton_jit.py`) in the FlashAttention-2 layout:
 
 * forward: one program per (query tile, batch·head) runs the online softmax over the key
   tiles it can see (causal: only those up to its last row) and saves the output and the
   per-row log-sum-exp;
-* backward: one program per (key tile, batch·head) keeps its keys' dv (and dk for l2) in
-  registers and walks the query tiles that see them, recomputing each tile's distances and
-  probabilities from the saved log-sum-exp.
+* backward of l1 and chebyshev, two kernels as FlashAttention-2's: dk/dv, one program
+  per (key tile, batch·head) walking the query tiles that see its keys, and dq, one program
+  per (query tile, batch·head) walking the key tiles its rows see; each recomputes the
+  tile's distances and probabilities from the saved log-sum-exp;
+* backward of l2 and lp: one kernel per (key tile, batch·head) walking the query tiles,
+  dq added atomically: l2's gradients are matrix products, and lp's per-coordinate term (a
+  power, some thirty instructions) would cost twice over in two kernels.
 
 The distance of a tile is computed one coordinate at a time from exact differences q_d − k_d
 (no ‖q‖² + ‖k‖² − 2q·k expansion), the per-coordinate op chosen at compile time by the kind's
@@ -21,12 +25,16 @@ accumulation, as flash attention does); fp32 and fp64 inputs use IEEE products (
 (Triton 3.9's interpreter multiplies bf16 dot operands as integers, so there bf16 inputs
 take fp32 products; it also rounds to bf16 by truncation where GPUs round to nearest.)
 
-dq: atomics, not a second pass. A separate pass over query tiles would recompute every
-distance a second time, and for these kinds the distance (D operations per score on CUDA
-cores) is the cost, unlike a dot product on tensor cores; with atomics one per-coordinate
-loop per tile gives both dq (added atomically in fp32 to rows other key tiles also add to)
-and dk (this program's own rows). The price is a dq summed in no fixed order: not bitwise
-reproducible between runs. dλ is summed per program and then on the host, in a fixed order.
+Why two backward kernels for l1 and chebyshev, though the dq kernel computes every
+distance a second time: their gradients are sums over a tile's other axis of per-coordinate
+terms (dq_id = Σ_j g_ij·sign(q_id − k_jd), not a matrix product). One kernel giving both dq
+and dk must sum across threads inside its coordinate loop (shuffles and barriers, once per
+coordinate) and add dq atomically; two kernels each lay their tile out so that the sum stays
+inside a thread (the dk/dv kernel's threads hold every row of it, the dq kernel's every
+key), and write rows they alone own: no shuffle in the coordinate loops, no atomics, and dq
+summed in the same order every run. benchmarks/results/triton_sass.md has the instruction
+counts of both. dλ is summed per program and then on the host, in a fixed order. l2's and
+lp's dq are added atomically (not bitwise reproducible between runs).
 
 Dropout: Philox (`tl.rand`) on (seed, the entry's index ((b·H + h)·Tq + i)·Tk + j), the seed
 drawn per call from torch's generator; the backward regenerates the same mask, whatever the tiles,
@@ -50,23 +58,30 @@ import torch
 from torch import Tensor
 
 from truthgpt.nn.attention import kinds
-from truthgpt.nn.attention.functional import SEED_RANGE
+from truthgpt.nn.attention.functional import SEED_RANGE, check_alibi
+from truthgpt.nn.attention.kernel_codes import KERNEL_CODES
 from truthgpt.nn.attention.kernels import additive_bias
 from truthgpt.nn.attention.kinds import DistanceKind
 
 # The kinds the kernels implement, by `MinkowskiKernel.native_code` (the KIND constexpr).
-KIND_CODES = {0: "l1", 1: "l2", 2: "chebyshev", 3: "lp"}
+KIND_CODES = {code: name for name, code in KERNEL_CODES.items()}
 # Tiles (query rows, keys) and warps per program, chosen by the instruction counts of their
 # sm_90a machine code (benchmarks/triton_sass.py), not timed: no GPU has run these kernels
 # yet. Each thread holds a block of rows × keys of the tile (`_blocking`).
 FORWARD_TILE = (128, 128)
-BACKWARD_TILE = (64, 64)
+BACKWARD_TILE = (32, 128)
 FORWARD_WARPS = 8
 BACKWARD_WARPS = 4
 # fp32 and fp64 inputs: smaller tiles. Their p·v products are IEEE ones on CUDA cores (no
 # TF32), whose operands and sums stay in registers, and float64 holds each value in two:
 # at the tiles above both spill (and float64's forward takes 192 KiB of shared memory).
-WIDE_TILES = ((64, 64), (32, 64))
+WIDE_TILES = ((64, 64), (32, 128))
+# The backward of l1 and chebyshev is two kernels: dk and dv over BACKWARD_TILE (or
+# WIDE_TILES[1]), each thread holding every row of the tile for its keys; dq over DQ_TILES,
+# each thread holding every key for its rows (`_blocking`). By wide (fp32, fp64).
+DQ_TILES = {False: (128, 64), True: (128, 64)}
+# l2's and lp's backward is one kernel (dq added atomically), with its own tiles.
+FUSED_BACKWARD_TILES = {False: (64, 64), True: (32, 64)}  # by wide
 # Triton 3.9 warns unless fused multiply-adds are asked for explicitly; they are its default.
 _OPTIONS = {"enable_fp_fusion": True}
 INSTALL_HINT = "pip install 'truthgpt[gpu]' (triton==3.9.0)"
@@ -139,7 +154,8 @@ def check(q: Tensor, kind: str | DistanceKind) -> None:
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """What the kernels are compiled and launched with, besides q, k, v and λ: the kind's
-    code and exponent, the masks, dropout (its probability and seed) and the tiles."""
+    code and exponent, the masks, ALiBi's slopes, dropout (its probability and seed) and the
+    tiles."""
 
     code: int
     p: float
@@ -147,8 +163,10 @@ class KernelConfig:
     bias: Tensor | None  # (B?, H?, Tq, Tk) additive, in the accumulation dtype
     dropout_p: float
     seed: int
+    alibi: Tensor | None = None  # (H,) slopes, in the accumulation dtype
     forward_tile: tuple[int, int] = FORWARD_TILE
     backward_tile: tuple[int, int] = BACKWARD_TILE
+    dq_tile: tuple[int, int] | None = None  # None: backward_tile transposed
     forward_warps: int = FORWARD_WARPS
     backward_warps: int = BACKWARD_WARPS
 
@@ -173,10 +191,20 @@ def _tile(tile: tuple[int, int], Tq: int, Tk: int) -> tuple[int, int]:
     return min(tile[0], _pow2(Tq)), min(tile[1], _pow2(Tk))
 
 
-def _blocking(block_m: int, block_n: int, warps: int) -> tuple[int, int]:
-    """(rows, keys) of a tile each thread holds: the tile's entries over the program's
-    threads, split as evenly as powers of two allow, more rows than keys."""
-    per_thread = max(1, block_m * block_n // (32 * warps))
+def _blocking(block_m: int, block_n: int, warps: int, spread: str = "even") -> tuple[int, int]:
+    """(rows, keys) of a tile each thread holds. even: the tile's entries over the program's
+    threads, split as evenly as powers of two allow, more rows than keys. keys: the threads
+    over the keys first, each holding all the rows it can (every row when there are as many
+    keys as threads), so that sums over rows stay inside a thread; rows: the same, over
+    the rows."""
+    threads = 32 * warps
+    if spread == "keys":
+        across = min(block_n, threads)  # threads along the keys
+        return block_m // (threads // across), block_n // across
+    if spread == "rows":
+        across = min(block_m, threads)
+        return block_m // across, block_n // (threads // across)
+    per_thread = max(1, block_m * block_n // threads)
     rn = 1 << ((per_thread.bit_length() - 1) // 2)
     rm = per_thread // rn
     return min(rm, block_m), min(rn, block_n)
@@ -190,8 +218,9 @@ def padded_length(T: int, tiles: tuple[int, ...]) -> int:
 
 
 def _shared(qt, kt, v, Tq: int, scale: Tensor, cfg: KernelConfig, acc: torch.dtype):
-    """Launch arguments the two kernels share: the bias and its strides, the sizes, the
-    constexprs. qt, kt: (B, H, D, Tqp), (B, H, D, Tkp), padded, in the accumulation dtype."""
+    """Launch arguments the two kernels share: the ALiBi slopes, the bias and its strides, the
+    sizes, the constexprs. qt, kt: (B, H, D, Tqp), (B, H, D, Tkp), padded, in the
+    accumulation dtype."""
     B, H, D, Tqp = qt.shape
     Tkp = kt.shape[3]
     Tk = v.shape[2]
@@ -205,24 +234,44 @@ def _shared(qt, kt, v, Tq: int, scale: Tensor, cfg: KernelConfig, acc: torch.dty
     dot = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else acc
     if dot == torch.bfloat16 and interpreted():  # its tl.dot multiplies bf16 bits as integers
         dot = acc
+    alibi = cfg.alibi if cfg.alibi is not None else scale  # any tensor: never read
     drop_scale = 1.0 / (1.0 - cfg.dropout_p)
     sizes = (H, Tq, Tk, Tqp, Tkp, Tk - Tq, cfg.p, cfg.seed, cfg.dropout_p, drop_scale)
     flags = dict(
         KIND=cfg.code,
         CAUSAL=cfg.causal,
         HAS_BIAS=bias is not None,
+        HAS_ALIBI=cfg.alibi is not None,
         DROPOUT=cfg.dropout_p > 0.0,
         ACC=_tl_dtype(module, acc),
         DOT=_tl_dtype(module, dot),
         D=D,
         BLOCK_D=_pow2(D),
     )
-    return bias_args, sizes, flags
+    return (alibi, *bias_args), sizes, flags
 
 
-def _meta(flags: dict, tile: tuple[int, int], warps: int) -> dict:
-    rm, rn = _blocking(*tile, warps)
+def _meta(flags: dict, tile: tuple[int, int], warps: int, spread: str = "even") -> dict:
+    rm, rn = _blocking(*tile, warps, spread)
     return dict(flags, BLOCK_M=tile[0], BLOCK_N=tile[1], RM=rm, RN=rn, num_warps=warps, **_OPTIONS)
+
+
+def _split(cfg: KernelConfig) -> bool:
+    """Whether the backward is two kernels (dk and dv; dq): l1 and chebyshev, whose
+    per-coordinate terms are a few instructions. l2's gradients are products, and lp's
+    term (a power) costs too much to compute twice: one kernel each."""
+    return cfg.code in (KERNEL_CODES["l1"], KERNEL_CODES["chebyshev"])
+
+
+def _backward_tiles(cfg: KernelConfig, Tq: int, Tk: int) -> list[tuple[int, int]]:
+    """The backward kernels' tiles, shrunk to the sequence: the dk/dv kernel's (or l2's),
+    then the dq kernel's (by default the same tile transposed: its rows spread over the
+    threads as the dk/dv kernel spreads its keys)."""
+    rows, keys = cfg.backward_tile
+    tiles = [_tile((rows, keys), Tq, Tk)]
+    if _split(cfg):
+        tiles.append(_tile(cfg.dq_tile or (keys, rows), Tq, Tk))
+    return tiles
 
 
 def forward_launch(qt, kt, v, scale, out, lse, cfg: KernelConfig) -> tuple[tuple, tuple, dict]:
@@ -234,22 +283,55 @@ def forward_launch(qt, kt, v, scale, out, lse, cfg: KernelConfig) -> tuple[tuple
     tile = _tile(cfg.forward_tile, Tq, v.shape[2])
     n_tiles = triton_cdiv(Tq, tile[0])
     grid = (n_tiles * B * H,)
-    args = (qt, kt, v, scale, bias_args[0], out, lse, *v.stride()[:3], *bias_args[1:], *sizes)
+    args = (qt, kt, v, scale, *bias_args[:2], out, lse, *v.stride()[:3], *bias_args[2:], *sizes)
     return grid, (*args, n_tiles), _meta(flags, tile, cfg.forward_warps)
 
 
-def backward_launch(qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg: KernelConfig):
-    """(grid, arguments, keyword arguments) of the backward kernel; dlam (B·H, key tiles)."""
+def backward_launch(
+    qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg: KernelConfig
+) -> list[tuple[str, tuple, tuple, dict]]:
+    """(kernel name, grid, arguments, keyword arguments) of each backward kernel, in launch
+    order; dlam (B·H, key tiles of the first)."""
     B, H, Tq = do.shape[:3]
-    gt = _padded_transposed(do, qt.shape[3], qt.dtype)
-    vt = _padded_transposed(v, kt.shape[3], kt.dtype)
+    Tk = v.shape[2]
     bias_args, sizes, flags = _shared(qt, kt, v, Tq, scale, cfg, lse.dtype)
-    tile = _tile(cfg.backward_tile, Tq, v.shape[2])
+    tiles = _backward_tiles(cfg, Tq, Tk)
     n_tiles = dlam.shape[1]
     grid = (n_tiles * B * H,)
-    args = (qt, kt, v, do, gt, vt, lse, delta, scale, bias_args[0], dqt, dkt, dv, dlam)
-    args += (*v.stride()[:3], *do.stride()[:3], *bias_args[1:], *sizes, n_tiles)
-    return grid, args, _meta(flags, tile, cfg.backward_warps)
+    warps = cfg.backward_warps
+    strides = (*v.stride()[:3], *do.stride()[:3])
+    tc = _tensor_cores(v)
+    if _split(cfg) and tc:
+        gt, vt = qt, kt  # not read
+    else:
+        gt = _padded_transposed(do, qt.shape[3], qt.dtype)
+        vt = _padded_transposed(v, kt.shape[3], kt.dtype)
+    if not _split(cfg):
+        args = (qt, kt, v, do, gt, vt, lse, delta, scale, *bias_args[:2], dqt, dkt, dv, dlam)
+        args += (*v.stride()[:3], *do.stride()[:3], *bias_args[2:], *sizes, n_tiles)
+        return [("backward_kernel", grid, args, _meta(flags, tiles[0], warps))]
+    flags = dict(flags, TC=tc)
+    args = (qt, kt, v, do, gt, vt, lse, delta, scale, *bias_args[:2], dkt, dv, dlam, *strides)
+    args += (*bias_args[2:], *sizes, n_tiles)
+    dkdv = ("backward_dkdv_kernel", grid, args, _meta(flags, tiles[0], warps, "keys"))
+    q_tiles = triton_cdiv(Tq, tiles[1][0])
+    args = (qt, kt, v, do, gt, vt, lse, delta, scale, *bias_args[:2], dqt, *strides)
+    args += (*bias_args[2:], *sizes, q_tiles)
+    dq = ("backward_dq_kernel", (q_tiles * B * H,), args, _meta(flags, tiles[1], warps, "rows"))
+    return [dkdv, dq]
+
+
+def _tensor_cores(v: Tensor) -> bool:
+    """Whether the split backward takes its products (dp, dv) on tensor cores: fp16 and
+    bf16 inputs. IEEE fp32 and fp64 products would hold their operands' tiles in registers;
+    those inputs take them on CUDA cores inside the coordinate loops instead."""
+    return v.dtype in (torch.float16, torch.bfloat16)
+
+
+def _dv_transposed(v: Tensor, cfg: KernelConfig) -> bool:
+    """Whether the backward sums v's gradient transposed, (B, H, D, Tkp): the split backward
+    on CUDA cores, one coordinate at a time."""
+    return _split(cfg) and not _tensor_cores(v)
 
 
 def _padded_transposed(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
@@ -263,8 +345,8 @@ def _padded_transposed(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
 
 def _lengths(Tq: int, Tk: int, cfg: KernelConfig) -> tuple[int, int]:
     """The padded lengths of q and k: multiples of both kernels' tiles."""
-    fwd, bwd = _tile(cfg.forward_tile, Tq, Tk), _tile(cfg.backward_tile, Tq, Tk)
-    return padded_length(Tq, (fwd[0], bwd[0])), padded_length(Tk, (fwd[1], bwd[1]))
+    tiles = [_tile(cfg.forward_tile, Tq, Tk), *_backward_tiles(cfg, Tq, Tk)]
+    return padded_length(Tq, [t[0] for t in tiles]), padded_length(Tk, [t[1] for t in tiles])
 
 
 def _on(device: torch.device):
@@ -310,17 +392,22 @@ class TritonDistanceAttention(torch.autograd.Function):
         do = _rows_contiguous(grad_out.to(dtype))
         delta = torch.zeros(B, H, Tqp, dtype=acc, device=qt.device)
         delta[..., :Tq] = (do.to(acc) * out).sum(-1)  # dO_i · O_i
-        dqt = torch.zeros(B, H, D, Tqp, dtype=acc, device=qt.device)  # added to atomically
+        dqt = torch.zeros(B, H, D, Tqp, dtype=acc, device=qt.device)  # added to
         dkt = torch.zeros(B, H, D, Tkp, dtype=acc, device=qt.device)
-        dv = torch.empty(B, H, Tk, D, dtype=dtype, device=v.device)
-        n_tiles = triton_cdiv(Tk, _tile(cfg.backward_tile, Tq, Tk)[1])
+        transposed = _dv_transposed(v, cfg)
+        shape = (B, H, D, Tkp) if transposed else (B, H, Tk, D)
+        dv = torch.zeros(shape, dtype=acc, device=v.device)  # added to
+        n_tiles = triton_cdiv(Tk, _backward_tiles(cfg, Tq, Tk)[0][1])
         dlam = torch.empty(B * H, n_tiles, dtype=acc, device=qt.device)
-        launch = backward_launch(qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg)
-        grid, args, meta = launch
+        module = _load()[0]
         with _on(qt.device):
-            _load()[0].backward_kernel[grid](*args, **meta)
+            for name, grid, args, meta in backward_launch(
+                qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg
+            ):
+                getattr(module, name)[grid](*args, **meta)
         dq = dqt[..., :Tq].transpose(-1, -2).to(dtype)
         dk = dkt[..., :Tk].transpose(-1, -2).to(dtype)
+        dv = (dv[..., :Tk].transpose(-1, -2) if transposed else dv).to(dtype)
         dscale = dlam.view(B, H, n_tiles).sum((0, 2)) if ctx.needs_input_grad[3] else None
         return dq, dk, dv, dscale, None
 
@@ -344,16 +431,20 @@ def triton_attention(
     seed: int | None = None,
     forward_tile: tuple[int, int] | None = None,
     backward_tile: tuple[int, int] | None = None,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """Exact attention with the Triton kernels, (B, H, Tq, D), for l1, l2, chebyshev and lp.
 
     Arguments as `distance_attention` (checked there). seed: dropout seed; None draws one from
     torch's global generator, so torch.manual_seed makes runs reproducible. forward_tile,
     backward_tile: (query rows, keys) per program, powers of two ≥ 16 (None: FORWARD_TILE,
-    BACKWARD_TILE, or WIDE_TILES for fp32 and fp64); any give the same result up to rounding
-    (and the same dropout mask).
+    BACKWARD_TILE and DQ_TILES, or WIDE_TILES for fp32 and fp64; a backward_tile given is
+    the dq kernel's too, transposed); any give the same result up to rounding (and the same
+    dropout mask). alibi: (H,) ALiBi slopes m ≥ 0 or None: the scores get
+    −m_h·|i + Tk − Tq − j|, computed in the kernels from the indices.
     """
     check(q, kind)
+    check_alibi(alibi, q)
     spec = kinds.get(kind)
     dtype = q.dtype
     if dtype not in _DTYPES:
@@ -367,6 +458,9 @@ def triton_attention(
         seed = int(torch.randint(0, SEED_RANGE, ()).item())
     wide = q.dtype in (torch.float32, torch.float64)
     defaults = WIDE_TILES if wide else (FORWARD_TILE, BACKWARD_TILE)
+    if _code(spec) in (KERNEL_CODES["l2"], KERNEL_CODES["lp"]):
+        defaults = (defaults[0], FUSED_BACKWARD_TILES[wide])
+    dq_tile = None if backward_tile else DQ_TILES[wide]
     forward_tile = forward_tile or defaults[0]
     backward_tile = backward_tile or defaults[1]
     for tile in (forward_tile, backward_tile):
@@ -379,8 +473,10 @@ def triton_attention(
         bias=additive_bias(attn_mask, acc),
         dropout_p=float(dropout_p),
         seed=int(seed or 0),
+        alibi=alibi.detach().to(acc).contiguous() if alibi is not None else None,
         forward_tile=tuple(forward_tile),
         backward_tile=tuple(backward_tile),
+        dq_tile=dq_tile,
     )
     return TritonDistanceAttention.apply(q, k, v, scale_t, cfg).to(dtype)
 
