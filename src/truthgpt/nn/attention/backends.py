@@ -23,17 +23,12 @@ from truthgpt.nn.attention.functional import (
 )
 
 
-def _kernel(
-    function: Callable[[], Callable[..., Tensor]], *, alibi: bool = False, **options: object
-) -> Run:
+def _kernel(function: Callable[[], Callable[..., Tensor]], **options: object) -> Run:
     """The backend signature around a kernel function that takes `distance_attention`'s
-    arguments plus a seed; `function()` finds it at call time (a test may replace it).
-    alibi: whether the kernel takes ALiBi slopes (`alibi=`); until it does, calls with
-    slopes run on the plain path."""
+    arguments plus a seed (and ALiBi's slopes, when the call has them); `function()` finds it
+    at call time (a test may replace it)."""
 
     def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
-        if call.alibi is not None and not alibi:
-            return run_plain(q, k, v, call)
         position = {"alibi": call.alibi} if call.alibi is not None else {}
         seed = call.dropout_seed() if call.dropout_p > 0.0 else 0
         return function()(
@@ -45,7 +40,7 @@ def _kernel(
 
 
 def _blocked(compiled: bool) -> Run:
-    kernel = _kernel(lambda: kernels.blocked_attention, alibi=True, compiled=compiled)
+    kernel = _kernel(lambda: kernels.blocked_attention, compiled=compiled)
 
     def run(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
         if q.shape[2] == 1:  # one decoding step holds only Tk scores per head: plain is cheap
@@ -59,7 +54,7 @@ register_backend(
     AttentionBackend(
         "native",
         # the decoding step too: one pass over heads
-        _kernel(lambda: native.native_attention, alibi=True),
+        _kernel(lambda: native.native_attention),
         ("blocked",),
         supports=lambda q, kind: native.supports(q, kind),
         unavailable=lambda: (
@@ -75,7 +70,7 @@ register_backend(
 register_backend(
     AttentionBackend(
         "triton",
-        _kernel(lambda: triton_kernels.triton_attention, alibi=True),  # decoding too: one launch
+        _kernel(lambda: triton_kernels.triton_attention),  # decoding too: one launch
         ("blocked",),
         supports=lambda q, kind: triton_kernels.supports(q, kind),
         unavailable=lambda: (
