@@ -144,6 +144,37 @@ def test_l1_logits_are_l1_attention(arch: str) -> None:
     assert gap64 < 1e-10 and gap32 < 1e-5, (gap64, gap32)
 
 
+def test_l1_through_the_triton_kernels(monkeypatch) -> None:
+    """On CUDA tensors the attention function runs the Triton kernels; here they run in
+    Triton's interpreter on CPU tensors, through transformers, and give the same L1 attention
+    (forward, and the gradients of the native kernel)."""
+    from truthgpt.nn.attention import triton_kernels
+    from truthgpt.nn.attention.functional import BACKEND_ENV
+
+    if not (triton_kernels.available() and triton_kernels.interpreted()):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (tests/conftest.py)")
+    calls = []
+    kernel = triton_kernels.triton_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    model = use_distance_attention(tiny("llama"), "l1")
+    ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(3))
+    native_loss = model(ids, labels=ids).loss
+    native_grads = torch.autograd.grad(native_loss, list(model.parameters()))
+    monkeypatch.setattr(triton_kernels, "triton_attention", counted)
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    gap64, gap32 = l1_gap(model, ids)
+    assert gap64 < 1e-10 and gap32 < 1e-5, (gap64, gap32)
+    loss = model(ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for got, want in zip(grads, native_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert len(calls) >= 3 * 2  # every layer of the three forwards above ran on it
+
+
 def _attention(model):
     return [(n, m) for n, m in model.named_modules() if hasattr(m, LAMBDA_PARAM)]
 
