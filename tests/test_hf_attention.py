@@ -314,7 +314,9 @@ def trained():
     return runs, unigram, val_ids
 
 
-TRAIN = dict(steps=100, batch_size=8, lr=1e-2, schedule="constant_with_warmup")
+# The example's own rate and schedule: at 1e-2 with a constant rate the final loss moved by
+# ±0.15 with the rounding of the attention kernel alone (native, eager and plain disagreed).
+TRAIN = dict(steps=100, batch_size=8, lr=3e-3, schedule="cosine")
 
 
 @pytest.mark.slow
