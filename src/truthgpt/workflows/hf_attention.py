@@ -29,6 +29,7 @@ loading, with a warning naming them).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -50,7 +51,16 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from truthgpt.config import LAMBDA_MAX, LAMBDA_MIN
-from truthgpt.nn.attention import default_lambda, distance_attention, kinds
+from truthgpt.nn.attention import default_lambda, kinds
+from truthgpt.nn.attention.functional import (
+    AttentionCall,
+    attend,
+    check_dropout,
+    check_mask,
+    check_p,
+    plain_attention,
+)
+from truthgpt.nn.attention.kinds import DistanceKind
 
 ATTN_PREFIX = "truthgpt_"  # attn_implementation = ATTN_PREFIX + kind name
 LAMBDA_PARAM = "distance_lambda"  # the per-head log λ on every attention module
@@ -76,12 +86,18 @@ def attn_implementation(kind: str) -> str:
 # the attention function
 
 
+@functools.cache
+def _head_index(kv_heads: int, groups: int, device: torch.device) -> Tensor:
+    """Query head h reads key/value head h // groups."""
+    return torch.arange(kv_heads, device=device).repeat_interleave(groups)
+
+
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """(B, Hkv, T, D) -> (B, Hkv·groups, T, D), each key/value head shared by `groups` heads."""
+    """(B, Hkv, T, D) -> (B, Hkv·groups, T, D), each key/value head shared by `groups` heads
+    (one gather with a kept index: a decoding step calls this twice per layer)."""
     if groups == 1:
         return x
-    B, Hkv, T, D = x.shape
-    return x[:, :, None].expand(B, Hkv, groups, T, D).reshape(B, Hkv * groups, T, D)
+    return x.index_select(1, _head_index(x.shape[1], groups, x.device))
 
 
 def distance_attention_forward(
@@ -91,7 +107,7 @@ def distance_attention_forward(
     value: Tensor,
     attention_mask: Tensor | None,
     *,
-    kind: str,
+    kind: str | DistanceKind,
     scaling: float | None = None,
     dropout: float = 0.0,
     is_causal: bool | None = None,
@@ -139,27 +155,27 @@ def distance_attention_forward(
         causal = False  # HF's mask holds the causal rule (and padding, windows, packing)
     wide = torch.promote_types(log_lambda.dtype, torch.float32)  # exp of a bf16 log λ: fp32
     lam = log_lambda.to(wide).exp().clamp(LAMBDA_MIN, LAMBDA_MAX).to(query.dtype)
-    need_weights = bool(kwargs.get("output_attentions", False))
-    result = distance_attention(
-        query,
-        key,
-        value,
-        kind,
-        lam,
-        causal=causal,
-        attn_mask=attention_mask,
-        p=getattr(module, P_ATTR, None),
-        dropout_p=float(dropout),
-        need_weights=need_weights,
-    )
-    out, weights = result if need_weights else (result, None)
+    # The call is built here rather than by `distance_attention`: λ is positive by
+    # construction and HF's tensors have their shapes, so only the mask is checked (a
+    # decoding step of a small model otherwise spends more time in checks than attending).
+    spec = kind if isinstance(kind, DistanceKind) else kinds.get(kind)
+    check_mask(attention_mask, query, Tk)
+    p = check_p(getattr(module, P_ATTR, None), spec)
+    call = AttentionCall(spec, lam, causal, attention_mask, p, check_dropout(float(dropout)))
+    call = call.simplified()
+    if kwargs.get("output_attentions", False):
+        out, weights = plain_attention(query, key, value, call)
+    else:
+        out, weights = attend(query, key, value, call), None
     return out.transpose(1, 2).contiguous(), weights  # (B, Tq, H, D)
 
 
 def _attention_function(kind: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    spec = kinds.get(kind)  # resolved once, not at every call
+
     def forward(module, query, key, value, attention_mask, **kwargs):
         return distance_attention_forward(
-            module, query, key, value, attention_mask, kind=kind, **kwargs
+            module, query, key, value, attention_mask, kind=spec, **kwargs
         )
 
     forward.__name__ = forward.__qualname__ = f"{ATTN_PREFIX}{kind}_attention_forward"
