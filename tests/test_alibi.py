@@ -52,6 +52,17 @@ def reference(q, k, v, kind, scale, slopes, causal=True, attn_mask=None, p=P):
     return weights @ v
 
 
+def assert_like_reference(out, want, inputs, **tolerance) -> None:
+    """Output and the gradients of `inputs` (q, k, v, λ) equal the reference's, for one
+    random output gradient."""
+    torch.testing.assert_close(out.to(want.dtype), want, **tolerance)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, g)
+    exp = torch.autograd.grad(want, inputs, g.to(want.dtype))
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)
+
+
 def test_slopes_are_alibis_geometric_sequence():
     """Powers of two: 2^(−8h/H); other head counts: the power below, then every other slope of
     the power above (the values of the ALiBi paper's reference code)."""
@@ -74,12 +85,7 @@ def test_every_kind_on_its_own_path(kind, causal):
     slopes = alibi_slopes(4).double() * 4  # steep enough to matter at these lengths
     out = distance_attention(q, k, v, kind, scale, causal=causal, p=P, alibi=slopes)
     want = reference(q, k, v, kind, scale, slopes, causal)
-    torch.testing.assert_close(out, want)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, scale), g)
-    exp = torch.autograd.grad(want, (q, k, v, scale), g)
-    for a, b in zip(got, exp, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_like_reference(out, want, (q, k, v, scale))
 
 
 def test_reference_bias_on_indices_is_the_hand_written_one():
@@ -113,12 +119,8 @@ def test_kernel_backends_with_a_user_mask(backend, kind):
         q, k, v, kind, scale, attn_mask=mask, p=P, alibi=slopes, backend=backend
     )
     want = reference(q, k, v, kind, scale, slopes, True, mask)
-    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, scale), g)
-    exp = torch.autograd.grad(want, (q, k, v, scale), g.double())
-    for a, b in zip(got, exp, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)  # the output, tighter
+    assert_like_reference(out, want, (q, k, v, scale), atol=2e-4, rtol=1e-3)
 
 
 def test_zero_slopes_change_nothing():
@@ -185,12 +187,7 @@ def test_kernels_compute_the_term_themselves(no_plain_path, backend, kind, causa
         q, k, v, kind, scale, causal=causal, p=P, alibi=slopes, backend=backend
     )
     want = reference(q, k, v, kind, scale, slopes, causal)
-    torch.testing.assert_close(out, want)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, scale), g)
-    exp = torch.autograd.grad(want, (q, k, v, scale), g)
-    for a, b in zip(got, exp, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_like_reference(out, want, (q, k, v, scale))
 
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernel not built")
@@ -278,12 +275,7 @@ def test_property(backend, kind, H, Tq, extra, D, causal, masked, slopes, seed):
     finally:
         backends.run_plain = run_plain
     want = reference(q, k, v, kind, scale, m, causal, mask)
-    torch.testing.assert_close(out, want)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, scale), g)
-    exp = torch.autograd.grad(want, (q, k, v, scale), g)
-    for a, b in zip(got, exp, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_like_reference(out, want, (q, k, v, scale))
 
 
 def _refuse_plain(*args, **kwargs):
