@@ -91,8 +91,9 @@ def evaluate_lengths(model: torch.nn.Module, tokens: torch.Tensor, position: str
     for length in LENGTHS if position != "learned" else (TRAIN_LENGTH,):
         windows = tokens.unfold(0, length + 1, length + 1)  # (N, length + 1), no overlap
         total, count = 0.0, 0
-        for start in range(0, windows.shape[0], max(1, 4096 // length)):
-            batch = windows[start : start + max(1, 4096 // length)]
+        rows_per_batch = max(1, 4096 // length)  # 4096 tokens a forward
+        for start in range(0, windows.shape[0], rows_per_batch):
+            batch = windows[start : start + rows_per_batch]
             logits = model(batch[:, :-1]).logits.float()
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"

@@ -354,16 +354,13 @@ def test_the_export_carries_the_core_byte_for_byte(exports) -> None:
 
 
 def test_a_missing_definition_fails_the_export_not_the_load() -> None:
-    from truthgpt.core import model
     from truthgpt.workflows import hf
     from truthgpt.workflows.hf_remote import copy_definition
 
     with pytest.raises(LookupError, match="_no_such_glue"):
         copy_definition(hf, "_no_such_glue")
-    with pytest.raises(LookupError, match="no_such_method"):
-        copy_definition(model, "TruthGPTModel", ("forward", "no_such_method"))
-    forward_only = copy_definition(model, "TruthGPTModel", ("forward",))
-    assert "def forward(" in forward_only and "def generate(" not in forward_only
+    wrapper = copy_definition(hf, "TruthGPTForCausalLM")
+    assert wrapper.startswith("class TruthGPTForCausalLM(") and "def forward(" in wrapper
 
 
 def test_a_registered_kind_exports_for_truthgpt_only(tmp_path: Path) -> None:

@@ -592,3 +592,16 @@ def attend(
     """Run a checked call on its backend (`resolve_backend`): the step after the checks,
     for callers that built `call` from values they checked once (the attention layer)."""
     return _BACKENDS[resolve_backend(backend, q, call.kind)].run(q, k, v, call)
+
+
+def attend_layer(
+    q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, need_weights: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """(output, weights or None) of a call whose settings an attention layer checked when it
+    was built (λ, p, dropout): only the mask, which comes with each call, is checked here.
+    The weights, when wanted, come from the plain path; otherwise the call's backend runs."""
+    check_mask(call.attn_mask, q, k.shape[2])
+    call = call.simplified()
+    if need_weights:
+        return plain_attention(q, k, v, call)
+    return attend(q, k, v, call), None

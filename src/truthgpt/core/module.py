@@ -11,15 +11,7 @@ from torch import Tensor, nn
 
 from .cache import LayerCache
 from .config import LAMBDA_MAX, LAMBDA_MIN, QK_NORMS, ConfigError
-from .functional import (
-    AttentionCall,
-    alibi_slopes,
-    attend,
-    check_dropout,
-    check_mask,
-    check_p,
-    distance_attention,
-)
+from .functional import AttentionCall, alibi_slopes, attend_layer, check_dropout, check_p
 from .kinds import DistanceKind
 from .kinds import get as get_kind
 from .positions import apply_rotary
@@ -198,17 +190,10 @@ class DistanceAttention(nn.Module):
             present = (k, v)
         dropout = self.dropout if self.training else 0.0
         slopes = self._alibi_on(q.device)
-        if need_weights:
-            y, weights = distance_attention(
-                q, k, v, self.kind, self.lambda_, attn_mask=attn_mask, p=self.p,
-                dropout_p=dropout, need_weights=True, alibi=slopes,
-            )  # fmt: skip
-        else:
-            check_mask(attn_mask, q, k.shape[2])
-            call = AttentionCall(
-                self.kind, self.lambda_, True, attn_mask, self.p, dropout, alibi=slopes
-            )
-            y, weights = attend(q, k, v, call.simplified()), None
+        call = AttentionCall(
+            self.kind, self.lambda_, True, attn_mask, self.p, dropout, alibi=slopes
+        )
+        y, weights = attend_layer(q, k, v, call, need_weights)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return AttentionOutput(
             output=self.c_proj(y),

@@ -8,9 +8,9 @@ GPT-2, GPT-NeoX, and any causal LM whose attention goes through `AttentionInterf
 `use_distance_attention` gives every attention module a per-head parameter `distance_lambda`
 and switches the model to `attn_implementation="truthgpt_<kind>"`, one attention function per
 registered kind (`register_attention_functions`). That function receives HF's q, k, v (after
-RoPE and the KV cache) and calls `truthgpt.nn.attention.distance_attention`, so the layer
-scores are −λ_h·d(q_i, k_j) with the fastest backend for the device (native C++ on CPU,
-Triton on CUDA). HF's `scaling` (1/√D) is ignored: λ is the scale.
+RoPE and the KV cache) and runs them as truthgpt's own attention layer does
+(`attend_layer`), so the layer scores are −λ_h·d(q_i, k_j) with the fastest backend for the
+device (native C++ on CPU, Triton on CUDA). HF's `scaling` (1/√D) is ignored: λ is the scale.
 
 `distance_lambda` holds log λ, as truthgpt's own layer does (`DistanceAttention.log_lambda`):
 λ = exp(distance_lambda) clamped to [LAMBDA_MIN, LAMBDA_MAX], positive whatever an optimizer
@@ -52,14 +52,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from truthgpt.config import LAMBDA_MAX, LAMBDA_MIN
 from truthgpt.nn.attention import default_lambda, kinds
-from truthgpt.nn.attention.functional import (
-    AttentionCall,
-    attend,
-    check_dropout,
-    check_mask,
-    check_p,
-    plain_attention,
-)
+from truthgpt.nn.attention.functional import AttentionCall, attend_layer, check_dropout, check_p
 from truthgpt.nn.attention.kinds import DistanceKind
 
 ATTN_PREFIX = "truthgpt_"  # attn_implementation = ATTN_PREFIX + kind name
@@ -159,14 +152,9 @@ def distance_attention_forward(
     # construction and HF's tensors have their shapes, so only the mask is checked (a
     # decoding step of a small model otherwise spends more time in checks than attending).
     spec = kind if isinstance(kind, DistanceKind) else kinds.get(kind)
-    check_mask(attention_mask, query, Tk)
     p = check_p(getattr(module, P_ATTR, None), spec)
     call = AttentionCall(spec, lam, causal, attention_mask, p, check_dropout(float(dropout)))
-    call = call.simplified()
-    if kwargs.get("output_attentions", False):
-        out, weights = plain_attention(query, key, value, call)
-    else:
-        out, weights = attend(query, key, value, call), None
+    out, weights = attend_layer(query, key, value, call, bool(kwargs.get("output_attentions")))
     return out.transpose(1, 2).contiguous(), weights  # (B, Tq, H, D)
 
 

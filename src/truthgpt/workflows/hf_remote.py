@@ -103,45 +103,15 @@ def _span(node: ast.stmt, lines: list[str]) -> str:
     return "".join(lines[_start(node, lines) - 1 : node.end_lineno])
 
 
-def copy_definition(
-    source_module: ModuleType,
-    name: str,
-    members: tuple[str, ...] | None = None,
-) -> str:
-    """The source of the top-level `name` in `source_module`, verbatim.
-
-    `members` keeps only those methods of a class (with every other statement of its body:
-    docstring, fields, class attributes). Raises
-    LookupError when something is missing, so a rename in the library fails the export
-    instead of writing a broken file.
-    """
+def copy_definition(source_module: ModuleType, name: str) -> str:
+    """The source of the top-level `name` in `source_module`, verbatim (with its decorators
+    and the comments right above). Raises LookupError when it is missing, so a rename in the
+    library fails the export instead of writing a broken file."""
     lines, tree = _syntax(source_module)
     node = next((n for n in tree.body if name in _defines(n)), None)
     if node is None:
         raise LookupError(f"{source_module.__name__} defines no top-level {name!r}")
-    if members is None:
-        return _span(node, lines)
-    if not isinstance(node, ast.ClassDef):
-        raise LookupError(f"{source_module.__name__}.{name} is not a class")
-    methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
-    missing = sorted(set(members) - methods)
-    if missing:
-        raise LookupError(f"{source_module.__name__}.{name} has no {', '.join(missing)}")
-    out = lines[_start(node, lines) - 1 : _start(node.body[0], lines) - 1]
-    previous_end: int | None = None  # last line of the statement kept just before, if any
-    for statement in node.body:
-        if set(_defines(statement)) & (methods - set(members)):
-            previous_end = None
-            continue
-        start = _start(statement, lines)
-        if previous_end is not None:
-            out += lines[previous_end : start - 1]  # the blank lines and comments between
-        elif statement is not node.body[0]:
-            out.append("\n")
-        assert statement.end_lineno is not None
-        out += lines[start - 1 : statement.end_lineno]
-        previous_end = statement.end_lineno
-    return "".join(out)
+    return _span(node, lines)
 
 
 def _section(source_module: ModuleType, *names: str) -> str:
