@@ -17,7 +17,9 @@ $(BIN)/python:
 # a second copy in an isolated build environment. With a C++ compiler present the kernel must
 # build (TRUTHGPT_REQUIRE_NATIVE=1, checked again by the tests); without one the install goes
 # on and attention falls back to the compiled or eager kernels.
-PIP_PINNED = $(BIN)/pip install --quiet -c constraints.txt
+# --no-compile: byte-compiling every installed file is a third of the install; Python
+# compiles the modules it imports when it first imports them.
+PIP_PINNED = $(BIN)/pip install --quiet --no-compile -c constraints.txt
 NATIVE_SRC := $(wildcard src/truthgpt/nn/attention/csrc/*.cpp src/truthgpt/nn/attention/csrc/*.h) src/truthgpt/core/kernel_codes.py
 export TRUTHGPT_REQUIRE_NATIVE := $(shell command -v c++ >/dev/null 2>&1 && echo 1 || echo 0)
 

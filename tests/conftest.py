@@ -11,8 +11,10 @@
   `auto` never picks the Triton kernels for CPU tensors: nothing else changes.
 - With pytest-xdist (`make test`: `-n auto`), tests go to the workers one by one, except
   those sharing an expensive module fixture (a venv, a browser, two ranks, one fresh
-  process): each such group goes to one worker, which builds the fixture once. (xdist's own
-  `xdist_group` marker renames node ids, which this pytest no longer allows.)
+  process, two trained models): each such group goes to one worker, which builds the fixture
+  once. (xdist's own `xdist_group` marker renames node ids, which this pytest no longer
+  allows.) The slowest go first, by the seconds their `slow` marker gives: a minute-long test
+  started last would leave the other worker idle for that minute.
 """
 
 import os
@@ -35,7 +37,21 @@ XDIST_GROUPS = {
     "test_explorer_browser.py": "browser",
     "test_attention_native.py::test_subnormal_floats_survive_an_l1_call": "fresh process",
     "test_attention_native.py::test_no_t_by_t_matrix_is_held_on_a_long_sequence": "fresh process",
+    "test_hf_attention.py::test_trainer_both_learn": "two trained models",
+    "test_hf_attention.py::test_trained_l1_is_l1_and_generates_consistently": "two trained models",
 }
+
+
+def slow_seconds(item) -> float:
+    """About how long a test takes on two busy cores (`@pytest.mark.slow(seconds)`; a test of
+    a module fixture's group carries the fixture's time), 0 for the rest."""
+    mark = item.get_closest_marker("slow")
+    return float(mark.args[0]) if mark and mark.args else 0.0
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=slow_seconds, reverse=True)  # stable: the rest keep their order
+
 
 try:
     from xdist.scheduler import LoadScopeScheduling
@@ -45,7 +61,12 @@ except ImportError:  # pytest without xdist: the hook below would be unknown
 if LoadScopeScheduling is not None:
 
     class GroupedScheduling(LoadScopeScheduling):
-        """xdist's `--dist load` with XDIST_GROUPS kept together (larger units first)."""
+        """xdist's `--dist load` with XDIST_GROUPS kept together, in the collection's order
+        (slowest first), not xdist's (largest groups first)."""
+
+        def schedule(self) -> None:
+            self.config.option.loadscopereorder = False
+            super().schedule()
 
         def _split_scope(self, nodeid: str) -> str:
             path, _, test = nodeid.partition("::")

@@ -34,6 +34,7 @@ def assert_matches_reference(out, q, k, v, kind, scale, p=None, mask=None):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow(30)
 def test_compiled_l1_kernel_gradients_and_shape_stability():
     g = torch.Generator().manual_seed(0)
     q, k, v, scale = inputs(5, g)
@@ -77,6 +78,7 @@ def test_compiled_l1_kernel_gradients_and_shape_stability():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow(10)
 @pytest.mark.parametrize("kind,p", [("l2", None), ("chebyshev", None), ("lp", 3.0), ("lp", 0.7)])
 def test_compiled_distance_kernels_match_reference(kind, p):
     """Three key blocks and two row chunks (T = 150) against the reference; then some keys

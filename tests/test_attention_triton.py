@@ -492,7 +492,7 @@ AOT_CASES = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(50)
 @pytest.mark.skipif(
     not HAVE_TRITON, reason=f"triton is not installed ({triton_kernels.INSTALL_HINT})"
 )
@@ -567,7 +567,7 @@ def test_sass_meter_counts_nested_loops_once_per_coordinate():
     assert meter.occupancy(registers=32, shared_bytes=100 * 1024, num_warps=4) == 0.125
 
 
-@pytest.mark.slow
+@pytest.mark.slow(2)
 @pytest.mark.skipif(
     not HAVE_TRITON, reason=f"triton is not installed ({triton_kernels.INSTALL_HINT})"
 )

@@ -25,6 +25,8 @@ from truthgpt.data import load_prepared, prepare_data
 from truthgpt.training import TruthGPTOptimizationCore, World, distributed, load_core, train
 from truthgpt.training.checkpoint import CheckpointManager, read_trainer_state
 
+# one worker's group: two ranks in every test (conftest.py)
+pytestmark = pytest.mark.slow(25)
 VOCAB = 40
 STEPS = 3
 EXAMPLES_PER_STEP = 4  # the global batch

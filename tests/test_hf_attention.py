@@ -319,7 +319,7 @@ def trained():
 TRAIN = dict(steps=100, batch_size=8, lr=3e-3, schedule="cosine")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)  # the fixture: two models trained
 def test_trainer_both_learn(trained) -> None:
     runs, unigram, _ = trained
     for attn, (_, loss) in runs.items():
@@ -331,7 +331,7 @@ def test_trainer_both_learn(trained) -> None:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_trained_l1_is_l1_and_generates_consistently(trained) -> None:
     runs, _, val_ids = trained
     model = runs["truthgpt_l1"][0].eval()

@@ -31,6 +31,8 @@ from truthgpt.training.checkpoint import CheckpointManager
 from truthgpt.training.core import TruthGPTOptimizationCore
 from venvs import venv_python
 
+# one worker's group: the exports and a venv built once (conftest.py)
+pytestmark = pytest.mark.slow(70)
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 PROMPT = "Before we"
 WINDOW = 24
@@ -287,6 +289,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow(80)  # its own group: the exports and a venv with lm-eval
 def test_lm_eval_scores_an_export(exports) -> None:
     """lm-eval's `simple_evaluate` runs on a char and a BPE export (it needs their
     end-of-text token: every rolling window starts with it), where truthgpt is absent."""

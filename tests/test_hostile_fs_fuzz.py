@@ -70,7 +70,7 @@ TARGETS += [f"checkpoints/{s}" for s in STEPS]
 TARGETS += [f"checkpoints/{s}/{f}" for s in STEPS for f in CHECKPOINT_FILES]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(20)
 def test_hostile_fs_fuzz(tmp_path: Path) -> None:
     start = time.perf_counter()
     report = fuzz(tmp_path, SEED, full=False)
