@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from test_attention import reference
-from truthgpt.nn.attention.kernels import KERNELS, blocked_attention
+from truthgpt.nn.attention.kernels import KERNELS, _subnormals_kept, blocked_attention
 
 
 def compiled(q, k, v, kind, scale, *args, **kwargs):
@@ -50,6 +50,9 @@ def test_compiled_l1_kernel_gradients_and_shape_stability():
         q, k, v, scale = inputs(T, g)
         assert_matches_reference(compiled(q, k, v, "l1", scale), q, k, v, "l1", scale)
     assert counters["stats"]["unique_graphs"] == graphs, "a new sequence length recompiled"
+    # Loading inductor's code (GCC < 13) sets flush-to-zero for the whole process; the kernels
+    # put the caller's mode back.
+    assert _subnormals_kept(), "a compiled call left subnormals flushed to zero"
 
     # A user mask (another compiled variant), over several blocks.
     q, k, v, scale = inputs(90, g)
@@ -57,9 +60,13 @@ def test_compiled_l1_kernel_gradients_and_shape_stability():
     out = compiled(q, k, v, "l1", scale, attn_mask=mask)
     assert_matches_reference(out, q, k, v, "l1", scale, mask=mask)
 
+    assert _subnormals_kept(), "a compiled call left subnormals flushed to zero"
+
     # Dropout: masks are drawn per (row chunk, key block), so with the same sizes the compiled
-    # and eager kernels drop the same weights.
+    # and eager kernels drop the same weights. A caller's own flush-to-zero stays (one more
+    # compiled variant is loaded under it).
     results = []
+    torch.set_flush_denormal(True)
     for flag in (True, False):
         out = blocked_attention(
             q,
@@ -74,6 +81,9 @@ def test_compiled_l1_kernel_gradients_and_shape_stability():
             compiled=flag,
         )
         results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, scale))))
+    flushed = not _subnormals_kept()
+    torch.set_flush_denormal(False)
+    assert flushed, "the kernels undid the caller's flush-to-zero"
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
 

@@ -157,6 +157,14 @@ _COMPILE_ERRORS = (
 )
 
 
+_SUBNORMAL = 5e-324  # a variable: Python would fold a product of two constants
+
+
+def _subnormals_kept() -> bool:
+    """Whether this thread's floating-point unit keeps subnormals (neither FTZ nor DAZ)."""
+    return _SUBNORMAL * 1.0 != 0.0
+
+
 class _Kernels:
     """The four block functions, compiled on first use; eager if compilation fails."""
 
@@ -175,6 +183,7 @@ class _Kernels:
                 f.__name__: torch.compile(f, fullgraph=True, options=options)
                 for f in (_fwd_block, _bwd_block, _dq_block, _dk_block)
             }
+        kept = _subnormals_kept()
         try:
             # Each (kernel, p, dtype, dropout or not) is a compiled variant, twice (static and
             # dynamic shapes): more than dynamo's default limit of 8 per function when one
@@ -195,6 +204,12 @@ class _Kernels:
                 stacklevel=2,
             )
             return fn(*args)
+        finally:
+            # Inductor links its code with GCC < 13 and -funsafe-math-optimizations, so loading
+            # each new variant runs crtfastmath.o, which flushes subnormals to zero in the whole
+            # process (every later float op, Python's own too). Put back what the caller had.
+            if kept and not _subnormals_kept():
+                torch.set_flush_denormal(False)
 
     def sizes(self, compiled: bool) -> tuple[int, int]:
         """(key block, row chunk) for the mode that will run."""
