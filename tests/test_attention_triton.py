@@ -395,6 +395,22 @@ def test_an_unknown_kind_code_is_a_compile_time_error(monkeypatch):
         run(q, k, v, "l1", 0.5)
 
 
+@needs_triton
+def test_the_runs_layout_round_trips_and_matches_the_kernels():
+    """q, k and their gradients travel in runs of RUN positions, one coordinate after
+    another (`_runs_of`): the host's RUN is the kernels', and the layout gives back what it
+    was given, zeros in the padding."""
+    from truthgpt.nn.attention import _triton_jit
+
+    assert _triton_jit.RUN.value == triton_kernels.RUN
+    x = torch.randn(2, 3, 37, 5, dtype=torch.float64)
+    runs = triton_kernels._runs_of(x, 48, torch.float64)
+    assert runs.shape == (2, 3, 48 // triton_kernels.RUN, 5, triton_kernels.RUN)
+    assert torch.equal(runs[0, 1, 1, 2, 3], x[0, 1, triton_kernels.RUN + 3, 2])
+    assert torch.equal(triton_kernels._from_runs(runs, 37), x)
+    assert not triton_kernels._from_runs(runs, 48)[:, :, 37:].any()
+
+
 def test_the_grid_has_one_axis_past_cudas_65535():
     """B·H programs do not go on a grid axis CUDA caps at 65535 (a decoding step of a large
     batch): every launch puts B·H·tiles on axis 0 (up to 2³¹ − 1)."""
@@ -403,8 +419,9 @@ def test_the_grid_has_one_axis_past_cudas_65535():
     B, H, T, D = 70000, 1, 1, 2
     cfg = triton_kernels.KernelConfig(code=0, p=1.0, causal=True, bias=None, dropout_p=0.0, seed=0)
     Tqp, Tkp = triton_kernels._lengths(T, T, cfg)
-    qt, kt = torch.zeros(B, H, D, Tqp), torch.zeros(B, H, D, Tkp)
     v, out, do = torch.zeros(B, H, T, D), torch.zeros(B, H, T, D), torch.zeros(B, H, T, D)
+    qt = triton_kernels._runs_of(v, Tqp, torch.float32)
+    kt = triton_kernels._runs_of(v, Tkp, torch.float32)
     lse, scale = torch.zeros(B, H, Tqp), torch.ones(H)
     grid, _, _ = triton_kernels.forward_launch(qt, kt, v, scale, out, lse, cfg)
     assert grid == (B * H,)

@@ -219,11 +219,10 @@ def padded_length(T: int, tiles: tuple[int, ...]) -> int:
 
 def _shared(qt, kt, v, Tq: int, scale: Tensor, cfg: KernelConfig, acc: torch.dtype):
     """Launch arguments the two kernels share: the ALiBi slopes, the bias and its strides, the
-    sizes, the constexprs. qt, kt: (B, H, D, Tqp), (B, H, D, Tkp), padded, in the
-    accumulation dtype."""
-    B, H, D, Tqp = qt.shape
-    Tkp = kt.shape[3]
-    Tk = v.shape[2]
+    sizes, the constexprs. qt, kt: q and k padded to Tqp, Tkp positions, in the accumulation
+    dtype (`_runs_of`)."""
+    B, H, Tqp, D = _runs_shape(qt)
+    Tk, Tkp = v.shape[2], _runs_shape(kt)[2]
     module = _load()[0]
     bias = cfg.bias
     if bias is not None:
@@ -304,8 +303,8 @@ def backward_launch(
     if _split(cfg) and tc:
         gt, vt = qt, kt  # not read
     else:
-        gt = _padded_transposed(do, qt.shape[3], qt.dtype)
-        vt = _padded_transposed(v, kt.shape[3], kt.dtype)
+        gt = _runs_of(do, _runs_shape(qt)[2], qt.dtype)
+        vt = _runs_of(v, _runs_shape(kt)[2], kt.dtype)
     if not _split(cfg):
         args = (qt, kt, v, do, gt, vt, lse, delta, scale, *bias_args[:2], dqt, dkt, dv, dlam)
         args += (*v.stride()[:3], *do.stride()[:3], *bias_args[2:], *sizes, n_tiles)
@@ -329,18 +328,36 @@ def _tensor_cores(v: Tensor) -> bool:
 
 
 def _dv_transposed(v: Tensor, cfg: KernelConfig) -> bool:
-    """Whether the backward sums v's gradient transposed, (B, H, D, Tkp): the split backward
-    on CUDA cores, one coordinate at a time."""
+    """Whether the backward sums v's gradient in runs (`_runs_of`): the split backward on
+    CUDA cores, one coordinate at a time."""
     return _split(cfg) and not _tensor_cores(v)
 
 
-def _padded_transposed(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
-    """(B, H, T, D) -> (B, H, D, length) in dtype, zeros past T: the kernels read one
-    coordinate of a tile's rows at a time, a contiguous run, with no mask or conversion."""
+# Positions per run of the kernels' transposed layouts (`_triton_jit.RUN`).
+RUN = 16
+
+
+def _runs_of(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """(B, H, T, D) -> (B, H, length / RUN, D, RUN) in dtype, zeros past T (length: a multiple
+    of RUN): runs of RUN positions one coordinate after another. The kernels read one
+    coordinate of a tile's positions at a time with no mask or conversion, at offsets from
+    the tile's first position known when they are compiled."""
     B, H, T, D = x.shape
-    out = x.new_zeros(B, H, D, length, dtype=dtype)
-    out[..., :T] = x.transpose(-1, -2)
-    return out
+    padded = x.new_zeros(B, H, length, D, dtype=dtype)
+    padded[:, :, :T] = x
+    return padded.view(B, H, length // RUN, RUN, D).transpose(-1, -2).contiguous()
+
+
+def _runs_shape(x: Tensor) -> tuple[int, int, int, int]:
+    """(B, H, padded length, D) of a tensor in `_runs_of`'s layout."""
+    B, H, n, D, run = x.shape
+    return B, H, n * run, D
+
+
+def _from_runs(x: Tensor, T: int) -> Tensor:
+    """`_runs_of`'s layout back to (B, H, T, D) (a view)."""
+    B, H, n, D, run = x.shape
+    return x.transpose(-1, -2).reshape(B, H, n * run, D)[:, :, :T]
 
 
 def _lengths(Tq: int, Tk: int, cfg: KernelConfig) -> tuple[int, int]:
@@ -367,8 +384,8 @@ class TritonDistanceAttention(torch.autograd.Function):
         B, H, Tq, D = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         Tqp, Tkp = _lengths(Tq, k.shape[2], cfg)
-        qt = _padded_transposed(q.detach(), Tqp, acc)
-        kt = _padded_transposed(k.detach(), Tkp, acc)
+        qt = _runs_of(q.detach(), Tqp, acc)
+        kt = _runs_of(k.detach(), Tkp, acc)
         v = _rows_contiguous(v.detach())
         scale = scale.detach().to(acc).contiguous()  # λ as given (fp32), not rounded to q's
         # The output in the accumulation dtype, kept for the backward: Δ = dO·O from a bf16
@@ -386,16 +403,16 @@ class TritonDistanceAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         qt, kt, v, out, lse, scale = ctx.saved_tensors
         cfg: KernelConfig = ctx.cfg
-        B, H, D, Tqp = qt.shape
-        Tq, Tk, Tkp = out.shape[2], v.shape[2], kt.shape[3]
+        B, H, Tqp, D = _runs_shape(qt)
+        Tq, Tk = out.shape[2], v.shape[2]
         acc, dtype = out.dtype, v.dtype
         do = _rows_contiguous(grad_out.to(dtype))
         delta = torch.zeros(B, H, Tqp, dtype=acc, device=qt.device)
         delta[..., :Tq] = (do.to(acc) * out).sum(-1)  # dO_i · O_i
-        dqt = torch.zeros(B, H, D, Tqp, dtype=acc, device=qt.device)  # added to
-        dkt = torch.zeros(B, H, D, Tkp, dtype=acc, device=qt.device)
+        dqt = torch.zeros_like(qt)  # added to
+        dkt = torch.zeros_like(kt)
         transposed = _dv_transposed(v, cfg)
-        shape = (B, H, D, Tkp) if transposed else (B, H, Tk, D)
+        shape = kt.shape if transposed else (B, H, Tk, D)
         dv = torch.zeros(shape, dtype=acc, device=v.device)  # added to
         n_tiles = triton_cdiv(Tk, _backward_tiles(cfg, Tq, Tk)[0][1])
         dlam = torch.empty(B * H, n_tiles, dtype=acc, device=qt.device)
@@ -405,9 +422,9 @@ class TritonDistanceAttention(torch.autograd.Function):
                 qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg
             ):
                 getattr(module, name)[grid](*args, **meta)
-        dq = dqt[..., :Tq].transpose(-1, -2).to(dtype)
-        dk = dkt[..., :Tk].transpose(-1, -2).to(dtype)
-        dv = (dv[..., :Tk].transpose(-1, -2) if transposed else dv).to(dtype)
+        dq = _from_runs(dqt, Tq).to(dtype)
+        dk = _from_runs(dkt, Tk).to(dtype)
+        dv = (_from_runs(dv, Tk) if transposed else dv).to(dtype)
         dscale = dlam.view(B, H, n_tiles).sum((0, 2)) if ctx.needs_input_grad[3] else None
         return dq, dk, dv, dscale, None
 
