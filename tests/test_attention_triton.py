@@ -519,8 +519,10 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     fp32, bf16 and fp16 at D ≤ 128; its dq kernel likewise; its dk/dv kernel in fp32 at
     D ≤ 128 and in bf16 and fp16 at D = 64 (at D = 128 it spills a few hundred bytes:
     benchmarks/results/triton_sass.md). The split backward (l1, chebyshev) has no shuffle or
-    barrier in its coordinate loops: each sum over a tile's other axis stays in a thread.
-    A fresh process: in this one the kernels are interpreted ones."""
+    barrier in its coordinate loops: each sum over a tile's other axis stays in a thread;
+    l1's two backward kernels in bf16 and fp16 at D = 64 execute at most 8 instructions per
+    (i, j, d) triple each, as benchmarks/triton_sass.py counts them. A fresh process: in this
+    one the kernels are interpreted ones."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -540,6 +542,11 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
             continue
         if row["kernel"] != "backward_dkdv" or row["dtype"] == "fp32" or row["D"] == 64:
             assert row["spill_bytes"] == 0, row
+        split = row["kernel"] in ("backward_dkdv", "backward_dq")
+        if split and row["dtype"] in ("bf16", "fp16") and row["D"] == 64:
+            assert row["instructions_per_triple"] <= 8.0, row
+    halves = [r for r in rows if r["kind"] == "l1" and r["dtype"] in ("bf16", "fp16")]
+    assert sum(r["D"] == 64 and r["kernel"].startswith("backward") for r in halves) == 4
 
 
 def _sass_meter():
