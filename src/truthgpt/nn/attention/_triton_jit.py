@@ -340,6 +340,7 @@ def _coordinate_grad(
     dvt,
     kept,
     WITH_DV: tl.constexpr,
+    part_stride,
 ):
     """FOR_Q: dq_i += Σ_j g_ij ∂d_ij/∂q_i into out (DQT, the program's own rows); else
     dk_j −= the same sums over i into out (DKT, its own keys): one coordinate at a time, a
@@ -349,7 +350,11 @@ def _coordinate_grad(
     (lp); 0 where undefined (x = 0, d = 0), as torch.cdist. WITH_DV (dk): also
     dv_jd += Σ_i kept_ij·dO_id into dvt (v's gradient transposed), the same kind of sum.
     qt, kt, out, gt, dvt: the tiles' first positions; rows2 (RM, MP), keys2 (RN, NP): their
-    offsets (`_runs`)."""
+    offsets (`_runs`). dk (and dv) where the rows of the tile lie on MP > 1 threads: each of
+    them adds its rows' sum to a copy of its own, part_stride apart (the host adds the
+    copies up): no sum across threads."""
+    MP: tl.constexpr = g.shape[2]
+    parts = keys2[:, None, :] + tl.arange(0, MP)[None, :, None] * part_stride  # (RN, MP, NP)
     rows = rows2[:, None, :, None]
     keys = keys2[None, :, None, :]
     if KIND == LP:
@@ -375,13 +380,12 @@ def _coordinate_grad(
             dq_ptrs = out + d * RUN + rows2
             tl.store(dq_ptrs, tl.load(dq_ptrs) + tl.sum(_products_summed(g, factor, 1), 2))
         else:
-            dk_ptrs = out + d * RUN + keys2
-            tl.store(dk_ptrs, tl.load(dk_ptrs) - tl.sum(_products_summed(g, factor, 0), 1))
+            dk_ptrs = out + d * RUN + parts
+            tl.store(dk_ptrs, tl.load(dk_ptrs) - _products_summed(g, factor, 0))
             if WITH_DV:
-                dv_ptrs = dvt + d * RUN + keys2
+                dv_ptrs = dvt + d * RUN + parts
                 do_d = tl.broadcast_to(tl.load(gt + d * RUN + rows), kept.shape)
-                dv_part = tl.sum(_products_summed(kept, do_d, 0), 1)
-                tl.store(dv_ptrs, tl.load(dv_ptrs) + dv_part)
+                tl.store(dv_ptrs, tl.load(dv_ptrs) + _products_summed(kept, do_d, 0))
 
 
 @triton.jit
@@ -749,8 +753,10 @@ def backward_dkdv_kernel(
 ):
     """dk, dv and dλ of l1 and chebyshev: one program per (key tile, b·h), the heaviest
     (first, when causal) first, walking the query tiles that see its keys. The host gives it
-    a blocking with each thread holding every row of the tile (MP = 1) for its keys, so dk's
-    sum over the rows stays inside the thread: no shuffle in the coordinate loop. dq is
+    a blocking with each thread holding the rows of the tile for its keys, all of them
+    (MP = 1) or an MP-th, so dk's sum over the rows stays inside the thread: no shuffle in
+    the coordinate loop (with MP > 1, DKT holds MP copies per (b, h), summed by the host;
+    so does DV off tensor cores). dq is
     `backward_dq_kernel`'s. dv: TC, a tensor-core product per query tile added to DV
     (B·H, Tk, D) in memory (held in registers through the coordinate loops it would crowd out
     the tile); else sums inside each thread in the dk loop, into DV in KT's runs."""
@@ -766,7 +772,7 @@ def backward_dkdv_kernel(
     kt = KT + bh.to(tl.int64) * D * Tkp + n0 * D
     gt = GT + bh.to(tl.int64) * D * Tqp
     vt = VT + bh.to(tl.int64) * D * Tkp + n0 * D
-    dkt = DKT + bh.to(tl.int64) * D * Tkp + n0 * D
+    dkt = DKT + bh.to(tl.int64) * MP * D * Tkp + n0 * D  # MP copies (`_coordinate_grad`)
     rows2_o = _runs(_index(0, RM, MP), D)
     keys2_o = _runs(_index(0, RN, NP), D)
     do_ptr = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh
@@ -781,7 +787,7 @@ def backward_dkdv_kernel(
     if HAS_ALIBI:
         slope = tl.load(Alibi + h).to(ACC) * LOG2E
     dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
-    dvt = DV + bh.to(tl.int64) * D * Tkp + n0 * D
+    dvt = DV + bh.to(tl.int64) * MP * D * Tkp + n0 * D
     dlam = tl.zeros([RN, NP], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     lo = 0
@@ -810,7 +816,7 @@ def backward_dkdv_kernel(
         dlam -= _keys_of(ds * dist)
         _coordinate_grad(
             qt + m0 * D, kt, dkt, -lam * ds, dist, rows2_o, keys2_o, p, KIND, ACC, D, False,
-            gt + m0 * D, dvt, kept, not TC,
+            gt + m0 * D, dvt, kept, not TC, D * Tkp,
         )  # fmt: skip
     if TC:
         tl.store(dv_ptrs, dv, mask=mask_nd)
@@ -921,7 +927,7 @@ def backward_dq_kernel(
         )  # fmt: skip
         _coordinate_grad(
             qt, kt + n0 * D, dqt, -lam * ds, dist, rows2_o, keys2_o, p, KIND, ACC, D, True,
-            qt, qt, ds, False,
+            qt, qt, ds, False, 0,
         )  # fmt: skip
 
 

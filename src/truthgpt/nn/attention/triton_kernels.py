@@ -70,6 +70,10 @@ KIND_CODES = {code: name for name, code in KERNEL_CODES.items()}
 # yet. Each thread holds a block of rows × keys of the tile (`_blocking`).
 FORWARD_TILE = (128, 128)
 BACKWARD_TILE = (32, 128)
+# fp16 and bf16 at D > 64, the dk/dv kernel (l1, chebyshev): half the keys, each on two
+# threads with half the rows (dk summed from two copies). At BACKWARD_TILE its 128 keys'
+# dv take D registers per thread, and at D = 128 it spilled 248 bytes.
+BACKWARD_TILE_WIDE_D = (32, 64)
 FORWARD_WARPS = 8
 BACKWARD_WARPS = 4
 # fp32 and fp64 inputs: smaller tiles. Their p·v products are IEEE ones on CUDA cores (no
@@ -280,6 +284,15 @@ def _backward_tiles(cfg: KernelConfig, Tq: int, Tk: int) -> list[tuple[int, int]
     return tiles
 
 
+def _dk_parts(cfg: KernelConfig, Tq: int, Tk: int) -> int:
+    """The copies of dk (and of dv off tensor cores) the backward adds to per (b, h): the
+    dk/dv kernel's threads per key (`backward_dkdv_kernel`); 1 for l2 and lp."""
+    if not _split(cfg):
+        return 1
+    tile = _backward_tiles(cfg, Tq, Tk)[0]
+    return tile[0] // _blocking(*tile, cfg.backward_warps, "keys")[0]
+
+
 def forward_launch(qt, kt, v, scale, out, lse, cfg: KernelConfig) -> tuple[tuple, tuple, dict]:
     """(grid, arguments, keyword arguments) of the forward kernel; also read by the test that
     compiles the kernels for a GPU on a machine without one. One grid axis of B·H·tiles
@@ -417,9 +430,10 @@ class TritonDistanceAttention(torch.autograd.Function):
         delta = torch.zeros(B, H, Tqp, dtype=acc, device=qt.device)
         delta[..., :Tq] = (do.to(acc) * out).sum(-1)  # dO_i · O_i
         dqt = torch.zeros_like(qt)  # added to
-        dkt = torch.zeros_like(kt)
+        parts = _dk_parts(cfg, Tq, Tk)  # copies of dk, summed below
+        dkt = kt.new_zeros(B, H, parts, *kt.shape[2:])
         transposed = _dv_transposed(v, cfg)
-        shape = kt.shape if transposed else (B, H, Tk, D)
+        shape = dkt.shape if transposed else (B, H, Tk, D)
         dv = torch.zeros(shape, dtype=acc, device=v.device)  # added to
         n_tiles = triton_cdiv(Tk, _backward_tiles(cfg, Tq, Tk)[0][1])
         dlam = torch.empty(B * H, n_tiles, dtype=acc, device=qt.device)
@@ -430,8 +444,8 @@ class TritonDistanceAttention(torch.autograd.Function):
             ):
                 getattr(module, name)[grid](*args, **meta)
         dq = _from_runs(dqt, Tq).to(dtype)
-        dk = _from_runs(dkt, Tk).to(dtype)
-        dv = (_from_runs(dv, Tk) if transposed else dv).to(dtype)
+        dk = _from_runs(dkt.sum(2), Tk).to(dtype)
+        dv = (_from_runs(dv.sum(2), Tk) if transposed else dv).to(dtype)
         dscale = dlam.view(B, H, n_tiles).sum((0, 2)) if ctx.needs_input_grad[3] else None
         return dq, dk, dv, dscale, None
 
@@ -482,6 +496,8 @@ def triton_attention(
         seed = int(torch.randint(0, SEED_RANGE, ()).item())
     wide = q.dtype in (torch.float32, torch.float64)
     defaults = WIDE_TILES if wide else (FORWARD_TILE, BACKWARD_TILE)
+    if not wide and q.shape[-1] > 64:  # l2 and lp: replaced below
+        defaults = (defaults[0], BACKWARD_TILE_WIDE_D)
     if _code(spec) in (KERNEL_CODES["l2"], KERNEL_CODES["lp"]):
         defaults = (defaults[0], FUSED_BACKWARD_TILES[wide, q.shape[-1] > 64])
     dq_tile = None if backward_tile else DQ_TILES[wide]
