@@ -395,6 +395,22 @@ def test_an_unknown_kind_code_is_a_compile_time_error(monkeypatch):
         run(q, k, v, "l1", 0.5)
 
 
+@needs_triton
+def test_the_runs_layout_round_trips_and_matches_the_kernels():
+    """q, k and their gradients travel in runs of RUN positions, one coordinate after
+    another (`_runs_of`): the host's RUN is the kernels', and the layout gives back what it
+    was given, zeros in the padding."""
+    from truthgpt.nn.attention import _triton_jit
+
+    assert _triton_jit.RUN.value == triton_kernels.RUN
+    x = torch.randn(2, 3, 37, 5, dtype=torch.float64)
+    runs = triton_kernels._runs_of(x, 48, torch.float64)
+    assert runs.shape == (2, 3, 48 // triton_kernels.RUN, 5, triton_kernels.RUN)
+    assert torch.equal(runs[0, 1, 1, 2, 3], x[0, 1, triton_kernels.RUN + 3, 2])
+    assert torch.equal(triton_kernels._from_runs(runs, 37), x)
+    assert not triton_kernels._from_runs(runs, 48)[:, :, 37:].any()
+
+
 def test_the_grid_has_one_axis_past_cudas_65535():
     """B·H programs do not go on a grid axis CUDA caps at 65535 (a decoding step of a large
     batch): every launch puts B·H·tiles on axis 0 (up to 2³¹ − 1)."""
@@ -403,8 +419,9 @@ def test_the_grid_has_one_axis_past_cudas_65535():
     B, H, T, D = 70000, 1, 1, 2
     cfg = triton_kernels.KernelConfig(code=0, p=1.0, causal=True, bias=None, dropout_p=0.0, seed=0)
     Tqp, Tkp = triton_kernels._lengths(T, T, cfg)
-    qt, kt = torch.zeros(B, H, D, Tqp), torch.zeros(B, H, D, Tkp)
     v, out, do = torch.zeros(B, H, T, D), torch.zeros(B, H, T, D), torch.zeros(B, H, T, D)
+    qt = triton_kernels._runs_of(v, Tqp, torch.float32)
+    kt = triton_kernels._runs_of(v, Tkp, torch.float32)
     lse, scale = torch.zeros(B, H, Tqp), torch.ones(H)
     grid, _, _ = triton_kernels.forward_launch(qt, kt, v, scale, out, lse, cfg)
     assert grid == (B * H,)
@@ -488,6 +505,8 @@ AOT_CASES = [
     ("fp32", "l2", False, True, 0.0, 64),
     ("fp64", "l1", True, False, 0.0, 64),
     ("fp16", "l1", True, False, 0.0, 128),
+    ("bf16", "l1", True, False, 0.0, 128),
+    ("fp32", "l1", True, False, 0.0, 64),
     ("fp32", "l1", True, False, 0.0, 128),
 ]
 
@@ -498,12 +517,14 @@ AOT_CASES = [
 )
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     """Every kernel variant compiles to sm_90a machine code (ptxas included) from the very
-    launches the host makes, with the runtime's specialisation. No spills: l1's forward in
-    fp32, bf16 and fp16 at D ≤ 128; its dq kernel likewise; its dk/dv kernel in fp32 at
-    D ≤ 128 and in bf16 and fp16 at D = 64 (at D = 128 it spills a few hundred bytes:
-    benchmarks/results/triton_sass.md). The split backward (l1, chebyshev) has no shuffle or
-    barrier in its coordinate loops: each sum over a tile's other axis stays in a thread.
-    A fresh process: in this one the kernels are interpreted ones."""
+    launches the host makes, with the runtime's specialisation. No spills: l1's forward,
+    dk/dv and dq kernels in fp32, bf16 and fp16 at D ≤ 128, and l2's backward in bf16 at
+    D = 64. The split backward (l1,
+    chebyshev) has no shuffle or barrier in its coordinate loops: each sum over a tile's
+    other axis stays in a thread;
+    l1's two backward kernels in bf16 and fp16 at D = 64 execute at most 8 instructions per
+    (i, j, d) triple each, as benchmarks/triton_sass.py counts them. A fresh process: in this
+    one the kernels are interpreted ones."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -519,10 +540,16 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         assert row["registers"] > 0, row
         if row["kernel"] in ("backward_dkdv", "backward_dq"):
             assert row["coordinate_loop_sync"] == 0, row
+        if row["kind"] == "l2" and row["dtype"] == "bf16" and row["D"] == 64:
+            assert row["spill_bytes"] == 0, row
         if row["kind"] != "l1" or row["dtype"] == "fp64":
             continue
-        if row["kernel"] != "backward_dkdv" or row["dtype"] == "fp32" or row["D"] == 64:
-            assert row["spill_bytes"] == 0, row
+        assert row["spill_bytes"] == 0, row
+        split = row["kernel"] in ("backward_dkdv", "backward_dq")
+        if split and row["dtype"] in ("bf16", "fp16") and row["D"] == 64:
+            assert row["instructions_per_triple"] <= 8.0, row
+    halves = [r for r in rows if r["kind"] == "l1" and r["dtype"] in ("bf16", "fp16")]
+    assert sum(r["D"] == 64 and r["kernel"].startswith("backward") for r in halves) == 4
 
 
 def _sass_meter():

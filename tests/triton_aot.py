@@ -6,8 +6,9 @@ Each case is (dtype, kind, causal, with a mask, dropout p, D). The kernels are c
 the runtime would compile them: from the launches the host code makes (recorded by
 benchmarks/triton_sass.py's `capture`, at B=H=1, T=256), with the runtime's specialisation
 (arguments divisible by 16 marked so), down to machine code by the ptxas bundled with triton;
-one JSON line per kernel gives its registers, spilled bytes and the shuffles and barriers in
-its coordinate loops. The interpreter checks the
+one JSON line per kernel gives its registers, spilled bytes, the shuffles and barriers in
+its coordinate loops and its instructions per (i, j, d) triple as benchmarks/triton_sass.py
+counts them. The interpreter checks the
 math; this catches what only the compiler rejects (types, layouts, tl.dot shapes) and
 register spills.
 
@@ -57,11 +58,15 @@ def check(
         if not fn.__name__.startswith(("forward", "backward")):
             continue
         result = meter.compile_sm90(fn, args, meta)
+        counts = meter.loop_counts(result["sass"], D, meter._unroll())
+        triples = meta["BLOCK_M"] * meta["BLOCK_N"] * D / (32 * result["num_warps"])
+        per_triple = max(sum(c.values()) for c in counts) / triples if counts else None
         rows.append(
             dict(kernel=fn.__name__.removesuffix("_kernel"), dtype=dtype_name, kind=kind, D=D)
             | dict(causal=causal, masked=masked, dropout_p=dropout_p)
             | {k: result[k] for k in ("registers", "spill_bytes", "shared_bytes")}
             | {"coordinate_loop_sync": meter.coordinate_loop_sync(result["sass"])}
+            | {"instructions_per_triple": per_triple}
         )
     return rows
 

@@ -5,16 +5,17 @@ imports triton at the top and defines the kernels with `@triton.jit`, which deci
 moment whether they compile for the GPU or run in Triton's interpreter (TRITON_INTERPRET=1).
 
 Layouts (all row-major, one (b, h) slice after another):
-    QT (B·H, D, Tqp), KT (B·H, D, Tkp): q and k transposed, in the accumulation dtype and
-        padded with zeros to Tqp, Tkp (multiples of every tile), so that a coordinate of a
-        tile is one contiguous run read without a mask or a conversion;
+    QT (B·H, Tqp/RUN, D, RUN), KT (B·H, Tkp/RUN, D, RUN): q and k transposed in runs of RUN
+        positions (`RUN`, `_runs`), in the accumulation dtype and padded with zeros to Tqp,
+        Tkp (multiples of every tile), so that a coordinate of a tile's positions is read
+        without a mask or a conversion, at offsets from the tile's start known at compile time;
     V, DO (B, H, T, D) with strides given; Out (B, H, Tq, D); Delta (B·H, Tqp);
-    GT (B·H, D, Tqp), VT (B·H, D, Tkp): dO and v transposed, padded, in ACC, as QT and KT;
+    GT, VT: dO and v in the same runs, padded, in ACC, as QT and KT;
     Lse (B·H, Tqp): each row's log-sum-exp in base 2 (of the scores times log2(e));
-    DQT (B·H, D, Tqp): the gradient of q, transposed, in ACC (l2: added to atomically; the
-        others: each dq program its own rows);
-    DKT (B·H, D, Tkp): the gradient of k, transposed, in ACC (each program its own keys);
-    DV: the gradient of v in ACC, (B·H, Tk, D), or (B·H, D, Tkp) where the split backward
+    DQT: the gradient of q, in QT's runs, in ACC (l2: added to atomically; the others: each
+        dq program its own rows);
+    DKT: the gradient of k, in KT's runs, in ACC (each program its own keys);
+    DV: the gradient of v in ACC, (B·H, Tk, D), or in KT's runs where the split backward
         sums it on CUDA cores (`backward_dkdv_kernel`);
     DLam (B·H, key tiles): each backward program's part of dλ, summed by the host.
 KIND is the kind's `MinkowskiKernel.native_code` (kernel_codes.KERNEL_CODES); any other code
@@ -50,6 +51,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Coordinates per iteration of the coordinate loops: unrolled this far, not over all of D,
 # which would multiply the compile time by D for a few loop instructions per coordinate.
 UNROLL = tl.constexpr(4)
+# Positions per run of the transposed layouts (QT, KT, GT, VT, DQT, DKT, DVT): per (b, h),
+# (Tp / RUN, D, RUN), RUN positions one coordinate after another. From a tile's first
+# position (a multiple of RUN) each coordinate of each of its positions then lies at an
+# offset known at compile time: a coordinate loop's addresses are immediates on one pointer.
+RUN = tl.constexpr(16)
 
 
 @triton.jit
@@ -76,6 +82,13 @@ def _to_tile(x4, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 def _from_tile(x, RM: tl.constexpr, RN: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr):
     """(BLOCK_M, BLOCK_N) -> (RM, RN, MP, NP)."""
     return tl.permute(tl.reshape(x, (MP, RM, NP, RN)), (1, 3, 0, 2))
+
+
+@triton.jit
+def _runs(t, D: tl.constexpr):
+    """The offsets at coordinate 0 of positions t, counted from a multiple of RUN, in the
+    (T / RUN, D, RUN) layout; coordinate d lies d·RUN further."""
+    return (t // RUN) * (D * RUN) + t % RUN
 
 
 @triton.jit
@@ -116,8 +129,6 @@ def _distance(
     kt,
     rows,
     keys,
-    Tqp,
-    Tkp,
     p,
     KIND: tl.constexpr,
     ACC: tl.constexpr,
@@ -131,15 +142,16 @@ def _distance(
     WITH_DP: tl.constexpr,
 ):
     """(RM, RN, MP, NP) distances from exact differences q_d − k_d (no ‖q‖² + ‖k‖² − 2q·k
-    expansion), the kind's reduction over them inside each thread. rows (RM, 1, MP, 1),
-    keys (1, RN, 1, NP). WITH_DP: also dO·v in the same loop, from gt, vt (dO and v
-    transposed like q and k), in the same layout; else zeros."""
+    expansion), the kind's reduction over them inside each thread. qt, kt: the tiles' first
+    positions; rows (RM, 1, MP, 1), keys (1, RN, 1, NP): their offsets (`_runs`). WITH_DP:
+    also dO·v in the same loop, from gt, vt (dO and v in runs like q and k), in the same
+    layout; else zeros."""
     acc = tl.zeros([RM, RN, MP, NP], ACC)
     dp = tl.zeros([RM, RN, MP, NP], ACC)
     for d in tl.range(0, D, loop_unroll_factor=UNROLL):
-        x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        x = tl.load(qt + d * RUN + rows) - tl.load(kt + d * RUN + keys)
         if WITH_DP:
-            dp += tl.load(gt + d * Tqp + rows) * tl.load(vt + d * Tkp + keys)
+            dp += tl.load(gt + d * RUN + rows) * tl.load(vt + d * RUN + keys)
         if KIND == L1:
             acc += tl.abs(x)
         elif KIND == L2:
@@ -251,8 +263,10 @@ def forward_kernel(
     rows2 = _index(m0, RM, MP)  # (RM, MP)
     rows = rows2[:, None, :, None]
     offs_d = tl.arange(0, BLOCK_D)
-    qt = QT + bh.to(tl.int64) * D * Tqp
+    qt = QT + bh.to(tl.int64) * D * Tqp + m0 * D
     kt = KT + bh.to(tl.int64) * D * Tkp
+    rows_o = _runs(_index(0, RM, MP), D)[:, None, :, None]
+    keys_o = _runs(_index(0, RN, NP), D)[None, :, None, :]
     v_ptr = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     lam = -tl.load(Scale + h).to(ACC) * LOG2E
@@ -268,7 +282,7 @@ def forward_kernel(
     for n0 in range(0, hi, BLOCK_N):
         keys = _index(n0, RN, NP)[None, :, None, :]
         dist, _ = _distance(
-            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
+            qt, kt + n0 * D, rows_o, keys_o, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
         )
         s = _scores(
             dist,
@@ -317,8 +331,6 @@ def _coordinate_grad(
     dist,
     rows2,
     keys2,
-    Tqp,
-    Tkp,
     p,
     KIND: tl.constexpr,
     ACC: tl.constexpr,
@@ -328,6 +340,7 @@ def _coordinate_grad(
     dvt,
     kept,
     WITH_DV: tl.constexpr,
+    part_stride,
 ):
     """FOR_Q: dq_i += Σ_j g_ij ∂d_ij/∂q_i into out (DQT, the program's own rows); else
     dk_j −= the same sums over i into out (DKT, its own keys): one coordinate at a time, a
@@ -335,7 +348,13 @@ def _coordinate_grad(
     layout holds that axis in registers (`backward_dkdv_kernel`, `backward_dq_kernel`).
     ∂d/∂q_d: sign(x) (l1), sign(x) where |x| is the max (chebyshev), sign(x)·(|x|/d)^(p−1)
     (lp); 0 where undefined (x = 0, d = 0), as torch.cdist. WITH_DV (dk): also
-    dv_jd += Σ_i kept_ij·dO_id into dvt (v's gradient transposed), the same kind of sum."""
+    dv_jd += Σ_i kept_ij·dO_id into dvt (v's gradient transposed), the same kind of sum.
+    qt, kt, out, gt, dvt: the tiles' first positions; rows2 (RM, MP), keys2 (RN, NP): their
+    offsets (`_runs`). dk (and dv) where the rows of the tile lie on MP > 1 threads: each of
+    them adds its rows' sum to a copy of its own, part_stride apart (the host adds the
+    copies up): no sum across threads."""
+    MP: tl.constexpr = g.shape[2]
+    parts = keys2[:, None, :] + tl.arange(0, MP)[None, :, None] * part_stride  # (RN, MP, NP)
     rows = rows2[:, None, :, None]
     keys = keys2[None, :, None, :]
     if KIND == LP:
@@ -343,29 +362,81 @@ def _coordinate_grad(
     if KIND == CHEBYSHEV:  # at d = 0 every |x| is the max, and the gradient is 0
         g = tl.where(dist > 0, g, 0.0)
     for d in tl.range(0, D, loop_unroll_factor=UNROLL):
-        x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        x = tl.load(qt + d * RUN + rows) - tl.load(kt + d * RUN + keys)
         # g·sign(x) as g times ±1 or 0: the compare gives 1.0 or 0.0 in one instruction, x's
         # sign bit flips it in another, and the product joins the sum as a fused multiply-add
+        # (`_products_summed`)
         if KIND == L1:
-            w = g * _flip_sign((x != 0).to(ACC), x, ACC)
+            factor = _flip_sign((x != 0).to(ACC), x, ACC)
         elif KIND == CHEBYSHEV:  # where |x| is the max, then x ≠ 0 (d > 0 above)
-            w = g * _flip_sign((tl.abs(x) == dist).to(ACC), x, ACC)
+            factor = _flip_sign((tl.abs(x) == dist).to(ACC), x, ACC)
         elif KIND == LP:
             ratio = tl.abs(x) * inv
-            w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
-            w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
+            factor = tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
+            factor = tl.where(x != 0, _flip_sign(factor, x, ACC), 0.0)
         else:
             tl.static_assert(False, "unknown kind code")
         if FOR_Q:
-            dq_ptrs = out + d * Tqp + rows2
-            tl.store(dq_ptrs, tl.load(dq_ptrs) + _rows_of(w))
+            dq_ptrs = out + d * RUN + rows2
+            tl.store(dq_ptrs, tl.load(dq_ptrs) + tl.sum(_products_summed(g, factor, 1), 2))
         else:
-            dk_ptrs = out + d * Tkp + keys2
-            tl.store(dk_ptrs, tl.load(dk_ptrs) - _keys_of(w))
+            dk_ptrs = out + d * RUN + parts
+            tl.store(dk_ptrs, tl.load(dk_ptrs) - _products_summed(g, factor, 0))
             if WITH_DV:
-                dv_ptrs = dvt + d * Tkp + keys2
-                dv_part = _keys_of(kept * tl.load(gt + d * Tqp + rows))
-                tl.store(dv_ptrs, tl.load(dv_ptrs) + dv_part)
+                dv_ptrs = dvt + d * RUN + parts
+                do_d = tl.broadcast_to(tl.load(gt + d * RUN + rows), kept.shape)
+                tl.store(dv_ptrs, tl.load(dv_ptrs) + _products_summed(kept, do_d, 0))
+
+
+@triton.jit
+def _halves(x, AXIS: tl.constexpr):
+    """A 4-D x's entries at even and at odd indices along AXIS (0 or 1): a renaming of
+    registers where that axis lies inside each thread."""
+    n0: tl.constexpr = x.shape[0]
+    n1: tl.constexpr = x.shape[1]
+    n2: tl.constexpr = x.shape[2]
+    n3: tl.constexpr = x.shape[3]
+    if AXIS == 0:
+        y = tl.permute(tl.reshape(x, (n0 // 2, 2, n1, n2, n3)), (0, 2, 3, 4, 1))
+    else:
+        y = tl.permute(tl.reshape(x, (n0, n1 // 2, 2, n2, n3)), (0, 1, 3, 4, 2))
+    return tl.split(y)
+
+
+@triton.jit
+def _eighths(x, AXIS: tl.constexpr):
+    """x along AXIS (0 or 1) in eight interleaved parts (`_halves` three times)."""
+    x0, x1 = _halves(x, AXIS)
+    x00, x01 = _halves(x0, AXIS)
+    x10, x11 = _halves(x1, AXIS)
+    x000, x001 = _halves(x00, AXIS)
+    x010, x011 = _halves(x01, AXIS)
+    x100, x101 = _halves(x10, AXIS)
+    x110, x111 = _halves(x11, AXIS)
+    return x000, x001, x010, x011, x100, x101, x110, x111
+
+
+@triton.jit
+def _products_summed(a, b, AXIS: tl.constexpr):
+    """Σ a·b over AXIS (0 or 1) of 4-D tensors. Where that axis has a multiple of 8 entries,
+    as chains of fused multiply-adds over eight interleaved parts of it, then the chains'
+    sum: 1 + 1/8 instructions per product with the axis inside a thread, where tl.sum alone
+    adds the products as a pairwise tree (a multiply for every other one, 1.5 per product)."""
+    if a.shape[AXIS] % 8 == 0:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _eighths(a, AXIS)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _eighths(b, AXIS)
+        chain = a0 * b0
+        chain = a1 * b1 + chain
+        chain = a2 * b2 + chain
+        chain = a3 * b3 + chain
+        chain = a4 * b4 + chain
+        chain = a5 * b5 + chain
+        chain = a6 * b6 + chain
+        chain = a7 * b7 + chain
+        total = tl.sum(chain, AXIS)
+    else:
+        total = tl.sum(a * b, AXIS)
+    return total
 
 
 @triton.jit
@@ -388,8 +459,8 @@ def _tile_grad(
     bh,
     Tq,
     Tk,
-    Tqp,
-    Tkp,
+    rows_o,
+    keys_o,
     offset,
     p,
     seed,
@@ -413,16 +484,13 @@ def _tile_grad(
     recomputed from the saved log-sum-exp (see `backward_kernel`). dp = dO·vᵀ: TC (fp16,
     bf16), on tensor cores from the tiles do and v, moved into the tile's layout after the
     distance's loop; else on CUDA cores in that loop, from gt and vt (dO and v transposed),
-    as an IEEE product of the operands' tiles would hold too many registers."""
+    as an IEEE product of the operands' tiles would hold too many registers. qt, kt, gt, vt:
+    the tiles' first positions, rows_o and keys_o the offsets (`_runs`) of rows and keys."""
     if TC:
-        dist, _ = _distance(
-            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False
-        )
+        dist, _ = _distance(qt, kt, rows_o, keys_o, p, KIND, ACC, D, RM, RN, MP, NP, qt, kt, False)
         dp = _from_tile(_mm(do, tl.trans(v), DOT, ACC), RM, RN, MP, NP)
     else:
-        dist, dp = _distance(
-            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True
-        )
+        dist, dp = _distance(qt, kt, rows_o, keys_o, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True)
     s = _scores(
         dist, lam2, rows, keys, Tq, Tk, bias_ptr, sbm, sbn, offset, slope, CAUSAL, HAS_BIAS,
         HAS_ALIBI,
@@ -438,9 +506,7 @@ def _tile_grad(
 
 
 @triton.jit
-def _lp_grads(
-    qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, ACC: tl.constexpr, D: tl.constexpr
-):
+def _lp_grads(qt, kt, dqt, dkt, g, dist, rows2, keys2, p, ACC: tl.constexpr, D: tl.constexpr):
     """lp's dq_i += Σ_j g_ij·sign(x)·(|x|/d)^(p−1) (atomically: other key tiles add to the
     same rows) and dk_j −= the same sums over i (this program's own keys), in one loop over
     the coordinates for both: the power costs some thirty instructions per term, which two
@@ -450,12 +516,12 @@ def _lp_grads(
     keys = keys2[None, :, None, :]
     inv = 1.0 / tl.where(dist > 0, dist, 1.0)
     for d in tl.range(0, D, loop_unroll_factor=UNROLL):
-        x = tl.load(qt + d * Tqp + rows) - tl.load(kt + d * Tkp + keys)
+        x = tl.load(qt + d * RUN + rows) - tl.load(kt + d * RUN + keys)
         ratio = tl.abs(x) * inv
         w = g * tl.exp2((p - 1.0) * tl.log2(tl.where(ratio > 0, ratio, 1.0)))
         w = tl.where(x != 0, _flip_sign(w, x, ACC), 0.0)
-        tl.atomic_add(dqt + d * Tqp + rows2, _rows_of(w), sem="relaxed")
-        dk_ptrs = dkt + d * Tkp + keys2
+        tl.atomic_add(dqt + d * RUN + rows2, _rows_of(w), sem="relaxed")
+        dk_ptrs = dkt + d * RUN + keys2
         tl.store(dk_ptrs, tl.load(dk_ptrs) - _keys_of(w))
 
 
@@ -541,13 +607,18 @@ def backward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_nd = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
     qt = QT + bh.to(tl.int64) * D * Tqp
-    kt = KT + bh.to(tl.int64) * D * Tkp
+    kt = KT + bh.to(tl.int64) * D * Tkp + n0 * D
     dqt = DQT + bh.to(tl.int64) * D * Tqp
-    dkt = DKT + bh.to(tl.int64) * D * Tkp
+    dkt = DKT + bh.to(tl.int64) * D * Tkp + n0 * D
     do_ptr = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     gt = GT + bh.to(tl.int64) * D * Tqp
-    vt = VT + bh.to(tl.int64) * D * Tkp
+    vt = VT + bh.to(tl.int64) * D * Tkp + n0 * D
+    rows2_o = _runs(_index(0, RM, MP), D)
+    keys2_o = _runs(_index(0, RN, NP), D)
+    # a tile's (positions, coordinates) in the runs' layout, from its first position
+    tile_md = _runs(tl.arange(0, BLOCK_M), D)[:, None] + offs_d[None, :] * RUN
+    tile_nd = _runs(tl.arange(0, BLOCK_N), D)[:, None] + offs_d[None, :] * RUN
     lam = tl.load(Scale + h).to(ACC)
     lam2 = -lam * LOG2E
     slope = 0.0
@@ -557,7 +628,7 @@ def backward_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     if KIND == L2:  # exact (the accumulation dtype): dk's two terms nearly cancel
-        k = tl.load(kt + offs_d[None, :] * Tkp + offs_n[:, None], mask=offs_d[None, :] < D)
+        k = tl.load(kt + tile_nd, mask=offs_d[None, :] < D)
     dlam = tl.zeros([RM, RN, MP, NP], ACC)
     lo = 0
     if CAUSAL:  # rows before n0 − offset see none of these keys
@@ -570,8 +641,12 @@ def backward_kernel(
         # dp = dO·vᵀ on CUDA cores in the distance's loop and layout: a tensor-core product
         # would come in another layout, which the coordinate loop below would then inherit
         dist, dp = _distance(
-            qt, kt, rows, keys, Tqp, Tkp, p, KIND, ACC, D, RM, RN, MP, NP, gt, vt, True
-        )
+            qt + m0 * D,
+            kt,
+            rows2_o[:, None, :, None],
+            keys2_o[None, :, None, :],
+            p, KIND, ACC, D, RM, RN, MP, NP, gt + m0 * D, vt, True,
+        )  # fmt: skip
         s = _scores(
             dist,
             lam2,
@@ -605,21 +680,21 @@ def backward_kernel(
         if KIND == L2:  # ∂d/∂q = (q − k)/d: dq and dk are products with w = g/d, exact ones
             w4 = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
             w = _to_tile(w4, BLOCK_M, BLOCK_N)
-            q = tl.load(qt + offs_d[None, :] * Tqp + offs_m[:, None], mask=offs_d[None, :] < D)
+            q = tl.load(qt + m0 * D + tile_md, mask=offs_d[None, :] < D)
             rows_w = _flat(_rows_of(w4), BLOCK_M)
             keys_w = _flat(_keys_of(w4), BLOCK_N)
             dq = rows_w[:, None] * q - _mm(w, k, ACC, ACC)
             dk += keys_w[:, None] * k - _mm(tl.trans(w), q, ACC, ACC)
-            dq_ptrs = dqt + offs_d[None, :] * Tqp + offs_m[:, None]
+            dq_ptrs = dqt + m0 * D + tile_md
             tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
         elif KIND == LP:
-            _lp_grads(qt, kt, dqt, dkt, g, dist, rows2, keys2, Tqp, Tkp, p, ACC, D)
+            _lp_grads(qt + m0 * D, kt, dqt + m0 * D, dkt, g, dist, rows2_o, keys2_o, p, ACC, D)
         else:
             tl.static_assert(False, "l1 and chebyshev take backward_dkdv_kernel")
     dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dv_ptrs, dv, mask=mask_nd)
     if KIND == L2:  # this program's rows of dk alone: a plain store
-        tl.store(dkt + offs_d[None, :] * Tkp + offs_n[:, None], dk, mask=offs_d[None, :] < D)
+        tl.store(dkt + tile_nd, dk, mask=offs_d[None, :] < D)
     total = tl.sum(tl.reshape(dlam, (BLOCK_M * BLOCK_N,)), 0)
     tl.store(DLam + bh.to(tl.int64) * n_tiles + tile, total)
 
@@ -678,11 +753,13 @@ def backward_dkdv_kernel(
 ):
     """dk, dv and dλ of l1 and chebyshev: one program per (key tile, b·h), the heaviest
     (first, when causal) first, walking the query tiles that see its keys. The host gives it
-    a blocking with each thread holding every row of the tile (MP = 1) for its keys, so dk's
-    sum over the rows stays inside the thread: no shuffle in the coordinate loop. dq is
+    a blocking with each thread holding the rows of the tile for its keys, all of them
+    (MP = 1) or an MP-th, so dk's sum over the rows stays inside the thread: no shuffle in
+    the coordinate loop (with MP > 1, DKT holds MP copies per (b, h), summed by the host;
+    so does DV off tensor cores). dq is
     `backward_dq_kernel`'s. dv: TC, a tensor-core product per query tile added to DV
     (B·H, Tk, D) in memory (held in registers through the coordinate loops it would crowd out
-    the tile); else sums inside each thread in the dk loop, into DV as (B·H, D, Tkp)."""
+    the tile); else sums inside each thread in the dk loop, into DV in KT's runs."""
     MP: tl.constexpr = BLOCK_M // RM
     NP: tl.constexpr = BLOCK_N // RN
     bh, tile, b, h = _program(n_tiles, H, False)
@@ -692,10 +769,12 @@ def backward_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qt = QT + bh.to(tl.int64) * D * Tqp
-    kt = KT + bh.to(tl.int64) * D * Tkp
+    kt = KT + bh.to(tl.int64) * D * Tkp + n0 * D
     gt = GT + bh.to(tl.int64) * D * Tqp
-    vt = VT + bh.to(tl.int64) * D * Tkp
-    dkt = DKT + bh.to(tl.int64) * D * Tkp
+    vt = VT + bh.to(tl.int64) * D * Tkp + n0 * D
+    dkt = DKT + bh.to(tl.int64) * MP * D * Tkp + n0 * D  # MP copies (`_coordinate_grad`)
+    rows2_o = _runs(_index(0, RM, MP), D)
+    keys2_o = _runs(_index(0, RN, NP), D)
     do_ptr = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh
     mask_nd = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
     v_ptrs = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_n[:, None] * svt
@@ -708,7 +787,7 @@ def backward_dkdv_kernel(
     if HAS_ALIBI:
         slope = tl.load(Alibi + h).to(ACC) * LOG2E
     dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
-    dvt = DV + bh.to(tl.int64) * D * Tkp
+    dvt = DV + bh.to(tl.int64) * MP * D * Tkp + n0 * D
     dlam = tl.zeros([RN, NP], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     lo = 0
@@ -727,16 +806,17 @@ def backward_dkdv_kernel(
             # v read again for each tile (from cache), not held in registers through the loops
             v = tl.load(v_ptrs + offs_d[None, :], mask=mask_nd, other=0.0)
         dist, kept, ds = _tile_grad(
-            qt, kt, gt, vt, do, v, lse_ptr, delta_ptr, rows, keys, lam2, slope, bias_ptr, sbm, sbn,
-            bh, Tq, Tk, Tqp, Tkp, offset, p, seed, dropout_p, drop_scale, KIND, CAUSAL,
-            HAS_BIAS, HAS_ALIBI, DROPOUT, ACC, DOT, D, RM, RN, MP, NP, TC,
+            qt + m0 * D, kt, gt + m0 * D, vt, do, v, lse_ptr, delta_ptr, rows, keys, lam2, slope,
+            bias_ptr, sbm, sbn, bh, Tq, Tk, rows2_o[:, None, :, None], keys2_o[None, :, None, :],
+            offset, p, seed, dropout_p, drop_scale, KIND, CAUSAL, HAS_BIAS, HAS_ALIBI, DROPOUT,
+            ACC, DOT, D, RM, RN, MP, NP, TC,
         )  # fmt: skip
         if TC:
             dv += _mm(tl.trans(_to_tile(kept, BLOCK_M, BLOCK_N)), do, DOT, ACC)
         dlam -= _keys_of(ds * dist)
         _coordinate_grad(
-            qt, kt, dkt, -lam * ds, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D, False,
-            gt, dvt, kept, not TC,
+            qt + m0 * D, kt, dkt, -lam * ds, dist, rows2_o, keys2_o, p, KIND, ACC, D, False,
+            gt + m0 * D, dvt, kept, not TC, D * Tkp,
         )  # fmt: skip
     if TC:
         tl.store(dv_ptrs, dv, mask=mask_nd)
@@ -804,11 +884,13 @@ def backward_dq_kernel(
     m0 = tile * BLOCK_M
     rows2 = _index(m0, RM, MP)  # (RM, MP)
     rows = rows2[:, None, :, None]
-    qt = QT + bh.to(tl.int64) * D * Tqp
+    qt = QT + bh.to(tl.int64) * D * Tqp + m0 * D
     kt = KT + bh.to(tl.int64) * D * Tkp
-    gt = GT + bh.to(tl.int64) * D * Tqp
+    gt = GT + bh.to(tl.int64) * D * Tqp + m0 * D
     vt = VT + bh.to(tl.int64) * D * Tkp
-    dqt = DQT + bh.to(tl.int64) * D * Tqp
+    dqt = DQT + bh.to(tl.int64) * D * Tqp + m0 * D
+    rows2_o = _runs(_index(0, RM, MP), D)
+    keys2_o = _runs(_index(0, RN, NP), D)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     do_ptrs = DO + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot
@@ -838,13 +920,14 @@ def backward_dq_kernel(
             v_ptrs = v_ptr + offs_n[:, None] * svt + offs_d[None, :]
             v = tl.load(v_ptrs, mask=mask_nd, other=0.0)
         dist, _, ds = _tile_grad(
-            qt, kt, gt, vt, do, v, lse_ptr, delta_ptr, rows, keys, lam2, slope, bias_ptr, sbm, sbn,
-            bh, Tq, Tk, Tqp, Tkp, offset, p, seed, dropout_p, drop_scale, KIND, CAUSAL,
-            HAS_BIAS, HAS_ALIBI, DROPOUT, ACC, DOT, D, RM, RN, MP, NP, TC,
+            qt, kt + n0 * D, gt, vt + n0 * D, do, v, lse_ptr, delta_ptr, rows, keys, lam2, slope,
+            bias_ptr, sbm, sbn, bh, Tq, Tk, rows2_o[:, None, :, None], keys2_o[None, :, None, :],
+            offset, p, seed, dropout_p, drop_scale, KIND, CAUSAL, HAS_BIAS, HAS_ALIBI, DROPOUT,
+            ACC, DOT, D, RM, RN, MP, NP, TC,
         )  # fmt: skip
         _coordinate_grad(
-            qt, kt, dqt, -lam * ds, dist, rows2, keys2, Tqp, Tkp, p, KIND, ACC, D, True,
-            qt, qt, ds, False,
+            qt, kt + n0 * D, dqt, -lam * ds, dist, rows2_o, keys2_o, p, KIND, ACC, D, True,
+            qt, qt, ds, False, 0,
         )  # fmt: skip
 
 

@@ -70,6 +70,10 @@ KIND_CODES = {code: name for name, code in KERNEL_CODES.items()}
 # yet. Each thread holds a block of rows × keys of the tile (`_blocking`).
 FORWARD_TILE = (128, 128)
 BACKWARD_TILE = (32, 128)
+# fp16 and bf16 at D > 64, the dk/dv kernel (l1, chebyshev): half the keys, each on two
+# threads with half the rows (dk summed from two copies). At BACKWARD_TILE its 128 keys'
+# dv take D registers per thread, and at D = 128 it spilled 248 bytes.
+BACKWARD_TILE_WIDE_D = (32, 64)
 FORWARD_WARPS = 8
 BACKWARD_WARPS = 4
 # fp32 and fp64 inputs: smaller tiles. Their p·v products are IEEE ones on CUDA cores (no
@@ -81,7 +85,17 @@ WIDE_TILES = ((64, 64), (32, 128))
 # each thread holding every key for its rows (`_blocking`). By wide (fp32, fp64).
 DQ_TILES = {False: (128, 64), True: (128, 64)}
 # l2's and lp's backward is one kernel (dq added atomically), with its own tiles.
-FUSED_BACKWARD_TILES = {False: (64, 64), True: (32, 64)}  # by wide
+# By (wide, D > 64): fp16 and bf16 at 64 × 64 spilled 3,404 bytes of registers at D = 64
+# (its products w·k, wᵀ·q are IEEE ones on CUDA cores, whose operands stay in registers).
+FUSED_BACKWARD_TILES = {
+    (False, False): (64, 32),
+    (False, True): (32, 32),
+    (True, False): (32, 64),
+    (True, True): (32, 64),
+}
+# l2's backward in fp16 and bf16, (tile, warps) by D > 64: at the tiles above and 4 warps it
+# spilled 40 bytes at D = 64 and 180 at D = 128, at 6.68 and 6.96 instructions per triple.
+L2_BACKWARD = {False: ((128, 32), 8), True: ((64, 32), 8)}
 # Triton 3.9 warns unless fused multiply-adds are asked for explicitly; they are its default.
 _OPTIONS = {"enable_fp_fusion": True}
 INSTALL_HINT = "pip install 'truthgpt[gpu]' (triton==3.9.0)"
@@ -219,11 +233,10 @@ def padded_length(T: int, tiles: tuple[int, ...]) -> int:
 
 def _shared(qt, kt, v, Tq: int, scale: Tensor, cfg: KernelConfig, acc: torch.dtype):
     """Launch arguments the two kernels share: the ALiBi slopes, the bias and its strides, the
-    sizes, the constexprs. qt, kt: (B, H, D, Tqp), (B, H, D, Tkp), padded, in the
-    accumulation dtype."""
-    B, H, D, Tqp = qt.shape
-    Tkp = kt.shape[3]
-    Tk = v.shape[2]
+    sizes, the constexprs. qt, kt: q and k padded to Tqp, Tkp positions, in the accumulation
+    dtype (`_runs_of`)."""
+    B, H, Tqp, D = _runs_shape(qt)
+    Tk, Tkp = v.shape[2], _runs_shape(kt)[2]
     module = _load()[0]
     bias = cfg.bias
     if bias is not None:
@@ -274,6 +287,15 @@ def _backward_tiles(cfg: KernelConfig, Tq: int, Tk: int) -> list[tuple[int, int]
     return tiles
 
 
+def _dk_parts(cfg: KernelConfig, Tq: int, Tk: int) -> int:
+    """The copies of dk (and of dv off tensor cores) the backward adds to per (b, h): the
+    dk/dv kernel's threads per key (`backward_dkdv_kernel`); 1 for l2 and lp."""
+    if not _split(cfg):
+        return 1
+    tile = _backward_tiles(cfg, Tq, Tk)[0]
+    return tile[0] // _blocking(*tile, cfg.backward_warps, "keys")[0]
+
+
 def forward_launch(qt, kt, v, scale, out, lse, cfg: KernelConfig) -> tuple[tuple, tuple, dict]:
     """(grid, arguments, keyword arguments) of the forward kernel; also read by the test that
     compiles the kernels for a GPU on a machine without one. One grid axis of B·H·tiles
@@ -304,8 +326,8 @@ def backward_launch(
     if _split(cfg) and tc:
         gt, vt = qt, kt  # not read
     else:
-        gt = _padded_transposed(do, qt.shape[3], qt.dtype)
-        vt = _padded_transposed(v, kt.shape[3], kt.dtype)
+        gt = _runs_of(do, _runs_shape(qt)[2], qt.dtype)
+        vt = _runs_of(v, _runs_shape(kt)[2], kt.dtype)
     if not _split(cfg):
         args = (qt, kt, v, do, gt, vt, lse, delta, scale, *bias_args[:2], dqt, dkt, dv, dlam)
         args += (*v.stride()[:3], *do.stride()[:3], *bias_args[2:], *sizes, n_tiles)
@@ -329,18 +351,36 @@ def _tensor_cores(v: Tensor) -> bool:
 
 
 def _dv_transposed(v: Tensor, cfg: KernelConfig) -> bool:
-    """Whether the backward sums v's gradient transposed, (B, H, D, Tkp): the split backward
-    on CUDA cores, one coordinate at a time."""
+    """Whether the backward sums v's gradient in runs (`_runs_of`): the split backward on
+    CUDA cores, one coordinate at a time."""
     return _split(cfg) and not _tensor_cores(v)
 
 
-def _padded_transposed(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
-    """(B, H, T, D) -> (B, H, D, length) in dtype, zeros past T: the kernels read one
-    coordinate of a tile's rows at a time, a contiguous run, with no mask or conversion."""
+# Positions per run of the kernels' transposed layouts (`_triton_jit.RUN`).
+RUN = 16
+
+
+def _runs_of(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """(B, H, T, D) -> (B, H, length / RUN, D, RUN) in dtype, zeros past T (length: a multiple
+    of RUN): runs of RUN positions one coordinate after another. The kernels read one
+    coordinate of a tile's positions at a time with no mask or conversion, at offsets from
+    the tile's first position known when they are compiled."""
     B, H, T, D = x.shape
-    out = x.new_zeros(B, H, D, length, dtype=dtype)
-    out[..., :T] = x.transpose(-1, -2)
-    return out
+    padded = x.new_zeros(B, H, length, D, dtype=dtype)
+    padded[:, :, :T] = x
+    return padded.view(B, H, length // RUN, RUN, D).transpose(-1, -2).contiguous()
+
+
+def _runs_shape(x: Tensor) -> tuple[int, int, int, int]:
+    """(B, H, padded length, D) of a tensor in `_runs_of`'s layout."""
+    B, H, n, D, run = x.shape
+    return B, H, n * run, D
+
+
+def _from_runs(x: Tensor, T: int) -> Tensor:
+    """`_runs_of`'s layout back to (B, H, T, D) (a view)."""
+    B, H, n, D, run = x.shape
+    return x.transpose(-1, -2).reshape(B, H, n * run, D)[:, :, :T]
 
 
 def _lengths(Tq: int, Tk: int, cfg: KernelConfig) -> tuple[int, int]:
@@ -367,8 +407,8 @@ class TritonDistanceAttention(torch.autograd.Function):
         B, H, Tq, D = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         Tqp, Tkp = _lengths(Tq, k.shape[2], cfg)
-        qt = _padded_transposed(q.detach(), Tqp, acc)
-        kt = _padded_transposed(k.detach(), Tkp, acc)
+        qt = _runs_of(q.detach(), Tqp, acc)
+        kt = _runs_of(k.detach(), Tkp, acc)
         v = _rows_contiguous(v.detach())
         scale = scale.detach().to(acc).contiguous()  # λ as given (fp32), not rounded to q's
         # The output in the accumulation dtype, kept for the backward: Δ = dO·O from a bf16
@@ -386,16 +426,17 @@ class TritonDistanceAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         qt, kt, v, out, lse, scale = ctx.saved_tensors
         cfg: KernelConfig = ctx.cfg
-        B, H, D, Tqp = qt.shape
-        Tq, Tk, Tkp = out.shape[2], v.shape[2], kt.shape[3]
+        B, H, Tqp, D = _runs_shape(qt)
+        Tq, Tk = out.shape[2], v.shape[2]
         acc, dtype = out.dtype, v.dtype
         do = _rows_contiguous(grad_out.to(dtype))
         delta = torch.zeros(B, H, Tqp, dtype=acc, device=qt.device)
         delta[..., :Tq] = (do.to(acc) * out).sum(-1)  # dO_i · O_i
-        dqt = torch.zeros(B, H, D, Tqp, dtype=acc, device=qt.device)  # added to
-        dkt = torch.zeros(B, H, D, Tkp, dtype=acc, device=qt.device)
+        dqt = torch.zeros_like(qt)  # added to
+        parts = _dk_parts(cfg, Tq, Tk)  # copies of dk, summed below
+        dkt = kt.new_zeros(B, H, parts, *kt.shape[2:])
         transposed = _dv_transposed(v, cfg)
-        shape = (B, H, D, Tkp) if transposed else (B, H, Tk, D)
+        shape = dkt.shape if transposed else (B, H, Tk, D)
         dv = torch.zeros(shape, dtype=acc, device=v.device)  # added to
         n_tiles = triton_cdiv(Tk, _backward_tiles(cfg, Tq, Tk)[0][1])
         dlam = torch.empty(B * H, n_tiles, dtype=acc, device=qt.device)
@@ -405,9 +446,9 @@ class TritonDistanceAttention(torch.autograd.Function):
                 qt, kt, v, do, lse, delta, scale, dqt, dkt, dv, dlam, cfg
             ):
                 getattr(module, name)[grid](*args, **meta)
-        dq = dqt[..., :Tq].transpose(-1, -2).to(dtype)
-        dk = dkt[..., :Tk].transpose(-1, -2).to(dtype)
-        dv = (dv[..., :Tk].transpose(-1, -2) if transposed else dv).to(dtype)
+        dq = _from_runs(dqt, Tq).to(dtype)
+        dk = _from_runs(dkt.sum(2), Tk).to(dtype)
+        dv = (_from_runs(dv.sum(2), Tk) if transposed else dv).to(dtype)
         dscale = dlam.view(B, H, n_tiles).sum((0, 2)) if ctx.needs_input_grad[3] else None
         return dq, dk, dv, dscale, None
 
@@ -458,8 +499,14 @@ def triton_attention(
         seed = int(torch.randint(0, SEED_RANGE, ()).item())
     wide = q.dtype in (torch.float32, torch.float64)
     defaults = WIDE_TILES if wide else (FORWARD_TILE, BACKWARD_TILE)
+    if not wide and q.shape[-1] > 64:  # l2 and lp: replaced below
+        defaults = (defaults[0], BACKWARD_TILE_WIDE_D)
+    backward_warps = BACKWARD_WARPS
     if _code(spec) in (KERNEL_CODES["l2"], KERNEL_CODES["lp"]):
-        defaults = (defaults[0], FUSED_BACKWARD_TILES[wide])
+        defaults = (defaults[0], FUSED_BACKWARD_TILES[wide, q.shape[-1] > 64])
+    if _code(spec) == KERNEL_CODES["l2"] and not wide and backward_tile is None:
+        tile, backward_warps = L2_BACKWARD[q.shape[-1] > 64]
+        defaults = (defaults[0], tile)
     dq_tile = None if backward_tile else DQ_TILES[wide]
     forward_tile = forward_tile or defaults[0]
     backward_tile = backward_tile or defaults[1]
@@ -477,6 +524,7 @@ def triton_attention(
         forward_tile=tuple(forward_tile),
         backward_tile=tuple(backward_tile),
         dq_tile=dq_tile,
+        backward_warps=backward_warps,
     )
     return TritonDistanceAttention.apply(q, k, v, scale_t, cfg).to(dtype)
 
