@@ -116,9 +116,18 @@ def test_masks_and_fully_masked_rows(kind, mask_kind):
 
 
 @needs_triton
-@pytest.mark.parametrize("forward_tile,backward_tile", [((16, 32), (32, 16)), ((32, 64), (16, 16))])
-def test_every_tile_gives_the_same_result(forward_tile, backward_tile):
-    q, k, v = make(B=1, H=2, Tq=33, Tk=37, D=3, dtype=torch.float64, grad=True, seed=5)
+@pytest.mark.parametrize(
+    "forward_tile,backward_tile,Tq,Tk",
+    [
+        ((16, 32), (32, 16), 33, 37),
+        ((32, 64), (16, 16), 33, 37),
+        # 64-row backward tiles: the sums over a tile's rows and keys run as eight chains of
+        # products, and the backward reads rows past the forward's last tile
+        ((16, 16), (64, 16), 70, 70),
+    ],
+)
+def test_every_tile_gives_the_same_result(forward_tile, backward_tile, Tq, Tk):
+    q, k, v = make(B=1, H=2, Tq=Tq, Tk=Tk, D=3, dtype=torch.float64, grad=True, seed=5)
     scale = head_scale(2, torch.float64, grad=True)
     for kind in ("l1", "l2"):
         out = run(q, k, v, kind, scale, forward_tile=forward_tile, backward_tile=backward_tile)

@@ -14,9 +14,11 @@ Layouts (all row-major, one (b, h) slice after another):
     Lse (B·H, Tqp): each row's log-sum-exp in base 2 (of the scores times log2(e));
     DQT: the gradient of q, in QT's runs, in ACC (l2: added to atomically; the others: each
         dq program its own rows);
-    DKT: the gradient of k, in KT's runs, in ACC (each program its own keys);
-    DV: the gradient of v in ACC, (B·H, Tk, D), or in KT's runs where the split backward
-        sums it on CUDA cores (`backward_dkdv_kernel`);
+    DKT: the gradient of k in ACC, (B·H, MP, Tkp / RUN, D, RUN): KT's runs, one copy per
+        thread of a key's rows (MP, 1 but in the split backward; the host adds them up), each
+        program its own keys;
+    DV: the gradient of v in ACC, (B·H, Tk, D), or as DKT where the split backward sums it
+        on CUDA cores (`backward_dkdv_kernel`);
     DLam (B·H, key tiles): each backward program's part of dλ, summed by the host.
 KIND is the kind's `MinkowskiKernel.native_code` (kernel_codes.KERNEL_CODES); any other code
 is a compile-time error, not a silent lp.

@@ -378,7 +378,7 @@ def _runs_shape(x: Tensor) -> tuple[int, int, int, int]:
 
 
 def _from_runs(x: Tensor, T: int) -> Tensor:
-    """`_runs_of`'s layout back to (B, H, T, D) (a view)."""
+    """`_runs_of`'s layout back to (B, H, T, D) (a copy, but for D = 1)."""
     B, H, n, D, run = x.shape
     return x.transpose(-1, -2).reshape(B, H, n * run, D)[:, :, :T]
 
@@ -414,7 +414,9 @@ class TritonDistanceAttention(torch.autograd.Function):
         # The output in the accumulation dtype, kept for the backward: Δ = dO·O from a bf16
         # rounded O would cost dλ (a sum of Tq·Tk terms that cancel) most of its digits.
         out = torch.empty(B, H, Tq, D, dtype=acc, device=q.device)
-        lse = torch.empty(B, H, Tqp, dtype=acc, device=q.device)
+        # −MASK: rows past the forward's last tile (a backward tile may be taller) read as rows
+        # that saw no key, whose weights are 0, not as whatever the memory held
+        lse = torch.full((B, H, Tqp), 1e30, dtype=acc, device=q.device)
         grid, args, meta = forward_launch(qt, kt, v, scale, out, lse, cfg)
         with _on(q.device):
             _load()[0].forward_kernel[grid](*args, **meta)
