@@ -17,8 +17,10 @@ $(BIN)/python:
 # a second copy in an isolated build environment. With a C++ compiler present the kernel must
 # build (TRUTHGPT_REQUIRE_NATIVE=1, checked again by the tests); without one the install goes
 # on and attention falls back to the compiled or eager kernels.
-# --no-compile: byte-compiling every installed file is a third of the install; Python
-# compiles the modules it imports when it first imports them.
+# --no-compile, then compileall on every core: pip byte-compiles file by file, a third of the
+# install. (Compiled they must be: with PYTHONDONTWRITEBYTECODE set, as in some CI images,
+# every process would otherwise compile torch again, 1.3 s per import. compileall's status
+# is ignored: some packages ship files that are not meant to compile, which pip skips too.)
 PIP_PINNED = $(BIN)/pip install --quiet --no-compile -c constraints.txt
 NATIVE_SRC := $(wildcard src/truthgpt/nn/attention/csrc/*.cpp src/truthgpt/nn/attention/csrc/*.h) src/truthgpt/core/kernel_codes.py
 export TRUTHGPT_REQUIRE_NATIVE := $(shell command -v c++ >/dev/null 2>&1 && echo 1 || echo 0)
@@ -26,6 +28,7 @@ export TRUTHGPT_REQUIRE_NATIVE := $(shell command -v c++ >/dev/null 2>&1 && echo
 $(STAMP): pyproject.toml constraints.txt setup.py $(NATIVE_SRC) | $(BIN)/python
 	$(PIP_PINNED) torch==2.13.0 "setuptools>=68" wheel
 	$(PIP_PINNED) --no-build-isolation -e ".[dev,hf]"
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	$(BIN)/pip check
 	touch $(STAMP)
 

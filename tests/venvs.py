@@ -67,9 +67,7 @@ def _build(base: str, home: Path, packages: tuple[str, ...]) -> None:
     tmp = home.with_name(home.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run([base, "-m", "venv", str(tmp)], check=True, capture_output=True)
-    # --no-compile: byte-compiling every installed file took half of the install; the few
-    # modules a test imports are compiled when first imported.
-    pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile"]
+    pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     if CONSTRAINTS.exists():
         pip += ["-c", str(CONSTRAINTS)]
     # torch first and alone: it decides which wheel (the CPU one) everything else sees.
