@@ -25,9 +25,17 @@ PIP_PINNED = $(BIN)/pip install --quiet --no-compile -c constraints.txt
 NATIVE_SRC := $(wildcard src/truthgpt/nn/attention/csrc/*.cpp src/truthgpt/nn/attention/csrc/*.h) src/truthgpt/core/kernel_codes.py
 export TRUTHGPT_REQUIRE_NATIVE := $(shell command -v c++ >/dev/null 2>&1 && echo 1 || echo 0)
 
+# The kernel compiles (two jobs) while a second pip installs the other dependencies (mostly
+# unpacking, on one core): the build needs nothing but torch.
+DEPENDENCIES = $(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))\
+	['project']; print(*p['dependencies'], *p['optional-dependencies']['dev'], \
+	*p['optional-dependencies']['hf'], sep=chr(10))"
+
 $(STAMP): pyproject.toml constraints.txt setup.py $(NATIVE_SRC) | $(BIN)/python
 	$(PIP_PINNED) torch==2.13.0 "setuptools>=68" wheel
-	$(PIP_PINNED) --no-build-isolation -e ".[dev,hf]"
+	$(DEPENDENCIES) > $(VENV)/dependencies.txt
+	$(PIP_PINNED) -r $(VENV)/dependencies.txt & deps=$$!; \
+	$(PIP_PINNED) --no-build-isolation --no-deps -e . || { kill $$deps; exit 1; }; wait $$deps
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	$(BIN)/pip check
 	touch $(STAMP)
