@@ -319,6 +319,14 @@ def _unroll() -> int:
     return int(getattr(getattr(_triton_jit, "UNROLL", 1), "value", 1))
 
 
+def tile_loop_counts(result: dict, meta: dict, D: int) -> tuple[list[Counter], float]:
+    """The instruction counts of each tile loop's iteration (`loop_counts`) and the (i, j, d)
+    triples one thread handles in an iteration: BLOCK_M·BLOCK_N·D over the program's
+    threads."""
+    triples = meta["BLOCK_M"] * meta["BLOCK_N"] * D / (32 * result["num_warps"])
+    return loop_counts(result["sass"], D, _unroll()), triples
+
+
 # The pass each kernel belongs to, by name; kernels of one pass that each handle every
 # (i, j, d) triple once (the split backward) add up to the pass.
 PHASES = {
@@ -357,9 +365,7 @@ def measure(kind: str, dtype_name: str, D: int, T: int) -> list[dict]:
             if phase is None:
                 continue
             result = compile_sm90(jit, args, cfg)
-            threads = 32 * result["num_warps"]
-            per_iteration = cfg["BLOCK_M"] * cfg["BLOCK_N"] * D / threads
-            counts = loop_counts(result["sass"], D, _unroll())
+            counts, per_iteration = tile_loop_counts(result, cfg, D)
             row = {
                 "kind": kind,
                 "pass": phase,

@@ -58,8 +58,7 @@ def check(
         if not fn.__name__.startswith(("forward", "backward")):
             continue
         result = meter.compile_sm90(fn, args, meta)
-        counts = meter.loop_counts(result["sass"], D, meter._unroll())
-        triples = meta["BLOCK_M"] * meta["BLOCK_N"] * D / (32 * result["num_warps"])
+        counts, triples = meter.tile_loop_counts(result, meta, D)
         per_triple = max(sum(c.values()) for c in counts) / triples if counts else None
         rows.append(
             dict(kernel=fn.__name__.removesuffix("_kernel"), dtype=dtype_name, kind=kind, D=D)
