@@ -175,29 +175,6 @@ struct Problem {
   }
 };
 
-// xt (Tkp / kKeys, D, kKeys) = head bh of x transposed tile by tile, zero-padded; xsum (Tkp) =
-// sum_d x (if not null)
-template <typename T>
-TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64_t Tkp, T* xt,
-                              T* xsum) {
-  constexpr int64_t kBlock = 16;  // keys at a time: each write fills a cache line, not a word
-  const int64_t D = x.D;
-  for (int64_t c0 = 0; c0 < Tkp; c0 += kBlock) {  // Tkp is a multiple of kKeys
-    const T* rows[kBlock];
-    for (int64_t i = 0; i < kBlock; ++i) rows[i] = c0 + i < Tk ? x.row(bh, c0 + i) : nullptr;
-    for (int64_t d = 0; d < D; ++d) {
-      T* out = xt + (c0 / kKeys) * D * kKeys + d * kKeys + c0 % kKeys;
-      for (int64_t i = 0; i < kBlock; ++i) out[i] = rows[i] ? rows[i][d] : T(0);
-    }
-    if (xsum)
-      for (int64_t i = 0; i < kBlock; ++i) {
-        T sum = 0;
-        for (int64_t d = 0; rows[i] && d < D; ++d) sum += rows[i][d];
-        xsum[c0 + i] = sum;
-      }
-  }
-}
-
 // xt (D, kKeys) = keys [c0, c0 + cols) of head bh transposed, zero-padded; xsum (kKeys) = their
 // sums (if not null)
 template <typename T>
@@ -219,6 +196,15 @@ TG_INLINE void transpose_tile(const Strided<T>& x, int64_t bh, int64_t c0, int64
         xsum[i0 + i] = sum;
       }
   }
+}
+
+// xt (Tkp / kKeys, D, kKeys) = head bh of x transposed tile by tile, zero-padded; xsum (Tkp) =
+// sum_d x (if not null)
+template <typename T>
+TG_INLINE void transpose_head(const Strided<T>& x, int64_t bh, int64_t Tk, int64_t Tkp, T* xt,
+                              T* xsum) {
+  for (int64_t c0 = 0; c0 < Tkp; c0 += kKeys)  // Tkp is a multiple of kKeys
+    transpose_tile(x, bh, c0, std::min(kKeys, Tk - c0), xt + c0 * x.D, xsum ? xsum + c0 : xsum);
 }
 
 // ---------------------------------------------------------------------------------------------
