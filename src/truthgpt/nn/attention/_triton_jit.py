@@ -126,6 +126,26 @@ def _program(n_tiles, H, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _head_scales(Scale, Alibi, h, ACC: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """λ of head h and its ALiBi slope times log2(e) (0 without ALiBi)."""
+    lam = tl.load(Scale + h).to(ACC)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h).to(ACC) * LOG2E
+    return lam, slope
+
+
+@triton.jit
+def _first_row(n0, offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """The first query tile that sees keys from n0 on (causal: rows before n0 − offset see
+    none of them)."""
+    lo = 0
+    if CAUSAL:
+        lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+    return lo
+
+
+@triton.jit
 def _distance(
     qt,
     kt,
@@ -271,10 +291,8 @@ def forward_kernel(
     keys_o = _runs(_index(0, RN, NP), D)[None, :, None, :]
     v_ptr = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-    lam = -tl.load(Scale + h).to(ACC) * LOG2E
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Alibi + h).to(ACC) * LOG2E
+    lam, slope = _head_scales(Scale, Alibi, h, ACC, HAS_ALIBI)
+    lam = -lam * LOG2E
     m_i = tl.full([RM, MP], MASK, ACC)
     l_i = tl.zeros([RM, MP], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -621,21 +639,15 @@ def backward_kernel(
     # a tile's (positions, coordinates) in the runs' layout, from its first position
     tile_md = _runs(tl.arange(0, BLOCK_M), D)[:, None] + offs_d[None, :] * RUN
     tile_nd = _runs(tl.arange(0, BLOCK_N), D)[:, None] + offs_d[None, :] * RUN
-    lam = tl.load(Scale + h).to(ACC)
+    lam, slope = _head_scales(Scale, Alibi, h, ACC, HAS_ALIBI)
     lam2 = -lam * LOG2E
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Alibi + h).to(ACC) * LOG2E
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     if KIND == L2:  # exact (the accumulation dtype): dk's two terms nearly cancel
         k = tl.load(kt + tile_nd, mask=offs_d[None, :] < D)
     dlam = tl.zeros([RM, RN, MP, NP], ACC)
-    lo = 0
-    if CAUSAL:  # rows before n0 − offset see none of these keys
-        lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
-    for m0 in range(lo, Tq, BLOCK_M):
+    for m0 in range(_first_row(n0, offset, BLOCK_M, CAUSAL), Tq, BLOCK_M):
         rows2 = _index(m0, RM, MP)
         rows = rows2[:, None, :, None]
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -783,19 +795,13 @@ def backward_dkdv_kernel(
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     lse_ptr = Lse + bh.to(tl.int64) * Tqp
     delta_ptr = Delta + bh.to(tl.int64) * Tqp
-    lam = tl.load(Scale + h).to(ACC)
+    lam, slope = _head_scales(Scale, Alibi, h, ACC, HAS_ALIBI)
     lam2 = -lam * LOG2E
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Alibi + h).to(ACC) * LOG2E
     dv_ptrs = DV + bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
     dvt = DV + bh.to(tl.int64) * MP * D * Tkp + n0 * D
     dlam = tl.zeros([RN, NP], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    lo = 0
-    if CAUSAL:  # rows before n0 − offset see none of these keys
-        lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
-    for m0 in range(lo, Tq, BLOCK_M):
+    for m0 in range(_first_row(n0, offset, BLOCK_M, CAUSAL), Tq, BLOCK_M):
         rows2 = _index(m0, RM, MP)
         rows = rows2[:, None, :, None]
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -904,11 +910,8 @@ def backward_dq_kernel(
     bias_ptr = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     lse_ptr = Lse + bh.to(tl.int64) * Tqp
     delta_ptr = Delta + bh.to(tl.int64) * Tqp
-    lam = tl.load(Scale + h).to(ACC)
+    lam, slope = _head_scales(Scale, Alibi, h, ACC, HAS_ALIBI)
     lam2 = -lam * LOG2E
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Alibi + h).to(ACC) * LOG2E
     hi = Tk
     if CAUSAL:  # the tile's last row sees keys up to m0 + BLOCK_M − 1 + offset
         hi = tl.minimum(Tk, m0 + BLOCK_M + offset)
