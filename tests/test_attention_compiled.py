@@ -50,7 +50,7 @@ def test_compiled_l1_kernel_gradients_and_shape_stability():
         q, k, v, scale = inputs(T, g)
         assert_matches_reference(compiled(q, k, v, "l1", scale), q, k, v, "l1", scale)
     assert counters["stats"]["unique_graphs"] == graphs, "a new sequence length recompiled"
-    # Loading inductor's code (GCC < 13) sets flush-to-zero for the whole process; the kernels
+    # Loading code built with fast math by GCC < 13 sets flush-to-zero process-wide; the kernels
     # put the caller's mode back.
     assert _subnormals_kept(), "a compiled call left subnormals flushed to zero"
 

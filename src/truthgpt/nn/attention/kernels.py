@@ -205,9 +205,10 @@ class _Kernels:
             )
             return fn(*args)
         finally:
-            # Inductor links its code with GCC < 13 and -funsafe-math-optimizations, so loading
-            # each new variant runs crtfastmath.o, which flushes subnormals to zero in the whole
-            # process (every later float op, Python's own too). Put back what the caller had.
+            # The fast math asked for above (-funsafe-math-optimizations) makes GCC < 13 link
+            # crtfastmath.o into each compiled variant; loading one flushes subnormals to zero
+            # in the whole process (every later float op, Python's own too). Put back what the
+            # caller had: the kernels keep their speed, the process its floating-point mode.
             if kept and not _subnormals_kept():
                 torch.set_flush_denormal(False)
 
