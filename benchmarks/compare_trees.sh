@@ -6,7 +6,7 @@
 #
 # Each round runs each tree's own benchmarks/train.py (char-small, 2 threads, the median of 3
 # runs of 30 steps) and prints tokens/s per kind; the summary gives the medians over rounds.
-# The trees' results files are restored after each run.
+# Each tree's train.threads2.md/.json, which train.py rewrites, are put back as they were.
 set -euo pipefail
 before=$(cd "$1" && pwd); after=$(cd "$2" && pwd)
 rounds=${3:-7}; kinds=${4:-dot,l1}
@@ -15,13 +15,23 @@ log=$(mktemp)
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 for round in $(seq "$rounds"); do
     for tree in "$before" "$after"; do
+        results="$tree/benchmarks/results/train.threads2"
+        saved=$(mktemp -d)
+        cp -p "$results.md" "$results.json" "$saved/" 2>/dev/null || true
         (cd "$tree" && PYTHONPATH="$tree/src" "$python" benchmarks/train.py --presets char-small \
             --kinds "$kinds" --steps 30 --rounds 3 --threads 2 >/dev/null)
         grep -E '^\| char-small \|' "$tree/benchmarks/results/train.threads2.md" |
             awk -F'|' -v tree="$tree" -v round="$round" \
                 '{gsub(/[ ,]/, "", $3); gsub(/[ ,]/, "", $4); print round, tree, $3, $4}' |
             tee -a "$log"
-        git -C "$tree" checkout -q -- benchmarks/results
+        for ext in md json; do
+            if [ -e "$saved/train.threads2.$ext" ]; then
+                cp -p "$saved/train.threads2.$ext" "$results.$ext"
+            else
+                rm -f "$results.$ext"  # train.py wrote it: it was not there before
+            fi
+        done
+        rm -rf "$saved"
     done
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
